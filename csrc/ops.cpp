@@ -1,0 +1,39 @@
+// Operator schemas of qcs_ext and the Python module stub that loads them.
+//
+// Kernels live in one file per backend (cpu/csa_cpu.cpp, cuda/csa_cuda.cu) and register
+// themselves with TORCH_LIBRARY_IMPL; autograd and fake (meta) kernels are registered
+// from Python (qcs_ext/ops.py), next to the reference they are tested against.
+//
+// Layout of the tensors shared by the ops (M = 4 matrices for the quadruplet, 1 for the
+// pair; branches a, p, n, n2; matrices D_pa, D_n2n, D_na, D_n2p, see csa_common.h):
+//   qk         [4|2, B, N, C]  query/key features of each branch
+//   maps       [4|2, B, N]     softmax attention maps (the output)
+//   distances  [M, B, N, N]    Euclidean distance matrices, saved for backward
+//   extrema    [M, B]          max (similarity) / min (distance) used for each shift;
+//                              with scope="batch" every column holds the batch extreme
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module: importing qcs_ext._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(qcs_ext, m) {
+  m.def(
+      "cross_similarity_forward(Tensor qk, Tensor theta, float gamma, str mode, str scope)"
+      " -> (Tensor maps, Tensor distances, Tensor extrema)");
+  m.def(
+      "cross_similarity_backward(Tensor grad_maps, Tensor maps, Tensor qk, Tensor distances,"
+      " Tensor extrema, Tensor theta, float gamma, str mode, str scope)"
+      " -> (Tensor grad_qk, Tensor grad_theta)");
+  m.def(
+      "pair_similarity_forward(Tensor qk, str scope)"
+      " -> (Tensor maps, Tensor distances, Tensor extrema)");
+  m.def(
+      "pair_similarity_backward(Tensor grad_maps, Tensor maps, Tensor qk, Tensor distances,"
+      " Tensor extrema, str scope) -> Tensor grad_qk");
+}

@@ -1,0 +1,1 @@
+"""Trainer package (placeholder until the trainer lands)."""
