@@ -17,8 +17,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).resolve().parent
-CSRC = ROOT / "csrc"
+os.chdir(Path(__file__).resolve().parent)  # setuptools wants sources relative to here
+CSRC = Path("csrc")
 
 
 def _find_cuda_home() -> str | None:
@@ -64,7 +64,7 @@ build_cuda = cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSR
 # Without a visible GPU cpp_extension cannot pick architectures itself (IndexError).
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
 include_dirs = [str(CSRC)]
 
 sources = [str(CSRC / "ops.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
@@ -84,7 +84,7 @@ if build_cuda:
             define_macros=[("QCS_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
             },
             py_limited_api=True,
         )

@@ -14,12 +14,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
-extern "C" {
 // A bare module: importing qcs_ext._C runs the static registrations below.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(qcs_ext, m) {
