@@ -14,24 +14,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "schemas.h"
+
 // A bare module: importing qcs_ext._C runs the static registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(qcs_ext, m) {
-  m.def(
-      "cross_similarity_forward(Tensor qk, Tensor theta, float gamma, str mode, str scope)"
-      " -> (Tensor maps, Tensor distances, Tensor extrema)");
-  m.def(
-      "cross_similarity_backward(Tensor grad_maps, Tensor maps, Tensor qk, Tensor distances,"
-      " Tensor extrema, Tensor theta, float gamma, str mode, str scope)"
-      " -> (Tensor grad_qk, Tensor grad_theta)");
-  m.def(
-      "pair_similarity_forward(Tensor qk, str scope)"
-      " -> (Tensor maps, Tensor distances, Tensor extrema)");
-  m.def(
-      "pair_similarity_backward(Tensor grad_maps, Tensor maps, Tensor qk, Tensor distances,"
-      " Tensor extrema, str scope) -> Tensor grad_qk");
-}
+TORCH_LIBRARY(qcs_ext, m) { QCS_DEFINE_SCHEMAS(m); }
