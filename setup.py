@@ -64,8 +64,9 @@ build_cuda = cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSR
 # Without a visible GPU cpp_extension cannot pick architectures itself (IndexError).
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
-include_dirs = [str(CSRC)]
+# fp-contract: let the vector kernels fuse multiply-adds (ISO C++ modes turn it off).
+cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast", "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
+include_dirs = [str(CSRC.resolve())]  # ninja runs elsewhere: absolute
 
 sources = [str(CSRC / "ops.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
 extensions = []
@@ -106,7 +107,7 @@ if _env_flag("QCS_BUILD_EMULATION", "0") == "1" and emulation_sources:
         CppExtension(
             "qcs_ext._emulated",
             emulation_sources,
-            include_dirs=include_dirs + [str(CSRC / "emulation"), str(CSRC / "cuda")],
+            include_dirs=include_dirs + [str((CSRC / "emulation").resolve()), str((CSRC / "cuda").resolve())],
             extra_compile_args={"cxx": ["-O2", "-std=c++20", "-pthread", "-fvisibility=hidden"]},
             extra_link_args=["-pthread"],
         )

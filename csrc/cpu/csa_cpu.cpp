@@ -1,0 +1,610 @@
+// CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in shared/spec/csa.md).
+//
+// Forward, per call:
+//   0. squared norms of every token; column branches packed transposed ([C, N_pad]) so the
+//      Gram products run as register-blocked GEMMs (cpu_kernels.h);
+//   1. Gram product -> distances, in row blocks (parallel over matrix x sample x block);
+//      near-zero distances recomputed directly (csa_common.h, RefineThreshold);
+//   2. extrema per matrix and sample, then over the batch for scope="batch";
+//   3. per sample: shift, row/column norms, both aggregations, fusion and softmax.
+// Backward, per call:
+//   A. per sample: softmax and fusion backward, then per matrix the aggregation backward
+//      (dL/dD, stored), the theta partial sums and the sums routed to the extremes;
+//   B. per matrix and sample: route the shift's gradient to the (tied) extremes,
+//      W = dL/dD / D in place, row and column sums of W;
+//   C. per branch, sample and row block one GEMM over its two matrices:
+//      grad_x = diag(sum W) x - W y.
+// All reductions run in a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/cpu_kernels.h"
+#include "csa_common.h"
+
+namespace qcs::cpu {
+
+const KernelTable& active_kernels() {
+  // Read on every call (cheap) so tests can switch instruction sets within one process.
+  const char* forced = std::getenv("QCS_CPU_ISA");
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
+                                 __builtin_cpu_supports("avx512vl") &&
+                                 __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512dq");
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  static const bool has_avx512 = false, has_avx2 = false;
+#endif
+  if (forced != nullptr && forced[0] != '\0') {
+    const std::string name(forced);
+    TORCH_CHECK(name == "baseline" || name == "avx2" || name == "avx512",
+                "QCS_CPU_ISA must be baseline, avx2 or avx512, got '", name, "'");
+    TORCH_CHECK(name != "avx512" || has_avx512, "QCS_CPU_ISA=avx512 but this CPU lacks AVX-512");
+    TORCH_CHECK(name != "avx2" || has_avx2, "QCS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    if (name == "avx512") return kernels_avx512();
+    if (name == "avx2") return kernels_avx2();
+    return kernels_baseline();
+  }
+  if (has_avx512) return kernels_avx512();
+  if (has_avx2) return kernels_avx2();
+  return kernels_baseline();
+}
+
+namespace {
+
+constexpr int64_t kRowBlock = 48;  // multiple of every micro-tile height
+constexpr int64_t kColumnPad = 16; // widest vector, in elements
+
+template <typename T> const KernelSet<T>& kernel_set(const KernelTable& t);
+template <> const KernelSet<float>& kernel_set<float>(const KernelTable& t) { return t.f32; }
+template <> const KernelSet<double>& kernel_set<double>(const KernelTable& t) { return t.f64; }
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "sd") return Mode::SD;
+  if (mode == "s") return Mode::S;
+  if (mode == "d") return Mode::D;
+  TORCH_CHECK_VALUE(false, "mode must be 'sd', 's' or 'd', got '", mode, "'");
+}
+
+Scope parse_scope(const std::string& scope) {
+  if (scope == "batch") return Scope::Batch;
+  if (scope == "sample") return Scope::Sample;
+  TORCH_CHECK_VALUE(false, "scope must be 'batch' or 'sample', got '", scope, "'");
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The problem's geometry and which matrices it uses.
+struct Geometry {
+  int64_t branches, batch, tokens, channels;
+  std::vector<int32_t> matrices;  // used matrix ids (index into distances' first dim)
+  int64_t num_matrix_slots;       // distances.size(0): 4 for the quadruplet, 1 for the pair
+  Mode mode;
+  Scope scope;
+};
+
+Geometry make_geometry(const at::Tensor& qk, bool pair, Mode mode, Scope scope) {
+  Geometry g{qk.size(0), qk.size(1), qk.size(2), qk.size(3), {}, pair ? 1 : 4, mode, scope};
+  if (pair) {
+    g.matrices = {kPA};
+  } else {
+    for (int32_t m = 0; m < 4; ++m)
+      if (matrix_used(m, mode)) g.matrices.push_back(m);
+  }
+  return g;
+}
+
+void check_features(const at::Tensor& qk, int64_t branches) {
+  TORCH_CHECK_VALUE(qk.dim() == 4 && qk.size(0) == branches, "qk must have shape [", branches,
+                    ", B, N, C], got ", qk.sizes());
+  TORCH_CHECK_VALUE(qk.size(1) > 0 && qk.size(2) > 0 && qk.size(3) > 0,
+                    "qk has an empty dimension: ", qk.sizes());
+  TORCH_CHECK_TYPE(qk.scalar_type() == at::kFloat || qk.scalar_type() == at::kDouble,
+                   "the CPU kernels take float32 or float64 qk, got ", qk.scalar_type());
+  TORCH_CHECK(qk.device().is_cpu(), "qk must be a CPU tensor here, got ", qk.device());
+}
+
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+double read_theta(const at::Tensor& theta, const at::Tensor& qk) {
+  TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
+  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ",
+                   theta.scalar_type(), " but qk has ", qk.scalar_type());
+  TORCH_CHECK(theta.device().is_cpu(), "theta must be a CPU tensor, got ", theta.device());
+  return theta.item<double>();
+}
+
+template <typename T>
+const T* branch_rows(const T* base, const Geometry& g, int64_t branch, int64_t b) {
+  return base + (branch * g.batch + b) * g.tokens * g.channels;
+}
+
+// Row/column sums of squares of a shifted matrix M = shift(D), in double.
+template <typename T>
+void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
+                    double* row_sumsq, double* col_sumsq) {
+  std::fill(col_sumsq, col_sumsq + n, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    double rs = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = shifted(double(dist[i * n + j]), extreme, similarity);
+      out[i * n + j] = v;
+      rs += v * v;
+      col_sumsq[j] += v * v;
+    }
+    row_sumsq[i] = rs;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
+                       const KernelSet<T>& kern) {
+  const int64_t B = g.batch, N = g.tokens, C = g.channels;
+  const int64_t n_pad = ceil_div(N, kColumnPad) * kColumnPad;
+  const T* x = qk.data_ptr<T>();
+  T* dist = distances.data_ptr<T>();
+
+  // Squared norms of every token of every branch.
+  std::vector<double> sqnorm(g.branches * B * N);
+  at::parallel_for(0, g.branches * B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t i = 0; i < N; ++i) sqnorm[t * N + i] = kern.squared_norm(x + (t * N + i) * C, C);
+  });
+
+  // Column branches, transposed and zero-padded: packed[branch][b] is [C, n_pad].
+  bool is_col_branch[4] = {false, false, false, false};
+  for (int32_t m : g.matrices) is_col_branch[col_branch(m)] = true;
+  at::Tensor packed = at::zeros({g.branches, B, C, n_pad}, qk.options());
+  T* pk = packed.data_ptr<T>();
+  at::parallel_for(0, g.branches * B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (!is_col_branch[t / B]) continue;
+      const T* src = x + t * N * C;
+      T* dst = pk + t * C * n_pad;
+      constexpr int64_t kTile = 16;  // transpose in tiles that stay in L1
+      for (int64_t i0 = 0; i0 < N; i0 += kTile)
+        for (int64_t c0 = 0; c0 < C; c0 += kTile)
+          for (int64_t i = i0; i < std::min(N, i0 + kTile); ++i)
+            for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) dst[c * n_pad + i] = src[i * C + c];
+    }
+  });
+
+  const int64_t blocks = ceil_div(N, kRowBlock);
+  const int64_t tasks = int64_t(g.matrices.size()) * B * blocks;
+  const double tau = RefineThreshold<T>::value;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> gram(kRowBlock * n_pad);
+    for (int64_t task = begin; task < end; ++task) {
+      const int32_t m = g.matrices[task / (B * blocks)];
+      const int64_t b = (task / blocks) % B, blk = task % blocks;
+      const int64_t r0 = blk * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+      const int64_t rb = row_branch(m), cb = col_branch(m);
+      const T* rows = branch_rows(x, g, rb, b);
+      const T* cols = branch_rows(x, g, cb, b);
+      GemmProblem<T> p{};
+      p.seg[0] = {rows, C, 1, pk + (cb * B + b) * C * n_pad, n_pad, C};
+      p.num_segments = 1;
+      p.row_begin = r0;
+      p.row_end = r1;
+      p.cols = n_pad;
+      p.out = gram.data();
+      p.out_row0 = r0;
+      p.ldo = n_pad;
+      p.epilogue = GemmEpilogue::kStore;
+      kern.gemm(p);
+      const double* nr = sqnorm.data() + (rb * B + b) * N;
+      const double* nc = sqnorm.data() + (cb * B + b) * N;
+      T* out = dist + ((int64_t(m) * B + b) * N) * N;
+      for (int64_t i = r0; i < r1; ++i) {
+        for (int64_t j = 0; j < N; ++j) {
+          const double scale = nr[i] + nc[j];
+          double d2 = scale - 2.0 * double(gram[(i - r0) * n_pad + j]);
+          // Cancellation ate the digits (or the tokens are duplicates): recompute exactly.
+          if (d2 <= tau * scale) d2 = kern.squared_distance(rows + i * C, cols + j * C, C);
+          out[i * N + j] = T(std::sqrt(std::max(d2, 0.0)));
+        }
+      }
+    }
+  });
+}
+
+// extrema[m, b]: max (similarity) / min (distance) of each used matrix per sample, then,
+// for scope="batch", the extreme over the batch in every column.
+template <typename T>
+void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor& extrema) {
+  const int64_t B = g.batch, NN = g.tokens * g.tokens;
+  const T* dist = distances.data_ptr<T>();
+  T* ext = extrema.data_ptr<T>();
+  const int64_t tasks = int64_t(g.matrices.size()) * B;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int32_t m = g.matrices[task / B];
+      const int64_t b = task % B;
+      const T* d = dist + (int64_t(m) * B + b) * NN;
+      T e = d[0];
+      if (is_similarity(m)) {
+        for (int64_t k = 1; k < NN; ++k) e = std::max(e, d[k]);
+      } else {
+        for (int64_t k = 1; k < NN; ++k) e = std::min(e, d[k]);
+      }
+      ext[int64_t(m) * B + b] = e;
+    }
+  });
+  if (g.scope == Scope::Batch) {
+    for (int32_t m : g.matrices) {
+      T* row = ext + int64_t(m) * B;
+      T e = row[0];
+      for (int64_t b = 1; b < B; ++b) e = is_similarity(m) ? std::max(e, row[b]) : std::min(e, row[b]);
+      std::fill(row, row + B, e);
+    }
+  }
+}
+
+template <typename T>
+void forward_epilogue(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
+                      double theta, double gamma, at::Tensor& maps) {
+  const int64_t B = g.batch, N = g.tokens;
+  const T* dist = distances.data_ptr<T>();
+  const T* ext = extrema.data_ptr<T>();
+  T* out = maps.data_ptr<T>();
+  const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mat(N * N), rsq(N), csq(N), inv_r(N), inv_c(N);
+    std::vector<double> score(g.branches * N);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(score.begin(), score.end(), 0.0);
+      for (int32_t m : g.matrices) {
+        const bool sim = is_similarity(m);
+        shifted_matrix(dist + (int64_t(m) * B + b) * N * N, double(ext[int64_t(m) * B + b]), sim,
+                       N, mat.data(), rsq.data(), csq.data());
+        for (int64_t i = 0; i < N; ++i) inv_r[i] = 1.0 / clamp_norm(rsq[i]);
+        for (int64_t j = 0; j < N; ++j) inv_c[j] = 1.0 / clamp_norm(csq[j]);
+        const double w = sim ? ws : wd;
+        double* col_score = score.data() + col_branch(m) * N;  // cols(M) scores the column branch
+        double* row_score = score.data() + row_branch(m) * N;  // rows(M) scores the row branch
+        for (int64_t i = 0; i < N; ++i) {
+          const double* mi = mat.data() + i * N;
+          double row_acc = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            col_score[j] += w * mi[j] * inv_r[i];
+            row_acc += mi[j] * inv_c[j];
+          }
+          row_score[i] += w * row_acc;
+        }
+      }
+      for (int64_t br = 0; br < g.branches; ++br) {
+        const double* s = score.data() + br * N;
+        const double mx = *std::max_element(s, s + N);
+        double total = 0;
+        T* o = out + (br * B + b) * N;
+        for (int64_t i = 0; i < N; ++i) total += std::exp(s[i] - mx);
+        for (int64_t i = 0; i < N; ++i) o[i] = T(std::exp(s[i] - mx) / total);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_in,
+                                                           double theta, double gamma, Mode mode,
+                                                           Scope scope, bool pair) {
+  const at::Tensor qk = qk_in.contiguous();
+  const Geometry g = make_geometry(qk, pair, mode, scope);
+  at::Tensor maps = at::empty({g.branches, g.batch, g.tokens}, qk.options());
+  // Unused matrices stay zero: backward never reads them.
+  at::Tensor distances = at::zeros({g.num_matrix_slots, g.batch, g.tokens, g.tokens}, qk.options());
+  at::Tensor extrema = at::zeros({g.num_matrix_slots, g.batch}, qk.options());
+  const KernelTable& table = active_kernels();
+  AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
+    compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
+    compute_extrema<scalar_t>(g, distances, extrema);
+    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps);
+  });
+  return {maps, distances, extrema};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+struct BackwardState {
+  at::Tensor grad_dist;           // [slots, B, N, N]: dL/dD, then W = dL/dD / D in place
+  std::vector<double> grad_sum;   // [slots * B]: sum of dL/dD before the extreme routing
+  std::vector<int64_t> ties;      // [slots * B]: elements equal to the extreme
+  std::vector<double> theta_part; // [B]
+};
+
+template <typename T>
+void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const at::Tensor& maps,
+                           const at::Tensor& distances, const at::Tensor& extrema, double theta,
+                           double gamma, BackwardState& st) {
+  const int64_t B = g.batch, N = g.tokens;
+  const T* gm = grad_maps.data_ptr<T>();
+  const T* mp = maps.data_ptr<T>();
+  const T* dist = distances.data_ptr<T>();
+  const T* ext = extrema.data_ptr<T>();
+  T* gd = st.grad_dist.data_ptr<T>();
+  const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mat(N * N), rsq(N), csq(N), t(N), v(N), alpha(N), beta(N), inv_r(N),
+        inv_c(N);
+    std::vector<double> gscore(g.branches * N), dscore(g.branches * N);
+    for (int64_t b = begin; b < end; ++b) {
+      // Softmax backward: g_score = map * (g - sum(map * g)).
+      for (int64_t br = 0; br < g.branches; ++br) {
+        const T* mi = mp + (br * B + b) * N;
+        const T* gi = gm + (br * B + b) * N;
+        double dot = 0;
+        for (int64_t i = 0; i < N; ++i) dot += double(mi[i]) * double(gi[i]);
+        for (int64_t i = 0; i < N; ++i) gscore[br * N + i] = double(mi[i]) * (double(gi[i]) - dot);
+      }
+      std::fill(dscore.begin(), dscore.end(), 0.0);
+      for (int32_t m : g.matrices) {
+        const bool sim = is_similarity(m);
+        const double w = sim ? ws : wd;
+        const int64_t slot = int64_t(m) * B + b;
+        const T* d = dist + slot * N * N;
+        shifted_matrix(d, double(ext[slot]), sim, N, mat.data(), rsq.data(), csq.data());
+        // Upstream of cols(M) and rows(M): the fused score's gradient, times the weight.
+        const double* uc = gscore.data() + col_branch(m) * N;
+        const double* ur = gscore.data() + row_branch(m) * N;
+        std::fill(v.begin(), v.end(), 0.0);
+        for (int64_t i = 0; i < N; ++i) {
+          const double* mi = mat.data() + i * N;
+          double acc = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            acc += uc[j] * mi[j];
+            v[j] += ur[i] * mi[j];
+          }
+          t[i] = w * acc;
+        }
+        for (int64_t i = 0; i < N; ++i) {
+          const double r = clamp_norm(rsq[i]);
+          inv_r[i] = 1.0 / r;
+          alpha[i] = norm_clamped(rsq[i]) ? 0.0 : t[i] / (r * r * r);
+        }
+        for (int64_t j = 0; j < N; ++j) {
+          const double c = clamp_norm(csq[j]);
+          inv_c[j] = 1.0 / c;
+          beta[j] = norm_clamped(csq[j]) ? 0.0 : w * v[j] / (c * c * c);
+        }
+        // dL/dM, then dL/dD = -dL/dM (similarity) or +dL/dM (distance).
+        const double sign = sim ? -1.0 : 1.0;
+        double* dcol = dscore.data() + col_branch(m) * N;
+        double* drow = dscore.data() + row_branch(m) * N;
+        T* out = gd + slot * N * N;
+        double total = 0;
+        for (int64_t i = 0; i < N; ++i) {
+          const double* mi = mat.data() + i * N;
+          const double wur = w * ur[i];
+          double row_acc = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            const double gm_ij = w * uc[j] * inv_r[i] - mi[j] * alpha[i] + wur * inv_c[j] -
+                                 mi[j] * beta[j];
+            const double gd_ij = sign * gm_ij;
+            out[i * N + j] = T(gd_ij);
+            total += gd_ij;
+            if (!sim) {  // d scores, for the theta gradient
+              dcol[j] += mi[j] * inv_r[i];
+              row_acc += mi[j] * inv_c[j];
+            }
+          }
+          if (!sim) drow[i] += row_acc;
+        }
+        st.grad_sum[slot] = total;
+        int64_t count = 0;
+        const T e = ext[slot];
+        for (int64_t k = 0; k < N * N; ++k) count += d[k] == e;
+        st.ties[slot] = count;
+      }
+      double tp = 0;
+      for (int64_t k = 0; k < g.branches * N; ++k) tp += gscore[k] * dscore[k];
+      st.theta_part[b] = tp;
+    }
+  });
+}
+
+template <typename T>
+void backward_weights(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
+                      BackwardState& st, at::Tensor& row_sums, at::Tensor& col_sums) {
+  const int64_t B = g.batch, N = g.tokens;
+  const T* dist = distances.data_ptr<T>();
+  const T* ext = extrema.data_ptr<T>();
+  T* w = st.grad_dist.data_ptr<T>();
+  T* rsum = row_sums.data_ptr<T>();
+  T* csum = col_sums.data_ptr<T>();
+  // The shift's gradient: sum(dL/dS) to the extreme(s), spread evenly over ties (like amax).
+  std::vector<double> routed(g.num_matrix_slots * B, 0.0);
+  for (int32_t m : g.matrices) {
+    if (g.scope == Scope::Batch) {
+      double total = 0;
+      int64_t count = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        total += st.grad_sum[m * B + b];
+        count += st.ties[m * B + b];
+      }
+      for (int64_t b = 0; b < B; ++b) routed[m * B + b] = -total / double(count);
+    } else {
+      for (int64_t b = 0; b < B; ++b)
+        routed[m * B + b] = -st.grad_sum[m * B + b] / double(st.ties[m * B + b]);
+    }
+  }
+  const int64_t tasks = int64_t(g.matrices.size()) * B;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cacc(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int32_t m = g.matrices[task / B];
+      const int64_t b = task % B, slot = int64_t(m) * B + b;
+      const T* d = dist + slot * N * N;
+      T* wm = w + slot * N * N;
+      const T e = ext[slot];
+      std::fill(cacc.begin(), cacc.end(), 0.0);
+      for (int64_t i = 0; i < N; ++i) {
+        double racc = 0;
+        for (int64_t j = 0; j < N; ++j) {
+          const int64_t k = i * N + j;
+          double grad = double(wm[k]) + (d[k] == e ? routed[slot] : 0.0);
+          // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist.
+          const double wk = d[k] > T(0) ? grad / double(d[k]) : 0.0;
+          wm[k] = T(wk);
+          racc += wk;
+          cacc[j] += wk;
+        }
+        rsum[slot * N + i] = T(racc);
+      }
+      for (int64_t j = 0; j < N; ++j) csum[slot * N + j] = T(cacc[j]);
+    }
+  });
+}
+
+template <typename T>
+void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState& st,
+                    const at::Tensor& row_sums, const at::Tensor& col_sums, at::Tensor& grad_qk,
+                    const KernelSet<T>& kern) {
+  const int64_t B = g.batch, N = g.tokens, C = g.channels;
+  const T* x = qk.data_ptr<T>();
+  const T* w = st.grad_dist.data_ptr<T>();
+  const T* rsum = row_sums.data_ptr<T>();
+  const T* csum = col_sums.data_ptr<T>();
+  T* out = grad_qk.data_ptr<T>();
+  const int64_t blocks = ceil_div(N, kRowBlock);
+  const int64_t tasks = g.branches * B * blocks;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scale(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t br = task / (B * blocks), b = (task / blocks) % B, blk = task % blocks;
+      GemmProblem<T> p{};
+      std::fill(scale.begin(), scale.end(), T(0));
+      // Each matrix touching this branch: as its row branch, grad += diag(W 1) x - W y_cols;
+      // as its column branch, grad += diag(W^T 1) x - W^T y_rows.
+      for (int32_t m : g.matrices) {
+        const int64_t slot = int64_t(m) * B + b;
+        const T* wm = w + slot * N * N;
+        const bool as_row = row_branch(m) == br, as_col = col_branch(m) == br;
+        if (!as_row && !as_col) continue;
+        const T* sums = (as_row ? rsum : csum) + slot * N;
+        for (int64_t i = 0; i < N; ++i) scale[i] += sums[i];
+        const int64_t other = as_row ? col_branch(m) : row_branch(m);
+        p.seg[p.num_segments++] = {wm, as_row ? N : 1, as_row ? 1 : N,
+                                   branch_rows(x, g, other, b), C, N};
+      }
+      p.row_begin = blk * kRowBlock;
+      p.row_end = std::min(N, p.row_begin + kRowBlock);
+      p.cols = C;
+      p.out = out + (br * B + b) * N * C;
+      p.ldo = C;
+      p.epilogue = GemmEpilogue::kScaleMinus;
+      p.scale = scale.data();
+      p.x = branch_rows(x, g, br, b);
+      p.ldx = C;
+      kern.gemm(p);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
+                                                const at::Tensor& maps, const at::Tensor& qk_in,
+                                                const at::Tensor& distances,
+                                                const at::Tensor& extrema, double theta,
+                                                double gamma, Mode mode, Scope scope, bool pair) {
+  const at::Tensor qk = qk_in.contiguous();
+  const at::Tensor grad_maps = grad_maps_in.contiguous();
+  const Geometry g = make_geometry(qk, pair, mode, scope);
+  const int64_t B = g.batch, N = g.tokens;
+  check_like(grad_maps, "grad_maps", {g.branches, B, N}, qk.scalar_type());
+  check_like(maps, "maps", {g.branches, B, N}, qk.scalar_type());
+  check_like(distances, "distances", {g.num_matrix_slots, B, N, N}, qk.scalar_type());
+  check_like(extrema, "extrema", {g.num_matrix_slots, B}, qk.scalar_type());
+  TORCH_CHECK(maps.is_contiguous() && distances.is_contiguous() && extrema.is_contiguous(),
+              "maps, distances and extrema must be contiguous (as the forward returns them)");
+
+  BackwardState st;
+  st.grad_dist = at::empty_like(distances);
+  st.grad_sum.assign(g.num_matrix_slots * B, 0.0);
+  st.ties.assign(g.num_matrix_slots * B, 0);
+  st.theta_part.assign(B, 0.0);
+  at::Tensor row_sums = at::empty({g.num_matrix_slots, B, N}, qk.options());
+  at::Tensor col_sums = at::empty({g.num_matrix_slots, B, N}, qk.options());
+  at::Tensor grad_qk = at::empty_like(qk);
+  const KernelTable& table = active_kernels();
+  AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_backward_cpu", [&] {
+    backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st);
+    backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums);
+    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table));
+  });
+  double theta_sum = 0;
+  for (double v : st.theta_part) theta_sum += v;
+  at::Tensor grad_theta = at::full({}, dk_dtheta(mode, theta) * theta_sum, qk.options());
+  return {grad_qk, grad_theta};
+}
+
+// ---------------------------------------------------------------------------------------
+// Op entry points
+// ---------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_similarity_forward(
+    const at::Tensor& qk, const at::Tensor& theta, double gamma, c10::string_view mode,
+    c10::string_view scope) {
+  check_features(qk, 4);
+  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
+  return forward_cpu(qk, read_theta(theta, qk), gamma, parse_mode(std::string(mode)),
+                     parse_scope(std::string(scope)), /*pair=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(
+    const at::Tensor& grad_maps, const at::Tensor& maps, const at::Tensor& qk,
+    const at::Tensor& distances, const at::Tensor& extrema, const at::Tensor& theta, double gamma,
+    c10::string_view mode, c10::string_view scope) {
+  check_features(qk, 4);
+  return backward_cpu(grad_maps, maps, qk, distances, extrema, read_theta(theta, qk), gamma,
+                      parse_mode(std::string(mode)), parse_scope(std::string(scope)), false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_similarity_forward(const at::Tensor& qk,
+                                                                       c10::string_view scope) {
+  check_features(qk, 2);
+  return forward_cpu(qk, 0.0, 1.0, Mode::S, parse_scope(std::string(scope)), /*pair=*/true);
+}
+
+at::Tensor pair_similarity_backward(const at::Tensor& grad_maps, const at::Tensor& maps,
+                                    const at::Tensor& qk, const at::Tensor& distances,
+                                    const at::Tensor& extrema, c10::string_view scope) {
+  check_features(qk, 2);
+  return std::get<0>(backward_cpu(grad_maps, maps, qk, distances, extrema, 0.0, 1.0, Mode::S,
+                                  parse_scope(std::string(scope)), /*pair=*/true));
+}
+
+std::string cpu_isa() { return active_kernels().isa; }
+
+}  // namespace
+}  // namespace qcs::cpu
+
+TORCH_LIBRARY_FRAGMENT(qcs_ext, m) {
+  // Which instruction set the CPU kernels run with (tests and benchmarks report it).
+  m.def("cpu_isa() -> str", &qcs::cpu::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(qcs_ext, CPU, m) {
+  m.impl("cross_similarity_forward", &qcs::cpu::cross_similarity_forward);
+  m.impl("cross_similarity_backward", &qcs::cpu::cross_similarity_backward);
+  m.impl("pair_similarity_forward", &qcs::cpu::pair_similarity_forward);
+  m.impl("pair_similarity_backward", &qcs::cpu::pair_similarity_backward);
+}

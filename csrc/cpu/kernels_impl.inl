@@ -1,0 +1,166 @@
+// Vectorised inner kernels of the CPU backend, written once with GCC/Clang vector
+// extensions and compiled per instruction set. The including file defines
+//   QCS_ISA_NAME       the table's name, QCS_ISA_FN its accessor function,
+//   QCS_VEC_BYTES      vector register width in bytes (16, 32, 64),
+//   QCS_GEMM_MR/NV     micro-tile: rows x vectors of columns kept in registers,
+// after its `#pragma GCC target`.
+#include "cpu_kernels.h"
+
+namespace qcs::cpu {
+namespace {
+
+template <typename T>
+struct Vec {
+  static constexpr int kWidth = QCS_VEC_BYTES / sizeof(T);
+  typedef T type __attribute__((vector_size(QCS_VEC_BYTES)));
+  // Unaligned, aliasing view for loads and stores at any element address.
+  typedef T unaligned __attribute__((vector_size(QCS_VEC_BYTES), aligned(sizeof(T)), may_alias));
+  static inline type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static inline void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  static inline type splat(T x) { return type{} + x; }
+};
+
+template <typename T>
+struct Epilogue {
+  const GemmProblem<T>& p;
+  inline void vec(int64_t row, int64_t col, typename Vec<T>::type acc) const {
+    using V = Vec<T>;
+    T* dst = p.out + (row - p.out_row0) * p.ldo + col;
+    if (p.epilogue == GemmEpilogue::kStore) {
+      V::store(dst, acc);
+    } else {
+      V::store(dst, V::splat(p.scale[row]) * V::load(p.x + row * p.ldx + col) - acc);
+    }
+  }
+  inline void scalar(int64_t row, int64_t col, T acc) const {
+    T* dst = p.out + (row - p.out_row0) * p.ldo + col;
+    *dst = p.epilogue == GemmEpilogue::kStore ? acc : p.scale[row] * p.x[row * p.ldx + col] - acc;
+  }
+};
+
+// MR rows x NV vectors of columns held in registers across the whole k loop.
+template <typename T, int MR, int NV>
+__attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, int64_t row0,
+                                                      int64_t col0, const Epilogue<T>& epi) {
+  using V = Vec<T>;
+  using vt = typename V::type;
+  constexpr int W = V::kWidth;
+  vt acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = vt{};
+  for (int s = 0; s < p.num_segments; ++s) {
+    const GemmSegment<T>& g = p.seg[s];
+    const T* a = g.a + row0 * g.a_row_stride;
+    const T* b = g.b + col0;
+    const int64_t rs = g.a_row_stride, ks = g.a_k_stride, ldb = g.ldb;
+    for (int64_t k = 0; k < g.k; ++k) {
+      vt bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * ldb + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const vt av = V::splat(a[r * rs + k * ks]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) epi.vec(row0 + r, col0 + v * W, acc[r][v]);
+}
+
+// Columns left over after the last full vector: plain scalar accumulation.
+template <typename T>
+void scalar_columns(const GemmProblem<T>& p, int64_t col_begin, const Epilogue<T>& epi) {
+  for (int64_t i = p.row_begin; i < p.row_end; ++i) {
+    for (int64_t j = col_begin; j < p.cols; ++j) {
+      T acc = 0;
+      for (int s = 0; s < p.num_segments; ++s) {
+        const GemmSegment<T>& g = p.seg[s];
+        for (int64_t k = 0; k < g.k; ++k)
+          acc += g.a[i * g.a_row_stride + k * g.a_k_stride] * g.b[k * g.ldb + j];
+      }
+      epi.scalar(i, j, acc);
+    }
+  }
+}
+
+template <typename T, int NV>
+inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& epi) {
+  constexpr int MR = QCS_GEMM_MR;
+  int64_t row = p.row_begin;
+  for (; row + MR <= p.row_end; row += MR) micro_tile<T, MR, NV>(p, row, col0, epi);
+  // Remaining rows, one template per count so every tile keeps its accumulators in registers.
+  switch (p.row_end - row) {
+#define QCS_ROW_CASE(n) \
+  case n:               \
+    if constexpr (n < MR) micro_tile<T, n, NV>(p, row, col0, epi); \
+    break;
+    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
+    QCS_ROW_CASE(6) QCS_ROW_CASE(7)
+#undef QCS_ROW_CASE
+    default:
+      break;
+  }
+}
+
+template <typename T>
+void gemm(const GemmProblem<T>& p) {
+  constexpr int W = Vec<T>::kWidth;
+  constexpr int NV = QCS_GEMM_NV;
+  const Epilogue<T> epi{p};
+  int64_t col = 0;
+  // Column panels outermost: a panel of B (k x NV*W) stays in L1 while the rows sweep it.
+  for (; col + NV * W <= p.cols; col += NV * W) row_sweep<T, NV>(p, col, epi);
+  for (; col + W <= p.cols; col += W) row_sweep<T, 1>(p, col, epi);
+  if (col < p.cols) scalar_columns(p, col, epi);
+}
+
+template <typename T>
+double squared_distance(const T* x, const T* y, int64_t n) {
+  using V = Vec<T>;
+  constexpr int W = V::kWidth;
+  typename V::type acc{};
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const auto diff = V::load(x + c) - V::load(y + c);
+    acc += diff * diff;
+  }
+  double sum = 0;
+  for (int l = 0; l < W; ++l) sum += acc[l];
+  for (; c < n; ++c) sum += double(x[c] - y[c]) * double(x[c] - y[c]);
+  return sum;
+}
+
+template <typename T>
+double squared_norm(const T* x, int64_t n) {
+  using V = Vec<T>;
+  constexpr int W = V::kWidth;
+  typename V::type acc{};
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    const auto v = V::load(x + c);
+    acc += v * v;
+  }
+  double sum = 0;
+  for (int l = 0; l < W; ++l) sum += acc[l];
+  for (; c < n; ++c) sum += double(x[c]) * double(x[c]);
+  return sum;
+}
+
+}  // namespace
+
+const KernelTable& QCS_ISA_FN() {
+  static const KernelTable table{
+      QCS_ISA_NAME,
+      {&gemm<float>, &squared_distance<float>, &squared_norm<float>},
+      {&gemm<double>, &squared_distance<double>, &squared_norm<double>},
+  };
+  return table;
+}
+
+}  // namespace qcs::cpu
