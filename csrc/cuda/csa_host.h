@@ -1,0 +1,271 @@
+// Host side of the CUDA CSA ops: argument checks, workspaces, the Gram/gradient GEMMs
+// (ATen: cuBLAS on the GPU, the CPU BLAS under emulation) and the kernel launches.
+//
+// Shared by the real CUDA build (csa_cuda.cu) and the emulated build
+// (csrc/emulation/csa_emulated.cpp), which define before including it:
+//   QCS_HOST_STREAM        the stream to launch on (the current CUDA stream)
+//   QCS_HOST_LAUNCH_CHECK() checks the last launch (C10_CUDA_KERNEL_LAUNCH_CHECK)
+//   QCS_HOST_GUARD(t)      a device guard for tensor t
+//   QCS_HOST_DEVICE        the c10::DeviceType the ops run on
+// Nothing here synchronises with the device: theta is read by the kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
+#include "csa_kernels.cuh"
+
+namespace qcs::host {
+
+inline Mode parse_mode(const std::string& s) {
+  if (s == "sd") return Mode::SD;
+  if (s == "s") return Mode::S;
+  if (s == "d") return Mode::D;
+  TORCH_CHECK_VALUE(false, "mode must be one of 'sd', 's', 'd', got '", s, "'");
+}
+inline Scope parse_scope(const std::string& s) {
+  if (s == "batch") return Scope::Batch;
+  if (s == "sample") return Scope::Sample;
+  TORCH_CHECK_VALUE(false, "scope must be one of 'batch', 'sample', got '", s, "'");
+}
+
+inline void check_qk(const at::Tensor& qk, int64_t branches) {
+  TORCH_CHECK(qk.device().type() == QCS_HOST_DEVICE, "qk must be on ", QCS_HOST_DEVICE, ", got ", qk.device());
+  TORCH_CHECK_VALUE(qk.dim() == 4 && qk.size(0) == branches, "qk must have shape [", branches,
+                    ", B, N, C], got ", qk.sizes());
+  TORCH_CHECK_VALUE(qk.size(1) > 0 && qk.size(2) > 0 && qk.size(3) > 0, "qk has an empty dimension: ",
+                    qk.sizes());
+  TORCH_CHECK_VALUE(qk.size(2) <= (1 << 15) && qk.size(3) <= (1 << 30), "qk too large: ", qk.sizes());
+  const auto st = qk.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                   "qk must be float32, float64, float16 or bfloat16, got ", st);
+}
+inline void check_like(const at::Tensor& t, const at::Tensor& qk, const char* name) {
+  TORCH_CHECK(t.device() == qk.device(), name, " must be on the device of qk (", qk.device(), "), got ", t.device());
+}
+inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == st, name, " must have dtype ", st, ", got ", t.scalar_type());
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Matrix m of a library with `nmat` matrices multiplies branch row_branch(m) by col_branch(m).
+inline bool fused_fits(int64_t n, int64_t nbranch, size_t elem) {
+  if (const char* force = std::getenv("QCS_CSA_FORCE_STREAMING"); force != nullptr && force[0] == '1') return false;
+  return static_cast<size_t>(n * n + 2 * n + 2 * nbranch * n) * elem <= 48 * 1024;
+}
+
+// theta: a 0-dim tensor (nullptr data for the pair op).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& qk, const T* theta, double gamma,
+                                                             Mode mode, Scope scope, int nmat) {
+  using A = at::opmath_type<T>;
+  const int nbranch = static_cast<int>(qk.size(0));
+  const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2)), c = static_cast<int>(qk.size(3));
+  const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const at::Tensor qka = qk.scalar_type() == acc.dtype().toScalarType() ? qk : qk.to(acc.dtype());
+  auto stream = QCS_HOST_STREAM;
+
+  // Gram products of the used matrices (fp32 accumulate; half inputs are widened first
+  // so the Gram identity keeps its digits), the other matrices stay zero.
+  at::Tensor dist = at::zeros({nmat, batch, n, n}, acc);
+  for (int m = 0; m < nmat; ++m) {
+    if (!matrix_used(m, mode)) continue;
+    at::Tensor out = dist.select(0, m);
+    at::bmm_out(out, qka.select(0, row_branch(m)), qka.select(0, col_branch(m)).transpose(1, 2));
+  }
+
+  at::Tensor sq = at::empty({nbranch, batch, n}, acc);
+  const int64_t rows = static_cast<int64_t>(nbranch) * batch * n;
+  const int sq_blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows, kern::kStreamThreads / 32), 4096));
+  QCS_LAUNCH(sq_blocks, kern::kStreamThreads, 0, stream, kern::sqnorm_kernel<T, A>)(qk.data_ptr<T>(),
+                                                                                     sq.data_ptr<A>(), rows, c);
+  QCS_HOST_LAUNCH_CHECK();
+
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  const int tiles = static_cast<int>(std::clamp<int64_t>(ceil_div(nn, kern::kStreamThreads * 16), 1, 64));
+  at::Tensor partial = at::empty({nmat, batch, tiles}, acc);
+  QCS_LAUNCH(dim3(tiles, nmat * batch), kern::kStreamThreads, 0, stream, kern::distance_kernel<T, A>)(
+      qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), nmat, batch, n, c, mode);
+  QCS_HOST_LAUNCH_CHECK();
+
+  at::Tensor extrema = at::empty({nmat, batch}, acc);
+  QCS_LAUNCH(nmat, kern::kSmallThreads, 0, stream, kern::extrema_kernel<A>)(
+      partial.data_ptr<A>(), extrema.data_ptr<A>(), batch, tiles, mode, scope);
+  QCS_HOST_LAUNCH_CHECK();
+
+  at::Tensor maps = at::empty({nbranch, batch, n}, qk.options());
+  if (fused_fits(n, nbranch, sizeof(A))) {
+    const size_t smem = static_cast<size_t>(nn + 2 * n + 2 * nbranch * n) * sizeof(A);
+    QCS_LAUNCH(batch, kern::kSmallThreads, smem, stream, kern::fused_epilogue_kernel<T, A>)(
+        dist.data_ptr<A>(), extrema.data_ptr<A>(), theta, gamma, mode, nmat, nbranch, batch, n, maps.data_ptr<T>());
+    QCS_HOST_LAUNCH_CHECK();
+  } else {
+    at::Tensor norms = at::empty({2, nmat, batch, n}, acc);
+    at::Tensor scores = at::empty({2, nbranch, batch, n}, acc);
+    QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::stream_aggregate_kernel<A>)(
+        dist.data_ptr<A>(), extrema.data_ptr<A>(), norms.data_ptr<A>(), scores.data_ptr<A>(), nmat, nbranch, batch,
+        n, mode);
+    QCS_HOST_LAUNCH_CHECK();
+    QCS_LAUNCH(batch, kern::kSmallThreads, 0, stream, kern::fuse_softmax_kernel<T, A>)(
+        scores.data_ptr<A>(), theta, gamma, mode, nbranch, batch, n, maps.data_ptr<T>());
+    QCS_HOST_LAUNCH_CHECK();
+  }
+  return {maps, dist, extrema};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, const at::Tensor& maps,
+                                                  const at::Tensor& qk, const at::Tensor& dist,
+                                                  const at::Tensor& extrema, const T* theta, double gamma, Mode mode,
+                                                  Scope scope, int nmat, bool want_theta) {
+  using A = at::opmath_type<T>;
+  const int nbranch = static_cast<int>(qk.size(0));
+  const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2));
+  const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto stream = QCS_HOST_STREAM;
+
+  at::Tensor gscore = at::empty({nbranch, batch, n}, acc);
+  QCS_LAUNCH(batch, kern::kSmallThreads, 0, stream, kern::softmax_backward_kernel<T, A>)(
+      grad_maps.data_ptr<T>(), maps.data_ptr<T>(), gscore.data_ptr<A>(), nbranch, batch, n);
+  QCS_HOST_LAUNCH_CHECK();
+
+  at::Tensor stats = at::empty({4, nmat, batch, n}, acc);
+  at::Tensor part = at::empty({3, nmat, batch}, acc);
+  QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::backward_stats_kernel<T, A>)(
+      dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat, batch, n,
+      stats.data_ptr<A>(), part.data_ptr<A>());
+  QCS_HOST_LAUNCH_CHECK();
+
+  at::Tensor route = at::empty({nmat, batch}, acc);
+  at::Tensor grad_theta = at::empty({}, qk.options());
+  QCS_LAUNCH(1, kern::kSmallThreads, 0, stream, kern::backward_reduce_kernel<T, A>)(
+      part.data_ptr<A>(), theta, mode, scope, nmat, batch, route.data_ptr<A>(),
+      want_theta ? grad_theta.data_ptr<T>() : nullptr);
+  QCS_HOST_LAUNCH_CHECK();
+
+  at::Tensor wmat = at::empty({nmat, batch, n, n}, acc);
+  at::Tensor wsum = at::empty({2, nmat, batch, n}, acc);
+  QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::backward_weights_kernel<T, A>)(
+      dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat, batch, n,
+      stats.data_ptr<A>(), route.data_ptr<A>(), wmat.data_ptr<A>(), wsum.data_ptr<A>());
+  QCS_HOST_LAUNCH_CHECK();
+
+  // dL/dX = diag(W 1) X - W Y (rows), dL/dY = diag(W^T 1) Y - W^T X (columns); each
+  // branch sits in two matrices: accumulate (fixed order, deterministic).
+  const at::Tensor qka = qk.scalar_type() == acc.dtype().toScalarType() ? qk : qk.to(acc.dtype());
+  at::Tensor grad = at::zeros(qk.sizes(), acc);
+  for (int m = 0; m < nmat; ++m) {
+    if (!matrix_used(m, mode)) continue;
+    const at::Tensor x = qka.select(0, row_branch(m)), y = qka.select(0, col_branch(m));
+    const at::Tensor w = wmat.select(0, m);
+    at::Tensor gx = grad.select(0, row_branch(m)), gy = grad.select(0, col_branch(m));
+    gx.addcmul_(wsum.select(0, 0).select(0, m).unsqueeze(-1), x).baddbmm_(w, y, 1, -1);
+    gy.addcmul_(wsum.select(0, 1).select(0, m).unsqueeze(-1), y).baddbmm_(w.transpose(1, 2), x, 1, -1);
+  }
+  return {grad.to(qk.scalar_type()), grad_theta};
+}
+
+// ---------------------------------------------------------------------------- the ops
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_forward(const at::Tensor& qk_in, const at::Tensor& theta,
+                                                                    double gamma, c10::string_view mode_s,
+                                                                    c10::string_view scope_s) {
+  const at::Tensor qk = qk_in.contiguous();
+  check_qk(qk, 4);
+  check_like(theta, qk, "theta");
+  TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
+  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ", theta.scalar_type(),
+                   " but qk has dtype ", qk.scalar_type());
+  const Mode mode = parse_mode(std::string(mode_s));
+  const Scope scope = parse_scope(std::string(scope_s));
+  QCS_HOST_GUARD(qk);
+  const at::Tensor th = theta.contiguous();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_cross_forward", [&] {
+    out = forward_typed<scalar_t>(qk, th.data_ptr<scalar_t>(), gamma, mode, scope, 4);
+  });
+  return out;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward(const at::Tensor& qk_in, c10::string_view scope_s) {
+  const at::Tensor qk = qk_in.contiguous();
+  check_qk(qk, 2);
+  const Scope scope = parse_scope(std::string(scope_s));
+  QCS_HOST_GUARD(qk);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_forward", [&] {
+    out = forward_typed<scalar_t>(qk, static_cast<const scalar_t*>(nullptr), 0.0, Mode::S, scope, 1);
+  });
+  return out;
+}
+
+inline void check_backward_inputs(const at::Tensor& grad_maps, const at::Tensor& maps, const at::Tensor& qk,
+                                  const at::Tensor& dist, const at::Tensor& extrema, int nmat) {
+  const int64_t r = qk.size(0), b = qk.size(1), n = qk.size(2);
+  const auto aux = (qk.scalar_type() == at::kHalf || qk.scalar_type() == at::kBFloat16) ? at::kFloat
+                                                                                           : qk.scalar_type();
+  for (const at::Tensor* t : {&grad_maps, &maps, &dist, &extrema}) check_like(*t, qk, "saved tensor");
+  check_saved(grad_maps, "grad_maps", {r, b, n}, qk.scalar_type());
+  check_saved(maps, "maps", {r, b, n}, qk.scalar_type());
+  check_saved(dist, "distances", {nmat, b, n, n}, aux);
+  check_saved(extrema, "extrema", {nmat, b}, aux);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_in, const at::Tensor& maps_in,
+                                                         const at::Tensor& qk_in, const at::Tensor& dist_in,
+                                                         const at::Tensor& extrema_in, const at::Tensor& theta,
+                                                         double gamma, c10::string_view mode_s,
+                                                         c10::string_view scope_s) {
+  const at::Tensor grad_maps = grad_in.contiguous(), maps = maps_in.contiguous(), qk = qk_in.contiguous();
+  const at::Tensor dist = dist_in.contiguous(), extrema = extrema_in.contiguous();
+  check_qk(qk, 4);
+  check_like(theta, qk, "theta");
+  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type() && theta.numel() == 1,
+                   "theta must be one element of the dtype of qk");
+  check_backward_inputs(grad_maps, maps, qk, dist, extrema, 4);
+  const Mode mode = parse_mode(std::string(mode_s));
+  const Scope scope = parse_scope(std::string(scope_s));
+  QCS_HOST_GUARD(qk);
+  const at::Tensor th = theta.contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_cross_backward", [&] {
+    out = backward_typed<scalar_t>(grad_maps, maps, qk, dist, extrema, th.data_ptr<scalar_t>(), gamma, mode, scope,
+                                   4, true);
+  });
+  std::get<1>(out) = std::get<1>(out).reshape(theta.sizes());
+  return out;
+}
+
+inline at::Tensor pair_backward(const at::Tensor& grad_in, const at::Tensor& maps_in, const at::Tensor& qk_in,
+                                const at::Tensor& dist_in, const at::Tensor& extrema_in, c10::string_view scope_s) {
+  const at::Tensor grad_maps = grad_in.contiguous(), maps = maps_in.contiguous(), qk = qk_in.contiguous();
+  const at::Tensor dist = dist_in.contiguous(), extrema = extrema_in.contiguous();
+  check_qk(qk, 2);
+  check_backward_inputs(grad_maps, maps, qk, dist, extrema, 1);
+  const Scope scope = parse_scope(std::string(scope_s));
+  QCS_HOST_GUARD(qk);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_backward", [&] {
+    out = std::get<0>(backward_typed<scalar_t>(grad_maps, maps, qk, dist, extrema,
+                                               static_cast<const scalar_t*>(nullptr), 0.0, Mode::S, scope, 1, false));
+  });
+  return out;
+}
+
+}  // namespace qcs::host
+
+// Registers the four ops of `ns` for dispatch key `key` (used inside TORCH_LIBRARY_IMPL).
+#define QCS_REGISTER_IMPLS(m)                                          \
+  do {                                                                 \
+    (m).impl("cross_similarity_forward", &qcs::host::cross_forward);   \
+    (m).impl("cross_similarity_backward", &qcs::host::cross_backward); \
+    (m).impl("pair_similarity_forward", &qcs::host::pair_forward);     \
+    (m).impl("pair_similarity_backward", &qcs::host::pair_backward);   \
+  } while (0)

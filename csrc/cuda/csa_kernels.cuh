@@ -1,0 +1,567 @@
+// CUDA kernels of Cross Similarity Attention (CSA), forward and backward.
+//
+// Plain CUDA C++ with no ATen: this same source is compiled by nvcc (csa_cuda.cu) and, for
+// the tests, by the host compiler under the emulation layer (csrc/emulation), where every
+// block runs as real host threads. Launches go through QCS_LAUNCH, never `<<<...>>>`.
+//
+// Template parameters: T is the element type of qk/maps/theta (float, double, c10::Half,
+// c10::BFloat16), A the accumulation type (float, or double for double). A is also the
+// dtype of the saved distances/extrema and of every workspace.
+//
+// Layouts (R branches: 4 for the quadruplet, 2 for the pair; M matrices: 4 or 1):
+//   qk [R,B,N,C] T, sq [R,B,N] A (squared token norms), dist [M,B,N,N] A,
+//   extrema [M,B] A, maps [R,B,N] T, scores [2,R,B,N] A (s then d).
+// Matrix m of batch element b is "block mb = m*B + b" in every per-matrix kernel.
+#pragma once
+
+#include <cstdint>
+
+#include "csa_common.h"
+
+#if defined(__CUDACC__)
+#define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#include "cuda_emulation.h"
+#endif
+
+namespace qcs::kern {
+
+constexpr int kStreamThreads = 256;  // per-matrix streaming kernels
+constexpr int kSmallThreads = 128;   // per-batch-element kernels (one warp per branch)
+constexpr int kMaxWarps = 32;
+
+template <typename A>
+__device__ __forceinline__ A pos_inf() {
+  return static_cast<A>(HUGE_VAL);
+}
+
+// XOR butterflies: every lane ends with the same, bitwise identical value (a+b == b+a).
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const A w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+template <typename A>
+__device__ __forceinline__ A warp_min(A v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const A w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
+// Block-wide reductions through `scratch` (kMaxWarps values of shared memory). Every
+// thread returns the result; the order of the partial sums is fixed (deterministic).
+// blockDim.x must be a multiple of 32.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  const int nw = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  A total = 0;
+  for (int w = 0; w < nw; ++w) total += scratch[w];
+  __syncthreads();  // scratch may be reused right after
+  return total;
+}
+template <typename A>
+__device__ A block_extreme(A v, A* scratch, bool largest) {
+  v = largest ? warp_max(v) : warp_min(v);
+  const int nw = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  A r = scratch[0];
+  for (int w = 1; w < nw; ++w) r = largest ? (scratch[w] > r ? scratch[w] : r) : (scratch[w] < r ? scratch[w] : r);
+  __syncthreads();
+  return r;
+}
+
+// Norm clamped as in F.normalize; `clamped(n)` tells whether the clamp was taken (then the
+// gradient through the norm vanishes). The clamp value itself is the only norm <= eps.
+template <typename A>
+__device__ __forceinline__ A clamped_norm(A sumsq) {
+  const A n = std::sqrt(sumsq);
+  const A eps = static_cast<A>(kNormEps);
+  return n > eps ? n : eps;
+}
+template <typename A>
+__device__ __forceinline__ bool is_clamped(A norm) {
+  return !(norm > static_cast<A>(kNormEps));
+}
+
+// Weight of matrix m's aggregations in the score they feed (s or d), k read on device.
+template <typename T, typename A>
+__device__ __forceinline__ A matrix_weight(int m, Mode mode, const T* theta, double gamma) {
+  if (is_similarity(m)) return static_cast<A>(s_weight(mode));
+  const double th = theta != nullptr ? static_cast<double>(static_cast<A>(theta[0])) : 0.0;
+  return static_cast<A>(d_weight(mode, mode == Mode::SD ? fusion_k(th, gamma) : 0.0));
+}
+
+// A shifted matrix (S = ext - D or E = D - ext) of one (m, b), read from global memory.
+template <typename A>
+struct Shifted {
+  const A* d;
+  A ext;
+  int n;
+  bool sim;
+  __device__ __forceinline__ A operator()(int i, int j) const {
+    const A v = d[static_cast<int64_t>(i) * n + j];
+    return sim ? ext - v : v - ext;
+  }
+};
+// The same, already shifted and held in shared memory.
+template <typename A>
+struct Held {
+  const A* s;
+  int n;
+  __device__ __forceinline__ A operator()(int i, int j) const { return s[i * n + j]; }
+};
+
+// Row norms (one warp per row) and column norms (one thread per column) of an N x N matrix.
+template <typename A, typename Get>
+__device__ void norms_pass(const Get& get, int n, A* rn, A* cn) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  for (int i = warp; i < n; i += nw) {
+    A ss = 0;
+    for (int j = lane; j < n; j += 32) {
+      const A v = get(i, j);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) rn[i] = clamped_norm(ss);
+  }
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    A ss = 0;
+    for (int i = 0; i < n; ++i) {
+      const A v = get(i, j);
+      ss += v * v;
+    }
+    cn[j] = clamped_norm(ss);
+  }
+}
+
+// cols(M)[j] = sum_i M[i,j] / rn[i] (thread per column); rows(M)[i] = sum_j M[i,j] / cn[j]
+// (warp per row). Needs rn/cn complete (a barrier after norms_pass).
+template <typename A, typename Get>
+__device__ void aggregate_pass(const Get& get, int n, const A* rn, const A* cn, A* cols, A* rows) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    A acc = 0;
+    for (int i = 0; i < n; ++i) acc += get(i, j) / rn[i];
+    cols[j] = acc;
+  }
+  for (int i = warp; i < n; i += nw) {
+    A acc = 0;
+    for (int j = lane; j < n; j += 32) acc += get(i, j) / cn[j];
+    acc = warp_sum(acc);
+    if (lane == 0) rows[i] = acc;
+  }
+}
+
+// softmax(sw * s + dw * d) over n tokens, by one warp; a zero weight skips its term.
+template <typename T, typename A>
+__device__ void softmax_warp(const A* s, const A* d, A sw, A dw, int n, T* out) {
+  const int lane = threadIdx.x % 32;
+  auto score = [&](int j) -> A {
+    A v = 0;
+    if (sw != A(0)) v += sw * s[j];
+    if (dw != A(0)) v += dw * d[j];
+    return v;
+  };
+  A mx = -pos_inf<A>();
+  for (int j = lane; j < n; j += 32) {
+    const A v = score(j);
+    mx = v > mx ? v : mx;
+  }
+  mx = warp_max(mx);
+  A sum = 0;
+  for (int j = lane; j < n; j += 32) sum += std::exp(score(j) - mx);
+  sum = warp_sum(sum);
+  for (int j = lane; j < n; j += 32) out[j] = static_cast<T>(std::exp(score(j) - mx) / sum);
+}
+
+// ---------------------------------------------------------------------------- forward
+
+// sq[r] = |qk[r, :]|^2 for every token row r of qk: one warp per row.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kStreamThreads) sqnorm_kernel(const T* __restrict__ qk, A* __restrict__ sq,
+                                                                int64_t rows, int c) {
+  const int lane = threadIdx.x % 32;
+  const int64_t nw = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += nw) {
+    A ss = 0;
+    for (int k = lane; k < c; k += 32) {
+      const A v = static_cast<A>(qk[r * c + k]);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) sq[r] = ss;
+  }
+}
+
+// Distances from the Gram products, in place: dist holds x.y on entry and ||x - y|| on
+// exit; where the Gram form cancels (d2 < threshold * (|x|^2 + |y|^2)) the distance is
+// recomputed directly. Also the extreme of every tile: partial[mb * tiles + tile].
+// grid (tiles, M*B).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq,
+                                                                  A* __restrict__ dist, A* __restrict__ partial,
+                                                                  int nmat, int batch, int n, int c, Mode mode) {
+  __shared__ A scratch[kMaxWarps];
+  const int mb = blockIdx.y, m = mb / batch, b = mb % batch;
+  if (!matrix_used(m, mode)) return;
+  const bool sim = is_similarity(m);
+  const int64_t rb = static_cast<int64_t>(row_branch(m)) * batch + b;
+  const int64_t cb = static_cast<int64_t>(col_branch(m)) * batch + b;
+  const T* x = qk + rb * n * c;
+  const T* y = qk + cb * n * c;
+  const A* sx = sq + rb * n;
+  const A* sy = sq + cb * n;
+  A* d = dist + static_cast<int64_t>(mb) * n * n;
+  constexpr double kThreshold = RefineThreshold<A>::value;
+  const A threshold = static_cast<A>(kThreshold);
+  A ext = sim ? -pos_inf<A>() : pos_inf<A>();
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < nn;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(e / n), j = static_cast<int>(e % n);
+    const A norms = sx[i] + sy[j];
+    A d2 = norms - A(2) * d[e];
+    if (d2 < threshold * norms) {
+      A direct = 0;
+      const T* xi = x + static_cast<int64_t>(i) * c;
+      const T* yj = y + static_cast<int64_t>(j) * c;
+      for (int k = 0; k < c; ++k) {
+        const A diff = static_cast<A>(xi[k]) - static_cast<A>(yj[k]);
+        direct += diff * diff;
+      }
+      d2 = direct;
+    }
+    const A v = std::sqrt(d2 > A(0) ? d2 : A(0));
+    d[e] = v;
+    ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
+  }
+  ext = block_extreme(ext, scratch, sim);
+  if (threadIdx.x == 0) partial[static_cast<int64_t>(mb) * gridDim.x + blockIdx.x] = ext;
+}
+
+// extrema[m, b] from the tile extremes: per sample, or over the whole batch (then every
+// column holds the same value). Unused matrices get 0. grid (M), deterministic.
+template <typename A>
+__global__ void __launch_bounds__(kSmallThreads) extrema_kernel(const A* __restrict__ partial, A* __restrict__ extrema,
+                                                                int batch, int tiles, Mode mode, Scope scope) {
+  __shared__ A scratch[kMaxWarps];
+  const int m = blockIdx.x;
+  A* out = extrema + static_cast<int64_t>(m) * batch;
+  if (!matrix_used(m, mode)) {
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) out[b] = 0;
+    return;
+  }
+  const bool sim = is_similarity(m);
+  const A* in = partial + static_cast<int64_t>(m) * batch * tiles;
+  const A init = sim ? -pos_inf<A>() : pos_inf<A>();
+  if (scope == Scope::Batch) {
+    A v = init;
+    for (int t = threadIdx.x; t < batch * tiles; t += blockDim.x) v = sim ? (in[t] > v ? in[t] : v) : (in[t] < v ? in[t] : v);
+    v = block_extreme(v, scratch, sim);
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) out[b] = v;
+  } else {
+    for (int b = 0; b < batch; ++b) {
+      A v = init;
+      for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
+        const A w = in[static_cast<int64_t>(b) * tiles + t];
+        v = sim ? (w > v ? w : v) : (w < v ? w : v);
+      }
+      v = block_extreme(v, scratch, sim);
+      if (threadIdx.x == 0) out[b] = v;
+    }
+  }
+}
+
+// Fused epilogue for small N: one block per batch element. Each used matrix in turn is
+// shifted into shared memory, its row/column norms and both aggregations computed there,
+// the scores of the four branches accumulated in shared memory; then the fusion
+// s + k d (k = gamma + tanh(theta), theta read on device) and the softmax, a warp per branch.
+// Dynamic shared memory: (N*N + 2N + 2RN + kMaxWarps) * sizeof(A). grid (B).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSmallThreads) fused_epilogue_kernel(const A* __restrict__ dist,
+                                                                       const A* __restrict__ extrema,
+                                                                       const T* __restrict__ theta, double gamma,
+                                                                       Mode mode, int nmat, int nbranch, int batch,
+                                                                       int n, T* __restrict__ maps) {
+  QCS_DYNAMIC_SMEM(smem_raw);
+  A* mat = reinterpret_cast<A*>(smem_raw);
+  A* rn = mat + n * n;
+  A* cn = rn + n;
+  A* sc = cn + n;  // [2][R][N]: s then d
+  const int b = blockIdx.x;
+  for (int e = threadIdx.x; e < 2 * nbranch * n; e += blockDim.x) sc[e] = 0;
+  for (int m = 0; m < nmat; ++m) {
+    if (!matrix_used(m, mode)) continue;
+    const bool sim = is_similarity(m);
+    const int64_t mb = static_cast<int64_t>(m) * batch + b;
+    const A ext = extrema[mb];
+    const A* d = dist + mb * n * n;
+    for (int e = threadIdx.x; e < n * n; e += blockDim.x) mat[e] = sim ? ext - d[e] : d[e] - ext;
+    __syncthreads();
+    const Held<A> get{mat, n};
+    norms_pass(get, n, rn, cn);
+    __syncthreads();
+    A* kind = sc + (sim ? 0 : nbranch * n);
+    aggregate_pass(get, n, rn, cn, kind + col_branch(m) * n, kind + row_branch(m) * n);
+    __syncthreads();
+  }
+  const A sw = static_cast<A>(s_weight(mode));
+  const A dw = matrix_weight<T, A>(kNA, mode, theta, gamma);
+  for (int br = threadIdx.x / 32; br < nbranch; br += blockDim.x / 32)
+    softmax_warp(sc + br * n, sc + (nbranch + br) * n, sw, dw, n,
+                 maps + (static_cast<int64_t>(br) * batch + b) * n);
+}
+
+// Streaming epilogue for large N, part 1: one block per (m, b) reads its matrix from
+// global memory (coalesced: warps along rows, threads along columns), norms into the
+// workspace `norms` [2, M, B, N], the aggregations into `scores` [2, R, B, N]. grid (M*B).
+template <typename A>
+__global__ void __launch_bounds__(kStreamThreads) stream_aggregate_kernel(const A* __restrict__ dist,
+                                                                          const A* __restrict__ extrema,
+                                                                          A* __restrict__ norms, A* __restrict__ scores,
+                                                                          int nmat, int nbranch, int batch, int n,
+                                                                          Mode mode) {
+  const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
+  if (!matrix_used(m, mode)) return;
+  const bool sim = is_similarity(m);
+  const Shifted<A> get{dist + static_cast<int64_t>(mb) * n * n, extrema[mb], n, sim};
+  A* rn = norms + static_cast<int64_t>(mb) * n;
+  A* cn = norms + (static_cast<int64_t>(nmat) * batch + mb) * n;
+  norms_pass(get, n, rn, cn);
+  __syncthreads();
+  A* kind = scores + (sim ? 0 : static_cast<int64_t>(nbranch) * batch * n);
+  aggregate_pass(get, n, rn, cn, kind + (static_cast<int64_t>(col_branch(m)) * batch + b) * n,
+                 kind + (static_cast<int64_t>(row_branch(m)) * batch + b) * n);
+}
+
+// Streaming epilogue, part 2: fusion and softmax, one block per batch element. grid (B).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSmallThreads) fuse_softmax_kernel(const A* __restrict__ scores,
+                                                                     const T* __restrict__ theta, double gamma,
+                                                                     Mode mode, int nbranch, int batch, int n,
+                                                                     T* __restrict__ maps) {
+  const int b = blockIdx.x;
+  const A sw = static_cast<A>(s_weight(mode));
+  const A dw = matrix_weight<T, A>(kNA, mode, theta, gamma);
+  for (int br = threadIdx.x / 32; br < nbranch; br += blockDim.x / 32) {
+    const int64_t row = (static_cast<int64_t>(br) * batch + b) * n;
+    softmax_warp(scores + row, scores + static_cast<int64_t>(nbranch) * batch * n + row, sw, dw, n, maps + row);
+  }
+}
+
+// ---------------------------------------------------------------------------- backward
+
+// g_score = map * (g - sum(map * g)) per branch row: a warp per branch. grid (B).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSmallThreads) softmax_backward_kernel(const T* __restrict__ grad_maps,
+                                                                         const T* __restrict__ maps,
+                                                                         A* __restrict__ gscore, int nbranch,
+                                                                         int batch, int n) {
+  const int lane = threadIdx.x % 32, b = blockIdx.x;
+  for (int br = threadIdx.x / 32; br < nbranch; br += blockDim.x / 32) {
+    const int64_t row = (static_cast<int64_t>(br) * batch + b) * n;
+    A dot = 0;
+    for (int j = lane; j < n; j += 32) dot += static_cast<A>(maps[row + j]) * static_cast<A>(grad_maps[row + j]);
+    dot = warp_sum(dot);
+    for (int j = lane; j < n; j += 32)
+      gscore[row + j] = static_cast<A>(maps[row + j]) * (static_cast<A>(grad_maps[row + j]) - dot);
+  }
+}
+
+// Upstream gradients of matrix m's two aggregations: u = dL/dcols (column branch),
+// v = dL/drows (row branch), and the gradient dL/dM[i, l] of the shifted matrix:
+//   u[l]/r_i - M[i,l] alpha_i / r_i^3 + v[i]/c_l - M[i,l] beta_l / c_l^3,
+// alpha_i = sum_j u[j] M[i,j], beta_l = sum_k v[k] M[k,l]; clamped norms drop their term.
+template <typename A>
+struct MatrixGrad {
+  const A* gu;  // g_score of the column branch, row b
+  const A* gv;  // g_score of the row branch, row b
+  A w;          // weight of this matrix's score (1, k or 0)
+  const A *rn, *cn, *alpha, *beta;
+  __device__ __forceinline__ A operator()(int i, int l, A mil) const {
+    const A r = rn[i], c = cn[l];
+    A g = w * gu[l] / r + w * gv[i] / c;
+    if (!is_clamped(r)) g -= mil * alpha[i] / (r * r * r);
+    if (!is_clamped(c)) g -= mil * beta[l] / (c * c * c);
+    return g;
+  }
+};
+
+// Per (m, b): norms, alpha/beta (workspace stats [4, M, B, N]: rn, cn, alpha, beta) and
+// three partial sums (part [3, M, B]): the theta term sum(g_score * d) of this matrix's
+// two aggregations, the total sum(dL/dM), and the number of entries equal to the
+// extreme (ties). grid (M*B); deterministic block reductions.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
+    const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
+    const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n, A* __restrict__ stats,
+    A* __restrict__ part) {
+  __shared__ A scratch[kMaxWarps];
+  const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;  // stride between workspace planes
+  if (!matrix_used(m, mode)) {
+    if (threadIdx.x == 0) part[mb] = part[mbs + mb] = part[2 * mbs + mb] = 0;
+    return;
+  }
+  const bool sim = is_similarity(m);
+  const A ext = extrema[mb];
+  const A* d = dist + static_cast<int64_t>(mb) * n * n;
+  const Shifted<A> get{d, ext, n, sim};
+  A* rn = stats + static_cast<int64_t>(mb) * n;
+  A* cn = stats + (mbs + mb) * n;
+  A* alpha = stats + (2 * mbs + mb) * n;
+  A* beta = stats + (3 * mbs + mb) * n;
+  const A* gu = gscore + (static_cast<int64_t>(col_branch(m)) * batch + b) * n;
+  const A* gv = gscore + (static_cast<int64_t>(row_branch(m)) * batch + b) * n;
+  const A w = matrix_weight<T, A>(m, mode, theta, gamma);
+  const bool theta_term = !sim && mode == Mode::SD;
+
+  norms_pass(get, n, rn, cn);
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  A tsum = 0;
+  for (int i = warp; i < n; i += nw) {  // alpha_i and rows(M)[i]
+    A al = 0, ag = 0;
+    for (int j = lane; j < n; j += 32) {
+      const A v = get(i, j);
+      al += w * gu[j] * v;
+      if (theta_term) ag += v / cn[j];
+    }
+    al = warp_sum(al);
+    ag = warp_sum(ag);
+    if (lane == 0) {
+      alpha[i] = al;
+      tsum += gv[i] * ag;
+    }
+  }
+  for (int l = threadIdx.x; l < n; l += blockDim.x) {  // beta_l and cols(M)[l]
+    A be = 0, ag = 0;
+    for (int i = 0; i < n; ++i) {
+      const A v = get(i, l);
+      be += w * gv[i] * v;
+      if (theta_term) ag += v / rn[i];
+    }
+    beta[l] = be;
+    tsum += gu[l] * ag;
+  }
+  tsum = block_sum(tsum, scratch);  // its barriers also publish alpha and beta
+
+  const MatrixGrad<A> grad{gu, gv, w, rn, cn, alpha, beta};
+  A total = 0, ties = 0;
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) {
+    const int i = static_cast<int>(e / n), l = static_cast<int>(e % n);
+    total += grad(i, l, sim ? ext - d[e] : d[e] - ext);
+    ties += d[e] == ext ? A(1) : A(0);
+  }
+  total = block_sum(total, scratch);
+  ties = block_sum(ties, scratch);
+  if (threadIdx.x == 0) {
+    part[mb] = tsum;
+    part[mbs + mb] = total;
+    part[2 * mbs + mb] = ties;
+  }
+}
+
+// The gradient of the extremes, routed to the tied entries, and theta's gradient, from
+// the partial sums in a fixed order: route[m, b] is what each entry equal to the extreme
+// receives (spread evenly over the ties of the sample, or of the whole batch).
+// grad_theta = (1 - tanh^2 theta) * sum(g_score * d) (0 unless mode "sd"). grid (1).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kSmallThreads) backward_reduce_kernel(const A* __restrict__ part,
+                                                                        const T* __restrict__ theta, Mode mode,
+                                                                        Scope scope, int nmat, int batch,
+                                                                        A* __restrict__ route,
+                                                                        T* __restrict__ grad_theta) {
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
+  for (int m = threadIdx.x; m < nmat; m += blockDim.x) {
+    // S = ext - D: the maximum collects +sum(dL/dS); E = D - ext: the minimum -sum(dL/dE).
+    const A sign = is_similarity(m) ? A(1) : A(-1);
+    const A* sums = part + mbs + static_cast<int64_t>(m) * batch;
+    const A* ties = part + 2 * mbs + static_cast<int64_t>(m) * batch;
+    if (scope == Scope::Batch) {
+      double s = 0, t = 0;  // tie counts over a batch can pass 2^24
+      for (int b = 0; b < batch; ++b) {
+        s += static_cast<double>(sums[b]);
+        t += static_cast<double>(ties[b]);
+      }
+      const A r = t > 0 ? static_cast<A>(static_cast<double>(sign) * s / t) : A(0);
+      for (int b = 0; b < batch; ++b) route[static_cast<int64_t>(m) * batch + b] = r;
+    } else {
+      for (int b = 0; b < batch; ++b)
+        route[static_cast<int64_t>(m) * batch + b] = ties[b] > A(0) ? sign * sums[b] / ties[b] : A(0);
+    }
+  }
+  if (threadIdx.x == 0 && grad_theta != nullptr) {
+    A t = 0;
+    for (int64_t e = 0; e < mbs; ++e) t += part[e];
+    const double th = static_cast<double>(static_cast<A>(theta[0]));
+    grad_theta[0] = static_cast<T>(static_cast<A>(dk_dtheta(mode, th)) * t);
+  }
+}
+
+// W = dL/dD / D (0 where D == 0) of each (m, b), with its row sums and column sums
+// (wsum [2, M, B, N]) for dL/dX = diag(W 1) X - W Y, dL/dY = diag(W^T 1) Y - W^T X.
+// dL/dD = -dL/dS (+ route at the maximum) or dL/dE (+ route, negative, at the minimum).
+// grid (M*B); unused matrices are skipped (the host does not read them).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kStreamThreads) backward_weights_kernel(
+    const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
+    const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n,
+    const A* __restrict__ stats, const A* __restrict__ route, A* __restrict__ wmat, A* __restrict__ wsum) {
+  const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
+  if (!matrix_used(m, mode)) return;
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
+  const bool sim = is_similarity(m);
+  const A ext = extrema[mb];
+  const A rt = route[mb];
+  const A* d = dist + static_cast<int64_t>(mb) * n * n;
+  A* wm = wmat + static_cast<int64_t>(mb) * n * n;
+  const MatrixGrad<A> grad{gscore + (static_cast<int64_t>(col_branch(m)) * batch + b) * n,
+                           gscore + (static_cast<int64_t>(row_branch(m)) * batch + b) * n,
+                           matrix_weight<T, A>(m, mode, theta, gamma),
+                           stats + static_cast<int64_t>(mb) * n,
+                           stats + (mbs + mb) * n,
+                           stats + (2 * mbs + mb) * n,
+                           stats + (3 * mbs + mb) * n};
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  for (int i = warp; i < n; i += nw) {
+    A rowsum = 0;
+    for (int l = lane; l < n; l += 32) {
+      const int64_t e = static_cast<int64_t>(i) * n + l;
+      const A dv = d[e];
+      const A gm = grad(i, l, sim ? ext - dv : dv - ext);
+      A gd = sim ? -gm : gm;
+      if (dv == ext) gd += rt;
+      const A wv = dv == A(0) ? A(0) : gd / dv;
+      wm[e] = wv;
+      rowsum += wv;
+    }
+    rowsum = warp_sum(rowsum);
+    if (lane == 0) wsum[static_cast<int64_t>(mb) * n + i] = rowsum;
+  }
+  __syncthreads();  // the block's own global writes of W are visible to it after the barrier
+  for (int l = threadIdx.x; l < n; l += blockDim.x) {
+    A colsum = 0;
+    for (int i = 0; i < n; ++i) colsum += wm[static_cast<int64_t>(i) * n + l];
+    wsum[(mbs + mb) * n + l] = colsum;
+  }
+}
+
+}  // namespace qcs::kern

@@ -1,0 +1,246 @@
+// A small host emulation of the CUDA execution model, so that the kernel sources in
+// csrc/cuda/*.cuh compile with a plain C++20 compiler and run on the CPU.
+//
+// Model (what it guarantees, and what it checks through the sanitizers):
+//   * the blocks of a grid run one after the other; the threads of one block run as
+//     real host threads, so data races between them are real races (ThreadSanitizer);
+//   * __syncthreads() is a std::barrier over the block's threads; a thread that returns
+//     from the kernel drops out of every barrier (arrive_and_drop), as on the GPU;
+//   * __shared__ becomes `static`: with one block at a time (and one launch at a time,
+//     see launch_mutex) a static local is exactly one copy per block;
+//   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
+//     0xFF bytes (NaN for floats) so that reading what was never written shows up;
+//   * warp shuffles and ballots go through a per-warp exchange: every lane stores its
+//     value, a warp barrier, every lane reads its source lane, a second warp barrier;
+//   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local.
+// Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
+// must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define QCS_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+using cudaStream_t = void*;
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+constexpr int warpSize = 32;
+
+namespace qcs_emu {
+
+struct BlockState {
+  using Barrier = std::barrier<>;
+  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads), smem(smem) {
+    const unsigned nwarps = (nthreads + 31) / 32;
+    exchange.resize(nwarps * 32);
+    for (unsigned w = 0; w < nwarps; ++w) {
+      const unsigned lanes = std::min(32u, nthreads - 32 * w);
+      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes)));
+    }
+  }
+  Barrier block;
+  std::vector<std::unique_ptr<Barrier>> warp;
+  std::vector<uint64_t> exchange;  // one 8-byte slot per thread
+  unsigned char* smem;
+};
+
+inline thread_local BlockState* tl_block = nullptr;
+inline thread_local unsigned tl_linear = 0;
+
+inline unsigned lane() { return tl_linear % 32; }
+inline unsigned warp_id() { return tl_linear / 32; }
+inline unsigned warp_lanes() {
+  const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+  return std::min(32u, n - 32 * warp_id());
+}
+
+// One launch at a time: `__shared__` statics are shared by every block of a kernel.
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Runs `body` as every thread of every block. One host thread per thread of a block,
+// created once per launch and reused for block after block: between two blocks all of
+// them meet at a launch-wide barrier whose completion step installs the next block's
+// fresh state (barriers, exchange, poisoned shared memory).
+inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> guard(launch_mutex());
+  const unsigned nthreads = block.x * block.y * block.z;
+  if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emulated launch: bad block size");
+  const unsigned nblocks = grid.x * grid.y * grid.z;
+  if (nblocks == 0) return;
+  const std::size_t words = (smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
+  std::unique_ptr<std::max_align_t[]> smem(new std::max_align_t[words ? words : 1]);
+  auto smem_ptr = reinterpret_cast<unsigned char*>(smem.get());
+  unsigned current = 0;
+  auto fresh_block = [&] {
+    std::memset(smem_ptr, 0xFF, words * sizeof(std::max_align_t));
+    return std::make_unique<BlockState>(nthreads, smem_ptr);
+  };
+  std::unique_ptr<BlockState> state = fresh_block();
+  auto next_block = [&]() noexcept {
+    if (++current < nblocks) state = fresh_block();
+  };
+  std::barrier<decltype(next_block)> between_blocks(static_cast<std::ptrdiff_t>(nthreads), next_block);
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads);
+  for (unsigned t = 0; t < nthreads; ++t) {
+    threads.emplace_back([&, t] {
+      tl_linear = t;
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      blockDim = block;
+      gridDim = grid;
+      for (;;) {
+        const unsigned blk = current;  // published by the completion step of between_blocks
+        if (blk >= nblocks) break;
+        BlockState* st = state.get();
+        tl_block = st;
+        blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
+        body();
+        // The thread has exited the block: it no longer takes part in any of its barriers.
+        st->warp[t / 32]->arrive_and_drop();
+        st->block.arrive_and_drop();
+        tl_block = nullptr;
+        between_blocks.arrive_and_wait();
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+
+template <typename Kernel>
+struct Bound {
+  dim3 grid, block;
+  std::size_t smem;
+  Kernel* kernel;
+  template <typename... Args>
+  void operator()(Args... args) const {
+    Kernel* k = kernel;
+    run_grid(grid, block, smem, [=] { k(args...); });
+  }
+};
+
+struct Launch {
+  dim3 grid, block;
+  std::size_t smem;
+  template <typename Kernel>
+  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, kernel}; }
+};
+
+template <typename T>
+T shuffle_from(T value, int src_lane_in_warp, bool valid) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
+  BlockState& st = *tl_block;
+  uint64_t slot = 0;
+  std::memcpy(&slot, &value, sizeof(T));
+  const unsigned base = warp_id() * 32;
+  st.exchange[tl_linear] = slot;
+  st.warp[warp_id()]->arrive_and_wait();
+  T out = value;
+  if (valid && static_cast<unsigned>(src_lane_in_warp) < warp_lanes()) {
+    const uint64_t got = st.exchange[base + src_lane_in_warp];
+    std::memcpy(&out, &got, sizeof(T));
+  }
+  st.warp[warp_id()]->arrive_and_wait();  // nobody overwrites a slot before all have read
+  return out;
+}
+
+}  // namespace qcs_emu
+
+inline void __syncthreads() { qcs_emu::tl_block->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { qcs_emu::tl_block->warp[qcs_emu::warp_id()]->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  const int l = static_cast<int>(qcs_emu::lane());
+  return qcs_emu::shuffle_from(v, (l / width) * width + (src % width), true);
+}
+template <typename T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int l = static_cast<int>(qcs_emu::lane());
+  const int src = l + static_cast<int>(delta);
+  return qcs_emu::shuffle_from(v, src, src / width == l / width);
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int l = static_cast<int>(qcs_emu::lane());
+  const int src = l - static_cast<int>(delta);
+  return qcs_emu::shuffle_from(v, src, src >= 0 && src / width == l / width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const int l = static_cast<int>(qcs_emu::lane());
+  const int src = l ^ mask;
+  return qcs_emu::shuffle_from(v, src, src / width == l / width);
+}
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  // Every lane reads every other lane's predicate: all 32 slots through the exchange.
+  qcs_emu::BlockState& st = *qcs_emu::tl_block;
+  const unsigned base = qcs_emu::warp_id() * 32;
+  st.exchange[qcs_emu::tl_linear] = predicate ? 1u : 0u;
+  st.warp[qcs_emu::warp_id()]->arrive_and_wait();
+  unsigned bits = 0;
+  for (unsigned l = 0; l < qcs_emu::warp_lanes(); ++l) bits |= (st.exchange[base + l] ? 1u : 0u) << l;
+  st.warp[qcs_emu::warp_id()]->arrive_and_wait();
+  return bits;
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}
+template <typename T>
+T atomicMax(T* address, T value) {  // integers only, as on the GPU
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicMin(T* address, T value) {
+  std::atomic_ref<T> ref(*address);
+  T old = ref.load();
+  while (old > value && !ref.compare_exchange_weak(old, value)) {
+  }
+  return old;
+}
+template <typename T>
+T atomicCAS(T* address, T compare, T value) {
+  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
+  return compare;
+}
+
+// `QCS_LAUNCH(grid, block, smem, stream, kernel)(args...)`: kernel<<<grid, block, smem, stream>>>.
+#define QCS_LAUNCH(grid, block, smem, stream, ...) \
+  ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem)}.bind(&__VA_ARGS__)
+// Dynamic shared memory of the running block (extern __shared__ on the GPU).
+#define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem
