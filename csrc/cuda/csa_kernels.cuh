@@ -63,7 +63,7 @@ __device__ __forceinline__ A warp_min(A v) {
 // thread returns the result; the order of the partial sums is fixed (deterministic).
 // blockDim.x must be a multiple of 32.
 template <typename A>
-__device__ A block_sum(A v, A* scratch) {
+__device__ __forceinline__ A block_sum(A v, A* scratch) {
   v = warp_sum(v);
   const int nw = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
@@ -74,7 +74,7 @@ __device__ A block_sum(A v, A* scratch) {
   return total;
 }
 template <typename A>
-__device__ A block_extreme(A v, A* scratch, bool largest) {
+__device__ __forceinline__ A block_extreme(A v, A* scratch, bool largest) {
   v = largest ? warp_max(v) : warp_min(v);
   const int nw = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
@@ -106,43 +106,42 @@ __device__ __forceinline__ A matrix_weight(int m, Mode mode, const T* theta, dou
   return static_cast<A>(d_weight(mode, mode == Mode::SD ? fusion_k(th, gamma) : 0.0));
 }
 
-// A shifted matrix (S = ext - D or E = D - ext) of one (m, b), read from global memory.
+// A shifted N x N matrix (S = ext - D or E = D - ext) of one (m, b): entry (i, j) is
+// sign * (d[i*n + j] - ext) with sign = -1 for similarity matrices (exact in IEEE
+// arithmetic). A matrix already shifted into shared memory is read with ext 0, sign 1.
 template <typename A>
 struct Shifted {
   const A* d;
   A ext;
+  A sign;
   int n;
-  bool sim;
-  __device__ __forceinline__ A operator()(int i, int j) const {
-    const A v = d[static_cast<int64_t>(i) * n + j];
-    return sim ? ext - v : v - ext;
-  }
+  __device__ __forceinline__ A at(const A* p) const { return sign * (*p - ext); }
+  __device__ __forceinline__ const A* row(int i) const { return d + static_cast<int64_t>(i) * n; }
 };
-// The same, already shifted and held in shared memory.
 template <typename A>
-struct Held {
-  const A* s;
-  int n;
-  __device__ __forceinline__ A operator()(int i, int j) const { return s[i * n + j]; }
-};
+__device__ __forceinline__ Shifted<A> shifted_matrix(const A* d, A ext, bool sim, int n) {
+  return Shifted<A>{d, ext, sim ? A(-1) : A(1), n};
+}
 
 // Row norms (one warp per row) and column norms (one thread per column) of an N x N matrix.
-template <typename A, typename Get>
-__device__ void norms_pass(const Get& get, int n, A* rn, A* cn) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+template <typename A>
+__device__ __forceinline__ void norms_pass(const Shifted<A> mat, A* rn, A* cn) {
+  const int n = mat.n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   for (int i = warp; i < n; i += nw) {
+    const A* p = mat.row(i);
     A ss = 0;
     for (int j = lane; j < n; j += 32) {
-      const A v = get(i, j);
+      const A v = mat.at(p + j);
       ss += v * v;
     }
     ss = warp_sum(ss);
     if (lane == 0) rn[i] = clamped_norm(ss);
   }
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const A* p = mat.d + j;
     A ss = 0;
-    for (int i = 0; i < n; ++i) {
-      const A v = get(i, j);
+    for (int i = 0; i < n; ++i, p += n) {
+      const A v = mat.at(p);
       ss += v * v;
     }
     cn[j] = clamped_norm(ss);
@@ -151,17 +150,19 @@ __device__ void norms_pass(const Get& get, int n, A* rn, A* cn) {
 
 // cols(M)[j] = sum_i M[i,j] / rn[i] (thread per column); rows(M)[i] = sum_j M[i,j] / cn[j]
 // (warp per row). Needs rn/cn complete (a barrier after norms_pass).
-template <typename A, typename Get>
-__device__ void aggregate_pass(const Get& get, int n, const A* rn, const A* cn, A* cols, A* rows) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+template <typename A>
+__device__ __forceinline__ void aggregate_pass(const Shifted<A> mat, const A* rn, const A* cn, A* cols, A* rows) {
+  const int n = mat.n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const A* p = mat.d + j;
     A acc = 0;
-    for (int i = 0; i < n; ++i) acc += get(i, j) / rn[i];
+    for (int i = 0; i < n; ++i, p += n) acc += mat.at(p) / rn[i];
     cols[j] = acc;
   }
   for (int i = warp; i < n; i += nw) {
+    const A* p = mat.row(i);
     A acc = 0;
-    for (int j = lane; j < n; j += 32) acc += get(i, j) / cn[j];
+    for (int j = lane; j < n; j += 32) acc += mat.at(p + j) / cn[j];
     acc = warp_sum(acc);
     if (lane == 0) rows[i] = acc;
   }
@@ -169,7 +170,7 @@ __device__ void aggregate_pass(const Get& get, int n, const A* rn, const A* cn, 
 
 // softmax(sw * s + dw * d) over n tokens, by one warp; a zero weight skips its term.
 template <typename T, typename A>
-__device__ void softmax_warp(const A* s, const A* d, A sw, A dw, int n, T* out) {
+__device__ __forceinline__ void softmax_warp(const A* s, const A* d, A sw, A dw, int n, T* out) {
   const int lane = threadIdx.x % 32;
   auto score = [&](int j) -> A {
     A v = 0;
@@ -229,10 +230,10 @@ __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __res
   A* d = dist + static_cast<int64_t>(mb) * n * n;
   constexpr double kThreshold = RefineThreshold<A>::value;
   const A threshold = static_cast<A>(kThreshold);
-  A ext = sim ? -pos_inf<A>() : pos_inf<A>();
   const int64_t nn = static_cast<int64_t>(n) * n;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < nn;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = first; e < nn; e += stride) {  // squared distances
     const int i = static_cast<int>(e / n), j = static_cast<int>(e % n);
     const A norms = sx[i] + sy[j];
     A d2 = norms - A(2) * d[e];
@@ -246,7 +247,13 @@ __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __res
       }
       d2 = direct;
     }
-    const A v = std::sqrt(d2 > A(0) ? d2 : A(0));
+    d[e] = d2 > A(0) ? d2 : A(0);
+  }
+  // The square roots in a second sweep over the same (thread-private) entries: keeps the
+  // refinement loop's live registers away from sqrt's slow-path call (no spills).
+  A ext = sim ? -pos_inf<A>() : pos_inf<A>();
+  for (int64_t e = first; e < nn; e += stride) {
+    const A v = std::sqrt(d[e]);
     d[e] = v;
     ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
   }
@@ -313,11 +320,11 @@ __global__ void __launch_bounds__(kSmallThreads) fused_epilogue_kernel(const A* 
     const A* d = dist + mb * n * n;
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) mat[e] = sim ? ext - d[e] : d[e] - ext;
     __syncthreads();
-    const Held<A> get{mat, n};
-    norms_pass(get, n, rn, cn);
+    const Shifted<A> held{mat, A(0), A(1), n};
+    norms_pass(held, rn, cn);
     __syncthreads();
     A* kind = sc + (sim ? 0 : nbranch * n);
-    aggregate_pass(get, n, rn, cn, kind + col_branch(m) * n, kind + row_branch(m) * n);
+    aggregate_pass(held, rn, cn, kind + col_branch(m) * n, kind + row_branch(m) * n);
     __syncthreads();
   }
   const A sw = static_cast<A>(s_weight(mode));
@@ -339,13 +346,13 @@ __global__ void __launch_bounds__(kStreamThreads) stream_aggregate_kernel(const 
   const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
   if (!matrix_used(m, mode)) return;
   const bool sim = is_similarity(m);
-  const Shifted<A> get{dist + static_cast<int64_t>(mb) * n * n, extrema[mb], n, sim};
+  const Shifted<A> mat = shifted_matrix(dist + static_cast<int64_t>(mb) * n * n, extrema[mb], sim, n);
   A* rn = norms + static_cast<int64_t>(mb) * n;
   A* cn = norms + (static_cast<int64_t>(nmat) * batch + mb) * n;
-  norms_pass(get, n, rn, cn);
+  norms_pass(mat, rn, cn);
   __syncthreads();
   A* kind = scores + (sim ? 0 : static_cast<int64_t>(nbranch) * batch * n);
-  aggregate_pass(get, n, rn, cn, kind + (static_cast<int64_t>(col_branch(m)) * batch + b) * n,
+  aggregate_pass(mat, rn, cn, kind + (static_cast<int64_t>(col_branch(m)) * batch + b) * n,
                  kind + (static_cast<int64_t>(row_branch(m)) * batch + b) * n);
 }
 
@@ -383,27 +390,25 @@ __global__ void __launch_bounds__(kSmallThreads) softmax_backward_kernel(const T
   }
 }
 
-// Upstream gradients of matrix m's two aggregations: u = dL/dcols (column branch),
-// v = dL/drows (row branch), and the gradient dL/dM[i, l] of the shifted matrix:
-//   u[l]/r_i - M[i,l] alpha_i / r_i^3 + v[i]/c_l - M[i,l] beta_l / c_l^3,
-// alpha_i = sum_j u[j] M[i,j], beta_l = sum_k v[k] M[k,l]; clamped norms drop their term.
+// Upstream gradients of matrix m's two aggregations: u = w g_cols (column branch) and
+// v = w g_rows (row branch), w the matrix's weight; the gradient of the shifted matrix is
+//   dL/dM[i,l] = u[l]/r_i - M[i,l] alpha_i/r_i^3 + v[i]/c_l - M[i,l] beta_l/c_l^3,
+// alpha_i = sum_j u[j] M[i,j], beta_l = sum_k v[k] M[k,l]; a clamped norm drops its term.
+// Held as inverse norms rinv/cinv and prescaled ahat = alpha/r^3, bhat = beta/c^3 (0 where
+// clamped), so the element-wise work has no division.
 template <typename A>
 struct MatrixGrad {
   const A* gu;  // g_score of the column branch, row b
   const A* gv;  // g_score of the row branch, row b
   A w;          // weight of this matrix's score (1, k or 0)
-  const A *rn, *cn, *alpha, *beta;
+  const A *rinv, *cinv, *ahat, *bhat;
   __device__ __forceinline__ A operator()(int i, int l, A mil) const {
-    const A r = rn[i], c = cn[l];
-    A g = w * gu[l] / r + w * gv[i] / c;
-    if (!is_clamped(r)) g -= mil * alpha[i] / (r * r * r);
-    if (!is_clamped(c)) g -= mil * beta[l] / (c * c * c);
-    return g;
+    return w * (gu[l] * rinv[i] + gv[i] * cinv[l]) - mil * (ahat[i] + bhat[l]);
   }
 };
 
-// Per (m, b): norms, alpha/beta (workspace stats [4, M, B, N]: rn, cn, alpha, beta) and
-// three partial sums (part [3, M, B]): the theta term sum(g_score * d) of this matrix's
+// Per (m, b): the workspace stats [4, M, B, N] (rinv, cinv, ahat, bhat, see MatrixGrad)
+// and three partial sums part [3, M, B]: the theta term sum(g_score * d) of this matrix's
 // two aggregations, the total sum(dL/dM), and the number of entries equal to the
 // extreme (ties). grid (M*B); deterministic block reductions.
 template <typename T, typename A>
@@ -421,54 +426,64 @@ __global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
   const bool sim = is_similarity(m);
   const A ext = extrema[mb];
   const A* d = dist + static_cast<int64_t>(mb) * n * n;
-  const Shifted<A> get{d, ext, n, sim};
-  A* rn = stats + static_cast<int64_t>(mb) * n;
+  const Shifted<A> mat = shifted_matrix(d, ext, sim, n);
+  A* rn = stats + static_cast<int64_t>(mb) * n;  // norms first, inverse norms at the end
   A* cn = stats + (mbs + mb) * n;
-  A* alpha = stats + (2 * mbs + mb) * n;
-  A* beta = stats + (3 * mbs + mb) * n;
+  A* ahat = stats + (2 * mbs + mb) * n;
+  A* bhat = stats + (3 * mbs + mb) * n;
   const A* gu = gscore + (static_cast<int64_t>(col_branch(m)) * batch + b) * n;
   const A* gv = gscore + (static_cast<int64_t>(row_branch(m)) * batch + b) * n;
   const A w = matrix_weight<T, A>(m, mode, theta, gamma);
   const bool theta_term = !sim && mode == Mode::SD;
 
-  norms_pass(get, n, rn, cn);
+  norms_pass(mat, rn, cn);
   __syncthreads();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   A tsum = 0;
   for (int i = warp; i < n; i += nw) {  // alpha_i and rows(M)[i]
+    const A* p = mat.row(i);
     A al = 0, ag = 0;
     for (int j = lane; j < n; j += 32) {
-      const A v = get(i, j);
-      al += w * gu[j] * v;
+      const A v = mat.at(p + j);
+      al += gu[j] * v;
       if (theta_term) ag += v / cn[j];
     }
     al = warp_sum(al);
     ag = warp_sum(ag);
     if (lane == 0) {
-      alpha[i] = al;
+      const A r = rn[i];
+      ahat[i] = is_clamped(r) ? A(0) : w * al / (r * r * r);
       tsum += gv[i] * ag;
     }
   }
   for (int l = threadIdx.x; l < n; l += blockDim.x) {  // beta_l and cols(M)[l]
+    const A* p = mat.d + l;
     A be = 0, ag = 0;
-    for (int i = 0; i < n; ++i) {
-      const A v = get(i, l);
-      be += w * gv[i] * v;
+    for (int i = 0; i < n; ++i, p += n) {
+      const A v = mat.at(p);
+      be += gv[i] * v;
       if (theta_term) ag += v / rn[i];
     }
-    beta[l] = be;
+    const A c = cn[l];
+    bhat[l] = is_clamped(c) ? A(0) : w * be / (c * c * c);
     tsum += gu[l] * ag;
   }
-  tsum = block_sum(tsum, scratch);  // its barriers also publish alpha and beta
+  tsum = block_sum(tsum, scratch);  // its barriers also end every read of rn/cn above
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    rn[i] = A(1) / rn[i];
+    cn[i] = A(1) / cn[i];
+  }
+  __syncthreads();
 
-  const MatrixGrad<A> grad{gu, gv, w, rn, cn, alpha, beta};
+  const MatrixGrad<A> grad{gu, gv, w, rn, cn, ahat, bhat};
   A total = 0, ties = 0;
-  const int64_t nn = static_cast<int64_t>(n) * n;
-  for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) {
-    const int i = static_cast<int>(e / n), l = static_cast<int>(e % n);
-    total += grad(i, l, sim ? ext - d[e] : d[e] - ext);
-    ties += d[e] == ext ? A(1) : A(0);
+  for (int i = 0; i < n; ++i) {
+    const A* p = mat.row(i);
+    for (int l = threadIdx.x; l < n; l += blockDim.x) {
+      total += grad(i, l, mat.at(p + l));
+      ties += p[l] == ext ? A(1) : A(0);
+    }
   }
   total = block_sum(total, scratch);
   ties = block_sum(ties, scratch);
@@ -540,17 +555,18 @@ __global__ void __launch_bounds__(kStreamThreads) backward_weights_kernel(
                            stats + (mbs + mb) * n,
                            stats + (2 * mbs + mb) * n,
                            stats + (3 * mbs + mb) * n};
+  const A sign = sim ? A(-1) : A(1);  // dL/dD = sign * dL/dM
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   for (int i = warp; i < n; i += nw) {
+    const A* p = d + static_cast<int64_t>(i) * n;
+    A* q = wm + static_cast<int64_t>(i) * n;
     A rowsum = 0;
     for (int l = lane; l < n; l += 32) {
-      const int64_t e = static_cast<int64_t>(i) * n + l;
-      const A dv = d[e];
-      const A gm = grad(i, l, sim ? ext - dv : dv - ext);
-      A gd = sim ? -gm : gm;
+      const A dv = p[l];
+      A gd = sign * grad(i, l, sign * (dv - ext));
       if (dv == ext) gd += rt;
       const A wv = dv == A(0) ? A(0) : gd / dv;
-      wm[e] = wv;
+      q[l] = wv;
       rowsum += wv;
     }
     rowsum = warp_sum(rowsum);
@@ -558,8 +574,9 @@ __global__ void __launch_bounds__(kStreamThreads) backward_weights_kernel(
   }
   __syncthreads();  // the block's own global writes of W are visible to it after the barrier
   for (int l = threadIdx.x; l < n; l += blockDim.x) {
+    const A* q = wm + l;
     A colsum = 0;
-    for (int i = 0; i < n; ++i) colsum += wm[static_cast<int64_t>(i) * n + l];
+    for (int i = 0; i < n; ++i, q += n) colsum += *q;
     wsum[(mbs + mb) * n + l] = colsum;
   }
 }
