@@ -48,6 +48,10 @@ struct GemmProblem {
 template <typename T>
 struct KernelSet {
   void (*gemm)(const GemmProblem<T>&);
+  // out[i * ldo + j] = rows[i] . cols[j] for i < n_rows, j < n_cols; both operands
+  // row-major [*, n] (channels contiguous).
+  void (*gram)(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
+               int64_t ldo);
   // sum_c (x[c] - y[c])^2 accumulated in double: the exact path for near-zero distances.
   double (*squared_distance)(const T* x, const T* y, int64_t n);
   // sum_c x[c]^2 accumulated in double.

@@ -1,9 +1,9 @@
 // CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in shared/spec/csa.md).
 //
 // Forward, per call:
-//   0. squared norms of every token; column branches packed transposed ([C, N_pad]) so the
-//      Gram products run as register-blocked GEMMs (cpu_kernels.h);
-//   1. Gram product -> distances, in row blocks (parallel over matrix x sample x block);
+//   0. squared norms of every token;
+//   1. Gram products (register-blocked, cpu_kernels.h) -> distances, in row blocks
+//      (parallel over matrix x sample x block);
 //      near-zero distances recomputed directly (csa_common.h, RefineThreshold);
 //   2. extrema per matrix and sample, then over the batch for scope="batch";
 //   3. per sample: shift, row/column norms, both aggregations, fusion and softmax.
@@ -62,8 +62,13 @@ const KernelTable& active_kernels() {
 
 namespace {
 
-constexpr int64_t kRowBlock = 48;  // multiple of every micro-tile height
-constexpr int64_t kColumnPad = 16; // widest vector, in elements
+// Rows per parallel task: about kRowTarget, split evenly (49 tokens -> one block of 49, not
+// 48 + 1, whose lone row would stream the whole operand panel for one row of output).
+constexpr int64_t kRowTarget = 96;
+int64_t row_block(int64_t n) {
+  const int64_t blocks = (n + kRowTarget - 1) / kRowTarget;
+  return (n + blocks - 1) / blocks;
+}
 
 template <typename T> const KernelSet<T>& kernel_set(const KernelTable& t);
 template <> const KernelSet<float>& kernel_set<float>(const KernelTable& t) { return t.f32; }
@@ -159,7 +164,6 @@ template <typename T>
 void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
                        const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens, C = g.channels;
-  const int64_t n_pad = ceil_div(N, kColumnPad) * kColumnPad;
   const T* x = qk.data_ptr<T>();
   T* dist = distances.data_ptr<T>();
 
@@ -170,54 +174,26 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
       for (int64_t i = 0; i < N; ++i) sqnorm[t * N + i] = kern.squared_norm(x + (t * N + i) * C, C);
   });
 
-  // Column branches, transposed and zero-padded: packed[branch][b] is [C, n_pad].
-  bool is_col_branch[4] = {false, false, false, false};
-  for (int32_t m : g.matrices) is_col_branch[col_branch(m)] = true;
-  at::Tensor packed = at::zeros({g.branches, B, C, n_pad}, qk.options());
-  T* pk = packed.data_ptr<T>();
-  at::parallel_for(0, g.branches * B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (!is_col_branch[t / B]) continue;
-      const T* src = x + t * N * C;
-      T* dst = pk + t * C * n_pad;
-      constexpr int64_t kTile = 16;  // transpose in tiles that stay in L1
-      for (int64_t i0 = 0; i0 < N; i0 += kTile)
-        for (int64_t c0 = 0; c0 < C; c0 += kTile)
-          for (int64_t i = i0; i < std::min(N, i0 + kTile); ++i)
-            for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) dst[c * n_pad + i] = src[i * C + c];
-    }
-  });
-
-  const int64_t blocks = ceil_div(N, kRowBlock);
+  const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
   const int64_t tasks = int64_t(g.matrices.size()) * B * blocks;
   const double tau = RefineThreshold<T>::value;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> gram(kRowBlock * n_pad);
+    std::vector<T> gram(rows_per * N);
     for (int64_t task = begin; task < end; ++task) {
       const int32_t m = g.matrices[task / (B * blocks)];
       const int64_t b = (task / blocks) % B, blk = task % blocks;
-      const int64_t r0 = blk * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+      const int64_t r0 = blk * rows_per, r1 = std::min(N, r0 + rows_per);
       const int64_t rb = row_branch(m), cb = col_branch(m);
       const T* rows = branch_rows(x, g, rb, b);
       const T* cols = branch_rows(x, g, cb, b);
-      GemmProblem<T> p{};
-      p.seg[0] = {rows, C, 1, pk + (cb * B + b) * C * n_pad, n_pad, C};
-      p.num_segments = 1;
-      p.row_begin = r0;
-      p.row_end = r1;
-      p.cols = n_pad;
-      p.out = gram.data();
-      p.out_row0 = r0;
-      p.ldo = n_pad;
-      p.epilogue = GemmEpilogue::kStore;
-      kern.gemm(p);
+      kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
       const double* nr = sqnorm.data() + (rb * B + b) * N;
       const double* nc = sqnorm.data() + (cb * B + b) * N;
       T* out = dist + ((int64_t(m) * B + b) * N) * N;
       for (int64_t i = r0; i < r1; ++i) {
         for (int64_t j = 0; j < N; ++j) {
           const double scale = nr[i] + nc[j];
-          double d2 = scale - 2.0 * double(gram[(i - r0) * n_pad + j]);
+          double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
           // Cancellation ate the digits (or the tokens are duplicates): recompute exactly.
           if (d2 <= tau * scale) d2 = kern.squared_distance(rows + i * C, cols + j * C, C);
           out[i * N + j] = T(std::sqrt(std::max(d2, 0.0)));
@@ -316,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
     compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
     compute_extrema<scalar_t>(g, distances, extrema);
-    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps);
+    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps); if(getenv("QCS_PROF")) fprintf(stderr,"fwd dist %.2f ext %.2f epi %.2f\n",t1-t0,t2-t1,t3-t2);
   });
   return {maps, distances, extrema};
 }
@@ -485,7 +461,7 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
   const T* rsum = row_sums.data_ptr<T>();
   const T* csum = col_sums.data_ptr<T>();
   T* out = grad_qk.data_ptr<T>();
-  const int64_t blocks = ceil_div(N, kRowBlock);
+  const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
   const int64_t tasks = g.branches * B * blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scale(N);
@@ -506,8 +482,8 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
         p.seg[p.num_segments++] = {wm, as_row ? N : 1, as_row ? 1 : N,
                                    branch_rows(x, g, other, b), C, N};
       }
-      p.row_begin = blk * kRowBlock;
-      p.row_end = std::min(N, p.row_begin + kRowBlock);
+      p.row_begin = blk * rows_per;
+      p.row_end = std::min(N, p.row_begin + rows_per);
       p.cols = C;
       p.out = out + (br * B + b) * N * C;
       p.ldo = C;
@@ -548,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_backward_cpu", [&] {
     backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st);
     backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums);
-    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table));
+    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table)); if(getenv("QCS_PROF")) fprintf(stderr,"bwd agg %.2f w %.2f gemm %.2f\n",t1-t0,t2-t1,t3-t2);
   });
   double theta_sum = 0;
   for (double v : st.theta_part) theta_sum += v;

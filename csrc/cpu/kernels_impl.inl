@@ -2,7 +2,8 @@
 // extensions and compiled per instruction set. The including file defines
 //   QCS_ISA_NAME       the table's name, QCS_ISA_FN its accessor function,
 //   QCS_VEC_BYTES      vector register width in bytes (16, 32, 64),
-//   QCS_GEMM_MR/NV     micro-tile: rows x vectors of columns kept in registers,
+//   QCS_GEMM_MR/NV     GEMM micro-tile: rows x vectors of columns kept in registers,
+//   QCS_GRAM_MR/NR     Gram micro-tile: rows x columns of vector accumulators,
 // after its `#pragma GCC target`.
 #include "cpu_kernels.h"
 
@@ -17,7 +18,18 @@ struct Vec {
   typedef T unaligned __attribute__((vector_size(QCS_VEC_BYTES), aligned(sizeof(T)), may_alias));
   static inline type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
   static inline void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
-  static inline type splat(T x) { return type{} + x; }
+  // x - 0 is exact for every x (also -0), so it folds to a plain broadcast; 0 + x would not.
+  static inline type splat(T x) { return x - type{}; }
+  // Lane sum as a tree (log2(width) dependent adds instead of width).
+  static inline T hsum(type v) {
+    T lanes[kWidth];
+    __builtin_memcpy(lanes, &v, sizeof(v));
+#pragma GCC unroll 8
+    for (int w = kWidth / 2; w > 0; w /= 2)
+#pragma GCC unroll 16
+      for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+    return lanes[0];
+  }
 };
 
 template <typename T>
@@ -120,6 +132,80 @@ void gemm(const GemmProblem<T>& p) {
   if (col < p.cols) scalar_columns(p, col, epi);
 }
 
+// Gram block for the forward pass: out[i, j] = rows[i] . cols[j] over n channels, both
+// operands row-major with channels contiguous, so neither needs a transposed copy. Each
+// MR x NR tile keeps MR * NR vector accumulators across the whole channel loop and reduces
+// them across lanes once at the end.
+template <typename T, int MR, int NR>
+__attribute__((always_inline)) inline void gram_tile(const T* rows, const T* cols, int64_t n,
+                                                     T* out, int64_t ldo) {
+  using V = Vec<T>;
+  using vt = typename V::type;
+  constexpr int W = V::kWidth;
+  vt acc[MR][NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) acc[r][c] = vt{};
+  int64_t k = 0;
+  for (; k + W <= n; k += W) {
+    vt a[MR], b[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) a[r] = V::load(rows + r * n + k);
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) b[c] = V::load(cols + c * n + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < NR; ++c) acc[r][c] += a[r] * b[c];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int c = 0; c < NR; ++c) {
+      T sum = V::hsum(acc[r][c]);
+      for (int64_t kk = k; kk < n; ++kk) sum += rows[r * n + kk] * cols[c * n + kk];
+      out[r * ldo + c] = sum;
+    }
+  }
+}
+
+template <typename T, int MR>
+inline void gram_row_tile(const T* rows, const T* cols, int64_t n_cols, int64_t n, T* out,
+                          int64_t ldo) {
+  constexpr int NR = QCS_GRAM_NR;
+  int64_t c = 0;
+  for (; c + NR <= n_cols; c += NR) gram_tile<T, MR, NR>(rows, cols + c * n, n, out + c, ldo);
+  switch (n_cols - c) {
+#define QCS_COL_CASE(k) \
+  case k:               \
+    if constexpr (k < NR) gram_tile<T, MR, k>(rows, cols + c * n, n, out + c, ldo); \
+    break;
+    QCS_COL_CASE(1) QCS_COL_CASE(2) QCS_COL_CASE(3) QCS_COL_CASE(4) QCS_COL_CASE(5)
+#undef QCS_COL_CASE
+    default:
+      break;
+  }
+}
+
+template <typename T>
+void gram(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
+          int64_t ldo) {
+  constexpr int MR = QCS_GRAM_MR;
+  int64_t r = 0;
+  for (; r + MR <= n_rows; r += MR) gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
+  switch (n_rows - r) {
+#define QCS_ROW_CASE(k) \
+  case k:               \
+    if constexpr (k < MR) gram_row_tile<T, k>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo); \
+    break;
+    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
+#undef QCS_ROW_CASE
+    default:
+      break;
+  }
+}
+
 template <typename T>
 double squared_distance(const T* x, const T* y, int64_t n) {
   using V = Vec<T>;
@@ -130,8 +216,7 @@ double squared_distance(const T* x, const T* y, int64_t n) {
     const auto diff = V::load(x + c) - V::load(y + c);
     acc += diff * diff;
   }
-  double sum = 0;
-  for (int l = 0; l < W; ++l) sum += acc[l];
+  double sum = V::hsum(acc);
   for (; c < n; ++c) sum += double(x[c] - y[c]) * double(x[c] - y[c]);
   return sum;
 }
@@ -146,8 +231,7 @@ double squared_norm(const T* x, int64_t n) {
     const auto v = V::load(x + c);
     acc += v * v;
   }
-  double sum = 0;
-  for (int l = 0; l < W; ++l) sum += acc[l];
+  double sum = V::hsum(acc);
   for (; c < n; ++c) sum += double(x[c]) * double(x[c]);
   return sum;
 }
@@ -157,8 +241,8 @@ double squared_norm(const T* x, int64_t n) {
 const KernelTable& QCS_ISA_FN() {
   static const KernelTable table{
       QCS_ISA_NAME,
-      {&gemm<float>, &squared_distance<float>, &squared_norm<float>},
-      {&gemm<double>, &squared_distance<double>, &squared_norm<double>},
+      {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>},
+      {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>},
   };
   return table;
 }
