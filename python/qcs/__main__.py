@@ -1,0 +1,5 @@
+"""``python -m qcs`` is the ``qcs`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

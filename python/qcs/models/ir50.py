@@ -1,0 +1,152 @@
+"""IR50 backbone (ArcFace-style improved residual network), stages 1-3 only.
+
+Module names follow the widely shared IR50 checkpoints (``input_layer``, ``body.<i>``
+with ``shortcut_layer`` / ``res_layer``), so a user's MS-Celeb-1M weights load by name.
+Depths and widths are configurable; the paper uses depths (3, 4, 14), widths
+(64, 128, 256) and resizes the input to 112 px inside the backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["IR50", "load_backbone_weights", "LoadReport"]
+
+
+class BottleneckIR(nn.Module):
+    """``[B, Cin, H, W] -> [B, Cout, H/stride, W/stride]``: BN-conv-PReLU-conv-BN plus a
+    shortcut (identity / 1x1-strided max-pool when channels match, else conv1x1 + BN)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        if in_ch == out_ch:
+            self.shortcut_layer: nn.Module = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(in_ch),
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False),
+            nn.PReLU(out_ch),
+            nn.Conv2d(out_ch, out_ch, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut_layer(x) + self.res_layer(x)
+
+
+class IR50(nn.Module):
+    """``[B, 3, H, W] -> three maps [B, w_i, S/2^(i+1), S/2^(i+1)]`` with ``S = input_size``.
+
+    Args:
+        depths: units per stage (each stage's first unit has stride 2).
+        widths: channels per stage.
+        input_size: the image is resized to ``input_size`` px first (paper: 112).
+    """
+
+    def __init__(self, depths=(3, 4, 14), widths=(64, 128, 256), input_size: int = 112) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.widths = tuple(widths)
+        self.input_layer = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+            nn.PReLU(widths[0]))
+        units, in_ch, self.stage_ends = [], widths[0], []
+        for depth, width in zip(depths, widths):
+            for i in range(depth):
+                units.append(BottleneckIR(in_ch, width, 2 if i == 0 else 1))
+                in_ch = width
+            self.stage_ends.append(len(units))
+        # one flat Sequential, as in the published checkpoints (body.0 ... body.20)
+        self.body = nn.Sequential(*units)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        x = self.input_layer(x)
+        outs, start = [], 0
+        for end in self.stage_ends:
+            x = self.body[start:end](x)
+            outs.append(x)
+            start = end
+        return outs
+
+
+class LoadReport:
+    """What :func:`load_backbone_weights` matched, missed and ignored."""
+
+    def __init__(self, path: str, matched: list[str], missing: list[str],
+                 unexpected: list[str], mismatched: list[str]) -> None:
+        self.path, self.matched, self.missing = path, matched, missing
+        self.unexpected, self.mismatched = unexpected, mismatched
+
+    def __str__(self) -> str:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        lines = [f"backbone weights {self.path}: {len(self.matched)} matched, "
+                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.mismatched)} shape-mismatched"]
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("shape-mismatched", self.mismatched)):
+            if keys:
+                lines.append(f"  {name}: {few(keys)}")
+        return "\n".join(lines)
+
+
+_PREFIXES = ("module.", "ir_back.", "backbone.")
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the file is foreign input: say which and why
+        raise RuntimeError(f"cannot read weights from {path} (tensors only, weights_only=True): "
+                           f"{exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_backbone_weights(backbone: IR50, path: str | Path) -> LoadReport:
+    """Load IR50 weights from ``.pth`` (``weights_only=True``) or ``.safetensors`` into
+    ``backbone``, stripping ``module.`` / ``ir_back.`` prefixes. Keys of a whole-model
+    checkpoint that belong to the backbone (``ir_back.*``) are picked out. Returns a
+    :class:`LoadReport`; tensors with the wrong shape are skipped and reported."""
+    path = Path(path)
+    raw = _read_state(path)
+    if any(k.startswith(("ir_back.", "module.ir_back.")) for k in raw):
+        raw = {k: v for k, v in raw.items() if k.startswith(("ir_back.", "module.ir_back."))}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        state[key] = value
+    own = backbone.state_dict()
+    matched, mismatched = [], []
+    for key, value in state.items():
+        if key in own:
+            if own[key].shape == value.shape:
+                matched.append(key)
+            else:
+                mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return LoadReport(str(path), matched, missing, unexpected, mismatched)
