@@ -292,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
     compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
     compute_extrema<scalar_t>(g, distances, extrema);
-    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps); if(getenv("QCS_PROF")) fprintf(stderr,"fwd dist %.2f ext %.2f epi %.2f\n",t1-t0,t2-t1,t3-t2);
+    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps);
   });
   return {maps, distances, extrema};
 }
@@ -524,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_backward_cpu", [&] {
     backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st);
     backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums);
-    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table)); if(getenv("QCS_PROF")) fprintf(stderr,"bwd agg %.2f w %.2f gemm %.2f\n",t1-t0,t2-t1,t3-t2);
+    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table));
   });
   double theta_sum = 0;
   for (double v : st.theta_part) theta_sum += v;
