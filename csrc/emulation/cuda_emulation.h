@@ -11,7 +11,8 @@
 //   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
 //     0xFF bytes (NaN for floats) so that reading what was never written shows up;
 //   * warp shuffles and ballots go through a per-warp exchange: every lane stores its
-//     value, a warp barrier, every lane reads its source lane, a second warp barrier;
+//     value, a warp barrier, every lane reads its source lane (two alternating buffers,
+//     so one barrier per exchange is enough);
 //   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local.
 // Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
 // must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
@@ -57,7 +58,8 @@ struct BlockState {
   using Barrier = std::barrier<>;
   explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads), smem(smem) {
     const unsigned nwarps = (nthreads + 31) / 32;
-    exchange.resize(nwarps * 32);
+    exchange.resize(2 * nwarps * 32);
+    parity.resize(nthreads, 0);
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lanes = std::min(32u, nthreads - 32 * w);
       warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes)));
@@ -65,7 +67,11 @@ struct BlockState {
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warp;
-  std::vector<uint64_t> exchange;  // one 8-byte slot per thread
+  // Two 8-byte slots per thread, used alternately by successive warp exchanges: one
+  // barrier per exchange suffices, since a lane can only overwrite a buffer after
+  // every lane of its warp has arrived at the next exchange, i.e. finished reading it.
+  std::vector<uint64_t> exchange;
+  std::vector<unsigned char> parity;  // per thread: which buffer its next exchange uses
   unsigned char* smem;
 };
 
@@ -153,21 +159,26 @@ struct Launch {
   Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, kernel}; }
 };
 
+// Publishes this lane's 8-byte value to its warp and returns the slot array (32 values of
+// the warp, indexed by lane) after the warp barrier. Valid until the lane's next exchange.
+inline const uint64_t* warp_exchange(uint64_t value) {
+  BlockState& st = *tl_block;
+  unsigned char& par = st.parity[tl_linear];
+  uint64_t* buf = st.exchange.data() + (2 * warp_id() + par) * 32;
+  par ^= 1;
+  buf[lane()] = value;
+  st.warp[warp_id()]->arrive_and_wait();
+  return buf;
+}
+
 template <typename T>
 T shuffle_from(T value, int src_lane_in_warp, bool valid) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
-  BlockState& st = *tl_block;
   uint64_t slot = 0;
   std::memcpy(&slot, &value, sizeof(T));
-  const unsigned base = warp_id() * 32;
-  st.exchange[tl_linear] = slot;
-  st.warp[warp_id()]->arrive_and_wait();
+  const uint64_t* buf = warp_exchange(slot);
   T out = value;
-  if (valid && static_cast<unsigned>(src_lane_in_warp) < warp_lanes()) {
-    const uint64_t got = st.exchange[base + src_lane_in_warp];
-    std::memcpy(&out, &got, sizeof(T));
-  }
-  st.warp[warp_id()]->arrive_and_wait();  // nobody overwrites a slot before all have read
+  if (valid && static_cast<unsigned>(src_lane_in_warp) < warp_lanes()) std::memcpy(&out, &buf[src_lane_in_warp], sizeof(T));
   return out;
 }
 
@@ -202,14 +213,9 @@ T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
   return qcs_emu::shuffle_from(v, src, src / width == l / width);
 }
 inline unsigned __ballot_sync(unsigned, int predicate) {
-  // Every lane reads every other lane's predicate: all 32 slots through the exchange.
-  qcs_emu::BlockState& st = *qcs_emu::tl_block;
-  const unsigned base = qcs_emu::warp_id() * 32;
-  st.exchange[qcs_emu::tl_linear] = predicate ? 1u : 0u;
-  st.warp[qcs_emu::warp_id()]->arrive_and_wait();
+  const uint64_t* buf = qcs_emu::warp_exchange(predicate ? 1u : 0u);
   unsigned bits = 0;
-  for (unsigned l = 0; l < qcs_emu::warp_lanes(); ++l) bits |= (st.exchange[base + l] ? 1u : 0u) << l;
-  st.warp[qcs_emu::warp_id()]->arrive_and_wait();
+  for (unsigned l = 0; l < qcs_emu::warp_lanes(); ++l) bits |= (buf[l] ? 1u : 0u) << l;
   return bits;
 }
 
