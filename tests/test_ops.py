@@ -218,9 +218,11 @@ def test_saved_tensors_are_small():
     assert sum(extra) <= 1.1 * input_bytes, (sum(extra), input_bytes)
 
 
+@pytest.mark.parametrize("kind", ["random", "duplicated", "constant", "single_token", "single_sample"])
 @pytest.mark.parametrize("mode,scope", list(itertools.product(MODES, SCOPES)))
-def test_opcheck_cross(mode, scope):
-    qk, theta = _inputs((2, 5, 3), torch.float64)
+def test_opcheck_cross(kind, mode, scope):
+    qk = _special_inputs(kind)
+    theta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(
         torch.ops.qcs_ext.cross_similarity_forward.default, (qk, theta, 0.5, mode, scope)
     )
