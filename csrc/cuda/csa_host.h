@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
   const int tiles = static_cast<int>(std::clamp<int64_t>(ceil_div(nn, kern::kStreamThreads * 16), 1, 64));
   at::Tensor partial = at::empty({nmat, batch, tiles}, acc);
   QCS_LAUNCH(dim3(tiles, nmat * batch), kern::kStreamThreads, 0, stream, kern::distance_kernel<T, A>)(
-      qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), nmat, batch, n, c, mode);
+      qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, mode);
   QCS_HOST_LAUNCH_CHECK();
 
   at::Tensor extrema = at::empty({nmat, batch}, acc);

@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kStreamThreads) sqnorm_kernel(const T* __restr
 template <typename T, typename A>
 __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq,
                                                                   A* __restrict__ dist, A* __restrict__ partial,
-                                                                  int nmat, int batch, int n, int c, Mode mode) {
+                                                                  int batch, int n, int c, Mode mode) {
   __shared__ A scratch[kMaxWarps];
   const int mb = blockIdx.y, m = mb / batch, b = mb % batch;
   if (!matrix_used(m, mode)) return;
