@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     cs = csub.add_parser("show", help="print the resolved config as TOML")
     cs.add_argument("name", nargs="?", default="tiny", help="preset name or TOML file")
+    from .cli_use import add_parsers
+    add_parsers(sub)  # predict, visualize, export
     return parser
 
 
@@ -288,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .cli_use import COMMANDS, MissingDependency, UsageError
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
-                "config": _cmd_config}[args.command](args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+                "config": _cmd_config, **COMMANDS}[args.command](args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
+            MissingDependency, UsageError) as exc:
         print(f"qcs {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
