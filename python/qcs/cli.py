@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -175,6 +176,8 @@ def _cmd_train(args) -> int:
     from .config import load_config
     from .train import train
     _setup_logging(args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        log.setLevel(logging.WARNING)
     t0 = time.perf_counter()
     if args.resume:
         result = train(load_config("tiny"), ".", resume=args.resume, cache_dir=args.cache_dir,
@@ -189,7 +192,8 @@ def _cmd_train(args) -> int:
              "checkpoints in %s", (time.perf_counter() - t0) / 60,
              100 * result.last.get("test_acc", float("nan")), 100 * result.best_acc,
              result.best_epoch, result.run_dir)
-    print(f"test accuracy: {100 * result.last.get('test_acc', float('nan')):.2f}%")
+    if log.isEnabledFor(logging.INFO):
+        print(f"test accuracy: {100 * result.last.get('test_acc', float('nan')):.2f}%")
     return 0
 
 

@@ -31,6 +31,7 @@ from . import plots
 from .checkpoint import (checkpoint_base, load_state, load_weights, read_metadata,
                          save_checkpoint)
 from .config import Config, config_from_dict, to_toml
+from .distributed import DistContext, ShardedIndices, ShardedTupleSampler, init_distributed
 from .data import (DataError, ImageDataset, SynthParams, TupleSampler, check_images,
                    ensure_synth, load_split, test_transform, train_transform)
 from .models import BRANCHES, QCSNet, build_model, load_backbone_weights, qcs_loss
@@ -156,9 +157,10 @@ def _frozen_bn_stats(model: nn.Module):
 
 @torch.no_grad()
 def evaluate(model: QCSNet, loader, device: torch.device, num_classes: int, amp: str = "none",
-             show_progress: bool = True, desc: str = "eval") -> dict[str, Any]:
+             show_progress: bool = True, desc: str = "eval", reduce=None) -> dict[str, Any]:
     """Base-network evaluation: ``loss``, ``acc``, per-class ``recall`` / ``f1`` (lists of
-    ``K``), ``mean_recall`` and the ``confusion`` matrix (``K x K``, rows = true class)."""
+    ``K``), ``mean_recall`` and the ``confusion`` matrix (``K x K``, rows = true class).
+    ``reduce`` (DDP: a sum over ranks of a float64 tensor) combines per-rank shards."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, count = 0.0, 0
@@ -175,6 +177,11 @@ def evaluate(model: QCSNet, loader, device: torch.device, num_classes: int, amp:
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
         bar.update(step, items=len(y))
     bar.close()
+    if reduce is not None:  # each rank saw its shard of the test set: sum counts and losses
+        tot = reduce(torch.cat([confusion.flatten().double(),
+                                torch.tensor([loss_sum, count], dtype=torch.float64)]))
+        confusion = tot[:-2].round().long().view(num_classes, num_classes)
+        loss_sum, count = float(tot[-2]), int(tot[-1])
     cm = confusion.double()
     tp = cm.diag()
     recall = tp / cm.sum(1).clamp(min=1)
@@ -228,32 +235,45 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
         cfg.train.epochs = epochs
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
+    dctx = init_distributed(cfg.train.device)  # torchrun: DDP (see qcs.distributed)
+    level = log.level
+    if dctx.is_main:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    else:
+        handler = None
+        log.setLevel(logging.WARNING)
     try:
         return _train(cfg, run_dir, resume, start_epoch, best_acc, best_epoch, cache_dir,
-                      show_progress)
+                      show_progress and dctx.is_main, dctx)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(level)
+        dctx.shutdown()
 
 
 def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float,
-           best_epoch: int, cache_dir, show_progress: bool) -> RunResult:
+           best_epoch: int, cache_dir, show_progress: bool,
+           dctx: DistContext | None = None) -> RunResult:
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     set_deterministic(tc.deterministic)
     seed_everything(tc.seed)
-    device = resolve_device(tc.device)
-    data = prepare_data(cfg, cache_dir, show_progress)
+    dctx = dctx or DistContext()
+    device = dctx.device if dctx.enabled else resolve_device(tc.device)
+    with dctx.main_first():  # rank 0 generates / checks cached data before the others read it
+        data = prepare_data(cfg, cache_dir, show_progress)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = len(data.classes)
     elif cfg.model.num_classes != len(data.classes):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
                          f"{len(data.classes)} classes {data.classes}")
-    _write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+    if dctx.is_main:
+        _write_text_atomic(run_dir / "config.toml", to_toml(cfg))
     balanced = cfg.data.balanced
     if balanced is None:
         balanced = cfg.data.format.startswith("affectnet")
@@ -285,24 +305,32 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
     branches = BRANCHES[cfg.model.variant]
     sampler = TupleSampler(data.train.labels, len(data.classes), branches, seed=tc.seed,
                            balanced=balanced)
+    if dctx.enabled:
+        log.info("DDP: %d processes (%s), %d tuples per process per step", dctx.world,
+                 dist_backend(), tc.batch_size)
+        sampler = ShardedTupleSampler(sampler, dctx.rank, dctx.world)
+    net = dctx.wrap(model)  # forward_branches (DDP-wrapped when distributed)
     loader_gen = torch.Generator()
     workers = cfg.data.num_workers
     train_loader = torch.utils.data.DataLoader(
         data.train, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
-        drop_last=len(data.train) >= tc.batch_size, generator=loader_gen,
+        drop_last=len(sampler) >= tc.batch_size, generator=loader_gen,
         pin_memory=device.type == "cuda", persistent_workers=False)
     test_loader = torch.utils.data.DataLoader(
         data.test, batch_size=max(tc.batch_size * branches, 32), shuffle=False,
-        num_workers=workers, pin_memory=device.type == "cuda")
+        num_workers=workers, pin_memory=device.type == "cuda",
+        sampler=ShardedIndices(len(data.test), dctx.rank, dctx.world) if dctx.enabled else None)
     history = _read_history(run_dir / "metrics.jsonl", start_epoch - 1)
-    _write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    if dctx.is_main:
+        _write_text_atomic(run_dir / "metrics.jsonl",
+                           "".join(json.dumps(h) + "\n" for h in history))
     steps = len(train_loader)
     if tc.max_steps_per_epoch:
         steps = min(steps, tc.max_steps_per_epoch)
 
     def loss_of(xs, ys):
         with _autocast(device, tc.amp):
-            base_logits, cross_logits = model.forward_branches(xs)
+            base_logits, cross_logits = net(xs)
         return qcs_loss(base_logits.float(),
                         None if cross_logits is None else cross_logits.float(), ys, cfg.loss)
 
@@ -314,7 +342,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
     try:
         for epoch in range(start_epoch, tc.epochs + 1):
             es = _epoch_seed(tc.seed, epoch)
-            seed_everything(es)       # augmentation and dropout of this epoch
+            seed_everything(es + dctx.rank)  # augmentation and dropout (own per rank)
             loader_gen.manual_seed(es)  # worker seeds of this epoch
             sampler.set_epoch(epoch)
             model.train()
@@ -369,8 +397,11 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             bar.close()
             train_time = time.perf_counter() - t0
             scheduler.step()
+            dctx.sync_buffers(model)  # rank 0's BN statistics everywhere
             ev = evaluate(model, test_loader, device, len(data.classes), tc.amp, show_progress,
-                          desc=f"test {epoch}/{tc.epochs}")
+                          desc=f"test {epoch}/{tc.epochs}",
+                          reduce=dctx.all_reduce_sum if dctx.enabled else None)
+            sums.update(dctx.mean_of({k: sums[k] for k in ("loss", "base", "cross")}))
             n = max(min(step, steps), 1)
             last = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / n,
                     "train_loss_base": sums["base"] / n,
@@ -384,6 +415,8 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             improved = ev["acc"] > best_acc
             if improved:
                 best_acc, best_epoch = ev["acc"], epoch
+            if not dctx.is_main:
+                continue  # rank 0 alone writes metrics, checkpoints and plots
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(last) + "\n")
             meta = {"config": cfg.to_dict(), "classes": list(data.classes), "epoch": epoch,
@@ -412,6 +445,11 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                     "with: qcs train --resume %s", epoch, run_dir / "last", run_dir)
         raise
     return RunResult(run_dir, best_acc, best_epoch, last)
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+    return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def _uses_fused(model: QCSNet, device: torch.device) -> bool:
