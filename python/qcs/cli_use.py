@@ -65,9 +65,43 @@ def _export_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _visualize_parser(sub) -> None:
+    p = sub.add_parser(
+        "visualize", help="draw the CSA heat maps of a QCS / DCS checkpoint (PNG)",
+        description="For one quadruplet (given files, or sampled by class from a dataset) "
+        "draw each branch's cross-similarity map at each level over its image "
+        "(csa_quadruplet.png), and the anchor maps for every anchor class x negative class "
+        "pair (csa_class_grid.png, with --grid).")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="QCS or DCS checkpoint (run dir = its best, run/best, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNGs")
+    p.add_argument("--images", nargs="+", metavar="FILE",
+                   help="anchor, positive, negative, negative-2 images (DCS: anchor, partner); "
+                   "default: sampled from the dataset")
+    p.add_argument("--anchor-class", metavar="NAME", help="class of the sampled anchor")
+    p.add_argument("--negative-class", metavar="NAME",
+                   help="class of the sampled negatives (DCS: of the partner)")
+    p.add_argument("--grid", action="store_true",
+                   help="also draw the class x class grid of anchor maps (needs the dataset)")
+    p.add_argument("--level", choices=("1", "2", "3", "mean"), default="mean",
+                   help="which level's map the grid shows (default: mean of the three)")
+    p.add_argument("--data", metavar="FORMAT",
+                   help="dataset layout to sample from (default: the checkpoint's)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="dataset root (default: the one recorded in the checkpoint)")
+    p.add_argument("--split", default="test", help="split to sample from (default test)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--tile", type=int, default=160,
+                   help="pixels per image in the quadruplet figure (default 160)")
+    p.add_argument("--grid-tile", type=int, default=96,
+                   help="pixels per cell in the class grid (default 96)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``predict``, ``visualize`` and ``export`` on ``qcs``'s sub-parsers."""
     _predict_parser(sub)
+    _visualize_parser(sub)
     _export_parser(sub)
 
 
@@ -81,4 +115,9 @@ def _run_export(args) -> int:
     return run_cli(args)
 
 
-COMMANDS = {"predict": _run_predict, "export": _run_export}
+def _run_visualize(args) -> int:
+    from .visualize import run_cli
+    return run_cli(args)
+
+
+COMMANDS = {"predict": _run_predict, "visualize": _run_visualize, "export": _run_export}
