@@ -58,15 +58,18 @@ def test_cuda_compile_gate():
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
 
 
+# kind: (compiler flags, environment, driver arguments); TSan runs the quick subset.
 SANITIZERS = {
-    "plain": (["-O2"], {}),
+    "plain": (["-O2"], {}, []),
     "tsan": (
         ["-O1", "-g", "-fsanitize=thread"],
         {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66:second_deadlock_stack=1"},
+        ["quick"],
     ),
     "asan_ubsan": (
         ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
         {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
+        [],
     ),
 }
 
@@ -77,7 +80,7 @@ def test_emulated_kernels_sanitizers(kind, tmp_path):
     cxx = _cxx()
     if cxx is None:
         _skip_or_fail("no C++ compiler")
-    flags, env_extra = SANITIZERS[kind]
+    flags, env_extra, args = SANITIZERS[kind]
     exe = tmp_path / f"driver_{kind}"
     build = subprocess.run(
         [cxx, "-std=c++20", "-Wall", "-Wextra", *flags, *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
@@ -85,7 +88,7 @@ def test_emulated_kernels_sanitizers(kind, tmp_path):
     )
     assert build.returncode == 0, build.stderr[-4000:]
     env = {**os.environ, **env_extra}
-    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=900)
     out = run.stdout + run.stderr
     print(out[-6000:])
     for marker in ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer"):
