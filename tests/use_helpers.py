@@ -9,14 +9,22 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from conftest import QCS_MICRO_SET
-
 CLASSES = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"]
+
+
+# A micro network with the real structure (three token levels of 4x4, ViT_base, cross
+# modules, ViT_cross) on 32 px images; kept here so these tests stand on their own.
+MICRO_SET = [
+    "model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
+    "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16", "model.heads=2",
+    "model.vit_depth=1", "model.mlp_ratio=2.0", "data.image_size=32", "data.synth_size=32",
+    "data.cache_in_memory=true", "optim.lr=3e-3", "train.batch_size=16", "train.threads=1",
+]
 
 
 def micro_config(variant: str = "qcs", scope: str = "batch", extra: list[str] | None = None):
     from qcs.config import apply_overrides, load_config
-    return apply_overrides(load_config("tiny"), QCS_MICRO_SET + [
+    return apply_overrides(load_config("tiny"), MICRO_SET + [
         f"model.variant={variant}", "model.num_classes=7", f"model.csa_scope={scope}",
         "model.backend=reference"] + (extra or []))
 
