@@ -109,6 +109,9 @@ def run_cli(args) -> int:
         raise UsageError("give --onnx OUT.onnx and/or --torch-export OUT.pt2")
     if args.onnx and not args.onnx.endswith(".onnx"):
         raise UsageError(f"--onnx {args.onnx}: the file name should end in .onnx")
+    if args.onnx:  # fail before the (slow) export when a package is missing
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _need(module)
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.checkpoint)
