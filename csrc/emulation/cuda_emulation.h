@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <condition_variable>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -91,10 +92,59 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
-// Runs `body` as every thread of every block. One host thread per thread of a block,
-// created once per launch and reused for block after block: between two blocks all of
-// them meet at a launch-wide barrier whose completion step installs the next block's
-// fresh state (barriers, exchange, poisoned shared memory).
+// The host threads that play a block's threads: created once, on demand, and kept for
+// the life of the process (never destroyed: no join at exit, and ThreadSanitizer's
+// thread creation, its slowest part, happens once). run(n, job) runs job(0..n-1) on the
+// first n workers and returns when all have finished.
+class WorkerPool {
+ public:
+  void run(unsigned n, const std::function<void(unsigned)>& job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < n) {
+      const unsigned id = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    job_ = &job;
+    active_ = n;
+    remaining_ = n;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lock, [this] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(unsigned id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      start_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;
+      const std::function<void(unsigned)>* job = job_;
+      lock.unlock();
+      (*job)(id);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned active_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+};
+
+inline WorkerPool& worker_pool() {
+  static WorkerPool* pool = new WorkerPool;  // intentionally never destroyed
+  return *pool;
+}
+
+// Runs `body` as every thread of every block. One pool thread per thread of a block,
+// reused for block after block: between two blocks all of them meet at a launch-wide
+// barrier whose completion step installs the next block's fresh state (barriers,
+// exchange, poisoned shared memory).
 inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body) {
   std::lock_guard<std::mutex> guard(launch_mutex());
   const unsigned nthreads = block.x * block.y * block.z;
@@ -114,30 +164,25 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
     if (++current < nblocks) state = fresh_block();
   };
   std::barrier<decltype(next_block)> between_blocks(static_cast<std::ptrdiff_t>(nthreads), next_block);
-  std::vector<std::thread> threads;
-  threads.reserve(nthreads);
-  for (unsigned t = 0; t < nthreads; ++t) {
-    threads.emplace_back([&, t] {
-      tl_linear = t;
-      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      blockDim = block;
-      gridDim = grid;
-      for (;;) {
-        const unsigned blk = current;  // published by the completion step of between_blocks
-        if (blk >= nblocks) break;
-        BlockState* st = state.get();
-        tl_block = st;
-        blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
-        body();
-        // The thread has exited the block: it no longer takes part in any of its barriers.
-        st->warp[t / 32]->arrive_and_drop();
-        st->block.arrive_and_drop();
-        tl_block = nullptr;
-        between_blocks.arrive_and_wait();
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
+  worker_pool().run(nthreads, [&](unsigned t) {
+    tl_linear = t;
+    threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    blockDim = block;
+    gridDim = grid;
+    for (;;) {
+      const unsigned blk = current;  // published by the completion step of between_blocks
+      if (blk >= nblocks) break;
+      BlockState* st = state.get();
+      tl_block = st;
+      blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
+      body();
+      // The thread has exited the block: it no longer takes part in any of its barriers.
+      st->warp[t / 32]->arrive_and_drop();
+      st->block.arrive_and_drop();
+      tl_block = nullptr;
+      between_blocks.arrive_and_wait();
+    }
+  });
 }
 
 template <typename Kernel>
