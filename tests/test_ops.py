@@ -316,3 +316,16 @@ def test_native_op_checks_direct_calls():
     maps, dist, ext = ops.cross_similarity_forward(GOOD_QK, GOOD_THETA, 1.0, "sd", "batch")
     with pytest.raises(ValueError, match="distances must have shape"):
         ops.cross_similarity_backward(maps, maps, GOOD_QK, dist[:2], ext, GOOD_THETA, 1.0, "sd", "batch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 196, 48), (1, 784, 24)])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_large_token_grids_match_reference(shape, scope):
+    """N = 196 and 784 (14x14 and 28x28 grids): several row blocks per matrix."""
+    qk, theta = _inputs(shape, torch.float64)
+    upstream = torch.randn(4, *shape[:2], dtype=torch.float64)
+    fused = _grads(qcs_ext.cross_similarity_maps, qk, theta, upstream, scope=scope)
+    ref = _grads(reference.cross_similarity_maps, qk, theta, upstream, scope=scope)
+    for got, want in zip(fused, ref):
+        assert (got - want).abs().max() <= 1e-10 * max(want.abs().max().item(), 1e-12)
