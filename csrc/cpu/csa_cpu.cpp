@@ -146,6 +146,7 @@ void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, d
   std::fill(col_sumsq, col_sumsq + n, 0.0);
   for (int64_t i = 0; i < n; ++i) {
     double rs = 0;
+    #pragma omp simd reduction(+ : rs)
     for (int64_t j = 0; j < n; ++j) {
       const double v = shifted(double(dist[i * n + j]), extreme, similarity);
       out[i * n + j] = v;
@@ -260,6 +261,7 @@ void forward_epilogue(const Geometry& g, const at::Tensor& distances, const at::
         for (int64_t i = 0; i < N; ++i) {
           const double* mi = mat.data() + i * N;
           double row_acc = 0;
+          #pragma omp simd reduction(+ : row_acc)
           for (int64_t j = 0; j < N; ++j) {
             col_score[j] += w * mi[j] * inv_r[i];
             row_acc += mi[j] * inv_c[j];
@@ -346,6 +348,7 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
         for (int64_t i = 0; i < N; ++i) {
           const double* mi = mat.data() + i * N;
           double acc = 0;
+          #pragma omp simd reduction(+ : acc)
           for (int64_t j = 0; j < N; ++j) {
             acc += uc[j] * mi[j];
             v[j] += ur[i] * mi[j];
@@ -372,6 +375,7 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
           const double* mi = mat.data() + i * N;
           const double wur = w * ur[i];
           double row_acc = 0;
+          #pragma omp simd reduction(+ : total, row_acc)
           for (int64_t j = 0; j < N; ++j) {
             const double gm_ij = w * uc[j] * inv_r[i] - mi[j] * alpha[i] + wur * inv_c[j] -
                                  mi[j] * beta[j];
@@ -435,6 +439,7 @@ void backward_weights(const Geometry& g, const at::Tensor& distances, const at::
       std::fill(cacc.begin(), cacc.end(), 0.0);
       for (int64_t i = 0; i < N; ++i) {
         double racc = 0;
+        #pragma omp simd reduction(+ : racc)
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k = i * N + j;
           double grad = double(wm[k]) + (d[k] == e ? routed[slot] : 0.0);
