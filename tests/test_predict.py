@@ -188,3 +188,30 @@ def test_predict_usage_errors(ckpt, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "qcs-ext[predict]" in err and "--no-detect" in err
     assert main(["predict", "--checkpoint", str(ckpt), str(img), "--no-detect"]) == 0
+
+
+def test_detector_tolerates_tilt_and_crop_levels_the_eye_line():
+    pytest.importorskip("cv2")
+    from qcs.predict import FaceDetector
+    det = FaceDetector()
+    for angle in (-10, 10):
+        g = Image.new("L", (420, 420), 90)
+        g.paste(draw_face(160), (130, 100))
+        g = g.rotate(angle, resample=Image.BILINEAR, fillcolor=90)
+        assert len(det.detect(np.asarray(g.convert("RGB")))) == 1, angle
+
+    class FakeEyes:  # two eye boxes, the right one 10 px lower over 50 px: atan(10/50)
+        def detectMultiScale(self, roi, *args, **kwargs):
+            return np.array([[10, 20, 10, 10], [60, 30, 10, 10]])
+    det.eyes = FakeEyes()
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    angle = det.eye_angle(rgb, (0, 0, 100, 100))
+    assert angle == pytest.approx(np.degrees(np.arctan2(10, 50)))
+    # a crop rotated by that angle brings two dots on the tilted line to one row
+    im = Image.new("RGB", (200, 200))
+    for x, y in ((75, 95), (125, 105)):
+        im.putpixel((x, y), (255, 255, 255))
+    crop = np.asarray(square_crop(im, (50, 50, 100, 100), 0.0, angle))[..., 0]
+    ys, xs = np.nonzero(crop > 40)
+    left, right = ys[xs < 50].mean(), ys[xs >= 50].mean()
+    assert abs(left - right) < 1.5, (left, right)

@@ -161,7 +161,9 @@ class FaceDetector:
         self.min_size, self.overlap = min_size, overlap
 
     def _grey(self, rgb: np.ndarray) -> np.ndarray:
-        return self.cv2.equalizeHist(self.cv2.cvtColor(rgb, self.cv2.COLOR_RGB2GRAY))
+        # no histogram equalisation: the cascade normalises each window's contrast itself,
+        # and equalising flat, mostly uniform images made detection worse in our tests
+        return self.cv2.cvtColor(rgb, self.cv2.COLOR_RGB2GRAY)
 
     def detect(self, rgb: np.ndarray) -> list[tuple[Box, float]]:
         grey = self._grey(rgb)
