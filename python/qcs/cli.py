@@ -72,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a network. With no dataset, the built-in data is "
                        "generated (cached) and the tiny QCS preset is trained on it.")
     t.add_argument("--config", default=None, metavar="NAME|FILE",
-                   help="preset (tiny, paper-qcs, paper-dcs, paper-baseline) or TOML file "
-                   "(default: tiny)")
-    t.add_argument("--variant", choices=("qcs", "dcs", "baseline"), help="network variant")
+                   help="preset (tiny, paper-qcs, paper-dcs, paper-baseline, tiny-dan, "
+                   "tiny-pcd, paper-dan, paper-pcd) or TOML file (default: tiny)")
+    t.add_argument("--model", choices=("qcs", "dcs", "baseline", "dan", "pcd"),
+                   help="network: the QCS family (qcs, dcs, baseline) or DAN / PCD (default "
+                   "config for dan / pcd: the tiny-dan / tiny-pcd preset)")
+    t.add_argument("--variant", choices=("qcs", "dcs", "baseline"),
+                   help="QCS-family variant (same as --model qcs|dcs|baseline)")
     t.add_argument("--epochs", type=int, help="number of epochs")
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--seed", type=int, help="seed of everything random (default 0)")
@@ -131,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _apply_args(cfg, args) -> None:
     """Copy the explicit CLI options into ``cfg`` (None means: keep the config's)."""
     from .config import apply_overrides
+    model = getattr(args, "model", None)
+    if model in ("dan", "pcd"):
+        cfg.model.family = model
+    elif model is not None:
+        cfg.model.family, cfg.model.variant = "qcs", model
     pairs = [
         ("model", "variant", getattr(args, "variant", None)),
         ("train", "epochs", getattr(args, "epochs", None)),
@@ -183,9 +192,11 @@ def _cmd_train(args) -> int:
         result = train(load_config("tiny"), ".", resume=args.resume, cache_dir=args.cache_dir,
                        show_progress=not args.quiet, epochs=args.epochs)
     else:
-        cfg = load_config(args.config or "tiny")
+        default = f"tiny-{args.model}" if args.model in ("dan", "pcd") else "tiny"
+        cfg = load_config(args.config or default)
         _apply_args(cfg, args)
-        out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.variant}")
+        name = cfg.model.variant if cfg.model.family == "qcs" else cfg.model.family
+        out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
         log.info("run directory: %s", out)
         result = train(cfg, out, cache_dir=args.cache_dir, show_progress=not args.quiet)
     log.info("done in %.1f min: final test accuracy %.2f%%, best %.2f%% at epoch %d; "

@@ -21,7 +21,9 @@ __all__ = [
 ]
 
 PRESETS = ("tiny", "paper-qcs", "paper-dcs", "paper-baseline")
+FAMILY_PRESETS = ("tiny-dan", "tiny-pcd", "paper-dan", "paper-pcd")  # DAN / PCD families
 VARIANTS = ("qcs", "dcs", "baseline")
+FAMILIES = ("qcs", "dan", "pcd")  # qcs: the variants above; dan, pcd: qcs.models.dan / .pcd
 DATA_FORMATS = ("synth", "raf-db", "ferplus", "affectnet7", "affectnet8", "folder")
 
 
@@ -33,6 +35,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Network shape. ``num_classes = 0`` takes the count from the dataset."""
 
+    family: str = "qcs"                   # qcs (with variant) | dan | pcd (see FAMILIES)
     variant: str = "qcs"                  # qcs (4 branches) | dcs (2) | baseline (no cross branch)
     num_classes: int = 0
     backbone_depths: list[int] = field(default_factory=lambda: [3, 4, 14])  # IR50 stages 1-3
@@ -50,6 +53,16 @@ class ModelConfig:
     csa_mode: str = "sd"
     csa_scope: str = "batch"
     backend: str = "auto"                 # qcs_ext backend: auto | fused | reference
+    # DAN (family "dan"): torchvision-style ResNet trunk (resnet18: [2,2,2,2], [64..512])
+    resnet_layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    dan_heads: int = 4
+    # PCD (family "pcd"): landmark source heatmap (stored beside the images) | mobilefacenet
+    landmarks: str = "heatmap"
+    heatmap_channels: int = 3             # left eye, right eye, mouth
+    landmark_widths: list[int] = field(default_factory=lambda: [64, 64, 128])
+    landmark_weights: str = ""            # frozen MobileFaceNet-style weights (user file)
+    neutral_class: int = -1               # NeAA's neutral class; -1: the class named neutral
 
 
 @dataclass
@@ -91,6 +104,9 @@ class LossConfig:
     distill: str = "none"                 # none | kl | mse (between base and cross logits)
     distill_weight: float = 0.0
     temperature: float = 1.0              # KL temperature
+    affinity_weight: float = 1.0          # DAN lambda1
+    partition_weight: float = 1.0         # DAN lambda2
+    neaa_weight: float = 0.01             # PCD
 
 
 @dataclass
@@ -121,6 +137,15 @@ class Config:
         """Check choices and ranges; raise :class:`ConfigError` naming the field."""
         checks = [
             ("model.variant", self.model.variant in VARIANTS, f"one of {VARIANTS}"),
+            ("model.family", self.model.family in FAMILIES, f"one of {FAMILIES}"),
+            ("model.resnet_layers", len(self.model.resnet_layers) == 4
+             and all(n >= 1 for n in self.model.resnet_layers), "four block counts >= 1"),
+            ("model.resnet_widths", len(self.model.resnet_widths) == 4
+             and all(w >= 1 for w in self.model.resnet_widths), "four widths >= 1"),
+            ("model.dan_heads", self.model.dan_heads >= 1, ">= 1"),
+            ("model.landmarks", self.model.landmarks in ("heatmap", "mobilefacenet"),
+             "heatmap or mobilefacenet"),
+            ("model.landmark_widths", len(self.model.landmark_widths) == 3, "three widths"),
             ("model.csa_mode", self.model.csa_mode in ("sd", "s", "d"), "sd, s or d"),
             ("model.csa_scope", self.model.csa_scope in ("batch", "sample"), "batch or sample"),
             ("model.backend", self.model.backend in ("auto", "fused", "reference"),
@@ -215,7 +240,7 @@ def load_config(name_or_path: str | Path) -> Config:
     """
     text: str
     source = str(name_or_path)
-    if str(name_or_path) in PRESETS:
+    if str(name_or_path) in PRESETS + FAMILY_PRESETS:
         text = resources.files("qcs").joinpath("configs", f"{name_or_path}.toml").read_text()
         source = f"preset {name_or_path}"
     else:
@@ -230,7 +255,7 @@ def load_config(name_or_path: str | Path) -> Config:
     base = None
     preset = data.pop("preset", None)
     if preset is not None:
-        if preset not in PRESETS:
+        if preset not in PRESETS + FAMILY_PRESETS:
             raise ConfigError(f"{source}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
         base = load_config(preset)
     return config_from_dict(data, source, base).validate()

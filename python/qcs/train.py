@@ -119,17 +119,28 @@ def prepare_data(cfg: Config, cache_dir: str | None = None, show_progress: bool 
             raise DataError(f"{len(bad)} unreadable images:\n  " + "\n  ".join(bad))
         log.info("all %d images readable", len(train_list) + len(test_list))
     size = d.image_size
+    heatmaps = cfg.model.family == "pcd" and cfg.model.landmarks == "heatmap"
+    if heatmaps:  # PCD's landmark source: maps stored beside the images (qcs.data.landmarks)
+        from .data.landmarks import HeatmapDataset, HeatmapTransform, ensure_heatmaps
+        for lst in (train_list, test_list):
+            ensure_heatmaps(lst, root)
 
     def dataset(lst, transform):
         bar = Progress(len(lst), f"decoding {lst.source}", unit="img",
                        enabled=show_progress and d.cache_in_memory)
-        ds = ImageDataset(lst, size, transform, cache=d.cache_in_memory,
-                          progress=lambda i, n: bar.update(i, items=1))
+        if heatmaps:
+            ds = HeatmapDataset(lst, size, HeatmapTransform(transform is train_tf),
+                                cache=d.cache_in_memory, channels=cfg.model.heatmap_channels,
+                                progress=lambda i, n: bar.update(i, items=1))
+        else:
+            ds = ImageDataset(lst, size, transform, cache=d.cache_in_memory,
+                              progress=lambda i, n: bar.update(i, items=1))
         if d.cache_in_memory:
             bar.close()
         return ds
 
-    return Data(dataset(train_list, train_transform(size)), dataset(test_list, test_transform(size)),
+    train_tf = train_transform(size)
+    return Data(dataset(train_list, train_tf), dataset(test_list, test_transform(size)),
                 train_list.classes, root)
 
 
@@ -272,6 +283,9 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
     elif cfg.model.num_classes != len(data.classes):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
                          f"{len(data.classes)} classes {data.classes}")
+    if cfg.model.family == "pcd" and cfg.model.neutral_class < 0:  # NeAA: by class name
+        names = [c.lower() for c in data.classes]
+        cfg.model.neutral_class = names.index("neutral") if "neutral" in names else -1
     if dctx.is_main:
         _write_text_atomic(run_dir / "config.toml", to_toml(cfg))
     balanced = cfg.data.balanced
@@ -281,7 +295,12 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
     seed_everything(tc.seed)  # the model's initial weights depend on the seed only
     model = build_model(cfg.model)
     if resume is None and tc.pretrained:
-        log.info("%s", load_backbone_weights(model.ir_back, tc.pretrained))
+        if hasattr(model, "load_pretrained"):  # DAN (ResNet) / PCD (IR50)
+            log.info("%s", model.load_pretrained(tc.pretrained))
+        else:
+            log.info("%s", load_backbone_weights(model.ir_back, tc.pretrained))
+    if resume is None and getattr(cfg.model, "landmark_weights", ""):
+        log.info("%s", model.load_landmark_weights(cfg.model.landmark_weights))
     model.to(device)
     base_opt = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(base_opt, cfg.optim)
@@ -298,11 +317,11 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             scaler.load_state_dict(state["scaler"])
         log.info("resumed from %s (epoch %d) at epoch %d", base, meta["epoch"], start_epoch)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters (%s), device %s, %s", cfg.model.variant, n_params / 1e6,
+    log.info("model %s: %.2fM parameters (%s), device %s, %s", model.variant, n_params / 1e6,
              "fused CSA" if _uses_fused(model, device) else "reference CSA", device,
              f"amp {tc.amp}" if tc.amp != "none" else "fp32")
 
-    branches = BRANCHES[cfg.model.variant]
+    branches = model.branches  # items per sampled tuple: 4 QCS, 2 DCS, 1 baseline / DAN / PCD
     sampler = TupleSampler(data.train.labels, len(data.classes), branches, seed=tc.seed,
                            balanced=balanced)
     if dctx.enabled:
@@ -330,7 +349,10 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
 
     def loss_of(xs, ys):
         with _autocast(device, tc.amp):
-            base_logits, cross_logits = net(xs)
+            out = net(xs)
+        if hasattr(model, "training_loss"):  # DAN / PCD: their own auxiliary losses
+            return model.training_loss(out, ys, cfg.loss)
+        base_logits, cross_logits = out
         return qcs_loss(base_logits.float(),
                         None if cross_logits is None else cross_logits.float(), ys, cfg.loss)
 
