@@ -95,6 +95,15 @@ class DistContext:
             if self.is_main:
                 self.barrier()
 
+    def from_main(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank, e.g. a run directory
+        named after the start time, which ranks started a second apart would differ on."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of ``t`` over ranks (a new tensor; ``t`` itself when not distributed)."""
         if not self.enabled:

@@ -244,9 +244,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
         best_acc, best_epoch = meta.get("best_acc", -1.0), meta.get("best_epoch", 0)
     if epochs is not None:
         cfg.train.epochs = epochs
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     dctx = init_distributed(cfg.train.device)  # torchrun: DDP (see qcs.distributed)
+    run_dir = Path(dctx.from_main(str(run_dir)))  # one directory, even if named by the time
+    run_dir.mkdir(parents=True, exist_ok=True)
     level = log.level
     if dctx.is_main:
         handler = logging.FileHandler(run_dir / "train.log")
