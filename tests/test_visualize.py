@@ -85,7 +85,7 @@ def test_cli_dcs_and_errors(tmp_path, dataset, capsys):
     base = make_checkpoint(tmp_path / "base", variant="baseline")
     assert main(["visualize", "--checkpoint", str(base), "--out", str(tmp_path / "e"),
                  "--images", files[0]]) == 2
-    assert "no cross branch" in capsys.readouterr().err
+    assert "has no cross branch" in capsys.readouterr().err
     qcs = make_checkpoint(tmp_path / "q")                    # no dataset recorded
     assert main(["visualize", "--checkpoint", str(qcs), "--out", str(tmp_path / "f")]) == 2
     assert "--images" in capsys.readouterr().err

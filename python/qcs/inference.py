@@ -80,11 +80,14 @@ def load_model(path: str | Path, *, full: bool = False,
         raise CheckpointError(f"{where}: 'classes' must list the {cfg.model.num_classes} class "
                               f"names, got {classes!r}")
     weights = load_weights(base, expect_epoch=meta.get("epoch"))
-    model_cfg = cfg.model if full else replace(cfg.model, variant="baseline")
-    if full and model_cfg.variant == "baseline":
-        raise CheckpointError(f"{where}: a baseline network has no cross branch (no CSA maps)")
+    qcs_family = getattr(cfg.model, "family", "qcs") == "qcs"
+    if full and (not qcs_family or cfg.model.variant == "baseline"):
+        raise CheckpointError(f"{where}: a {getattr(cfg.model, 'family', 'qcs')}/"
+                              f"{cfg.model.variant} network has no cross branch (no CSA maps)")
+    # the QCS family infers with the base network alone; other families are built whole
+    model_cfg = cfg.model if full or not qcs_family else replace(cfg.model, variant="baseline")
     model = build_model(model_cfg)
-    if not full:
+    if not full and qcs_family:
         weights = {k: v for k, v in weights.items() if not k.startswith(_CROSS_PREFIXES)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
