@@ -70,7 +70,7 @@ class SynthParams:
     def tag(self) -> str:
         """A directory name that identifies these parameters (for the cache)."""
         bias = f"-bias{self.bias_strength:g}" if self.bias else ""
-        return (f"synth-v1-s{self.seed}-n{self.train_per_class}x{self.test_per_class}"
+        return (f"synth-v2-s{self.seed}-n{self.train_per_class}x{self.test_per_class}"
                 f"-px{self.size}{bias}")
 
 
@@ -106,30 +106,31 @@ def draw_face(label: int, rng: np.random.Generator, size: int, background: int) 
 
     t = rng.uniform()
     skin = tuple(int(v) for v in (1 - t) * _SKIN[0] + t * _SKIN[1])
-    scale = rng.uniform(0.78, 1.0)
+    scale = rng.uniform(0.85, 1.0)
     aspect = rng.uniform(0.72, 0.92)
-    cx = s / 2 + rng.uniform(-0.07, 0.07) * s
-    cy = s / 2 + rng.uniform(-0.06, 0.06) * s
+    cx = s / 2 + rng.uniform(-0.05, 0.05) * s
+    cy = s / 2 + rng.uniform(-0.04, 0.04) * s
     fh = 0.46 * s * scale          # half height of the face ellipse
     fw = fh * aspect
     d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
-    lw = max(2, round(0.025 * s))
+    # cues are drawn large and thick: they must survive 64 px inputs
+    lw = max(2, round(0.035 * s))
     dark = (40, 25, 20)
 
     # eyes
-    ex, ey = 0.42 * fw, cy - 0.18 * fh
-    ew, eh = 0.2 * fw, 0.09 * fh * eye_open
+    ex, ey = 0.42 * fw, cy - 0.2 * fh
+    ew, eh = 0.24 * fw, 0.15 * fh * eye_open
     for side in (-1, 1):
         x = cx + side * ex
         d.ellipse([x - ew, ey - eh, x + ew, ey + eh], fill=(245, 245, 245), outline=dark)
-        pr = min(eh, 0.09 * fw)
+        pr = min(eh, 0.11 * fw)
         d.ellipse([x - pr, ey - pr, x + pr, ey + pr], fill=(30, 30, 50))
     # brows: inner ends raised by brow_angle, both by brow_h
-    by = ey - 0.17 * fh - 0.1 * fh * brow_h
+    by = ey - 0.26 * fh - 0.14 * fh * brow_h
     for side in (-1, 1):
-        inner = (cx + side * 0.12 * fw, by - 0.09 * fh * brow_angle)
-        outer = (cx + side * 0.68 * fw, by + 0.04 * fh * brow_angle)
-        d.line([inner, outer], fill=dark, width=lw + 1)
+        inner = (cx + side * 0.12 * fw, by - 0.2 * fh * brow_angle)
+        outer = (cx + side * 0.7 * fw, by + 0.08 * fh * brow_angle)
+        d.line([inner, outer], fill=dark, width=2 * lw)
     # nose, and wrinkles beside it (mostly disgust)
     d.line([(cx, cy - 0.05 * fh), (cx - 0.06 * fw, cy + 0.18 * fh), (cx, cy + 0.2 * fh)],
            fill=tuple(int(c * 0.75) for c in skin), width=lw)
@@ -139,16 +140,16 @@ def draw_face(label: int, rng: np.random.Generator, size: int, background: int) 
             d.line([(x, cy - 0.02 * fh), (x + side * 0.08 * fw, cy + 0.1 * fh)],
                    fill=tuple(int(c * 0.6) for c in skin), width=lw)
     # mouth: upper lip curve (corners up for curve > 0), lower lip below it when open
-    my, half = cy + 0.45 * fh, 0.36 * fw * mouth_w
-    bend = 0.16 * fh * curve
+    my, half = cy + 0.5 * fh, 0.42 * fw * mouth_w
+    bend = 0.3 * fh * curve
     left, right = (cx - half, my - bend), (cx + half, my - bend)
     upper = _bezier(left, (cx, my + bend), right)
-    lower = _bezier(left, (cx, my + bend + 0.5 * fh * mouth_open), right)
+    lower = _bezier(left, (cx, my + bend + 0.75 * fh * mouth_open), right)
     if mouth_open > 0.05:
         d.polygon(upper + lower[::-1], fill=(90, 20, 30))
-    d.line(upper, fill=(150, 50, 60), width=lw)
+    d.line(upper, fill=(120, 30, 40), width=lw + 1)
     if mouth_open > 0.05:
-        d.line(lower, fill=(150, 50, 60), width=lw)
+        d.line(lower, fill=(120, 30, 40), width=lw + 1)
 
     # accessories (no label information)
     glasses, hat, beard = (bool(rng.uniform() < p) for p in (0.25, 0.2, 0.15))
@@ -162,7 +163,7 @@ def draw_face(label: int, rng: np.random.Generator, size: int, background: int) 
         d.line([(cx - ex + 1.4 * ew, ey), (cx + ex - 1.4 * ew, ey)], fill=(20, 20, 20), width=lw)
     if hat:
         hat_col = tuple(int(v) for v in rng.integers(0, 255, 3))
-        d.rectangle([cx - 1.15 * fw, cy - 1.05 * fh, cx + 1.15 * fw, cy - 0.7 * fh], fill=hat_col)
+        d.rectangle([cx - 1.15 * fw, cy - 1.05 * fh, cx + 1.15 * fw, cy - 0.78 * fh], fill=hat_col)
 
     # lighting gradient and sensor noise
     out = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float64)
