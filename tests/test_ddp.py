@@ -163,3 +163,29 @@ def test_two_process_gloo_run_agrees_across_ranks_and_resumes(tmp_path):
     _torchrun(script, tmp_path / "nosam", root, 1, "no", tmp_path / "cap_nosam", "false")
     _assert_same(_weights(tmp_path / "cap_nosam/rank0.safetensors"),
                  _weights(tmp_path / "cap_nosam/rank1.safetensors"))
+
+
+@pytest.mark.slow
+def test_torchrun_qcs_train_cli(tmp_path):
+    """The documented command line: ``torchrun --nproc-per-node 2 -m qcs train ...`` with
+    no --out: both ranks agree on the time-stamped run directory, rank 0 alone reports."""
+    from qcs.data import SynthParams, generate
+    root = generate(tmp_path / "data", SynthParams(seed=1, train_per_class=8, test_per_class=2,
+                                                   size=32))
+    sets = ["model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
+            "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16",
+            "model.heads=2", "model.vit_depth=1", "data.image_size=32", "train.threads=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "qcs",
+           "train", "--data", "raf-db", "--data-root", str(root), "--epochs", "1",
+           "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs                                   # one directory for both
+    assert (runs[0] / "last.safetensors").is_file()
+    assert proc.stdout.count("test accuracy:") == 1                # printed by rank 0 only
+    assert proc.stdout.count("run directory:") == 1
