@@ -261,7 +261,7 @@ inline at::Tensor pair_backward(const at::Tensor& grad_in, const at::Tensor& map
 
 }  // namespace qcs::host
 
-// Registers the four ops of `ns` for dispatch key `key` (used inside TORCH_LIBRARY_IMPL).
+// Registers the four ops with the kernels above (inside a TORCH_LIBRARY_IMPL block).
 #define QCS_REGISTER_IMPLS(m)                                          \
   do {                                                                 \
     (m).impl("cross_similarity_forward", &qcs::host::cross_forward);   \
