@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import qcs_ext
 from qcs_ext import reference
+from qcs_ext.memory import saved_tensor_bytes
 
 # (B, N, C): the paper's shape, then the larger token grids of the issue.
 SHAPES = [(24, 49, 768), (8, 196, 768), (8, 784, 768)]
@@ -98,34 +99,9 @@ def case(impl: str, shape, backward: bool, dtype=torch.float32) -> Callable[[], 
     return run_backward
 
 
-def saved_bytes_ratio(shape, dtype=torch.float32) -> float:
-    """Bytes the fused op saves for backward beyond its input, relative to the input."""
+def saved_bytes_ratio(impl: str, shape, dtype=torch.float32) -> float:
+    """Bytes ``impl`` ("fused" or "eager") saves for backward beyond its input, relative
+    to the input."""
     qk, theta = make_inputs(shape, dtype)
-    extra = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() != qk.untyped_storage().data_ptr():
-            extra.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        qcs_ext.cross_similarity_maps(qk, theta)
-    return sum(extra) / (qk.numel() * qk.element_size())
-
-
-def reference_saved_bytes_ratio(shape, dtype=torch.float32) -> float:
-    """The same measure for the eager reference."""
-    qk, theta = make_inputs(shape, dtype)
-    extra = []
-    seen = set()
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr != qk.untyped_storage().data_ptr() and ptr not in seen:
-            seen.add(ptr)
-            extra.append(t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        reference.cross_similarity_maps(qk, theta)
-    return sum(extra) / (qk.numel() * qk.element_size())
+    fn = qcs_ext.cross_similarity_maps if impl == "fused" else reference.cross_similarity_maps
+    return saved_tensor_bytes(fn, (qk, theta)) / (qk.numel() * qk.element_size())

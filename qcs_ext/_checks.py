@@ -63,3 +63,10 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_cross_args(qk, theta, gamma, mode, scope):
+    """Check the arguments of ``cross_similarity_maps``; return them normalised."""
+    qk = check_features(qk, "qk", 4)
+    return (qk, check_theta(theta, qk), check_gamma(gamma), check_choice(mode, "mode", MODES),
+            check_choice(scope, "scope", SCOPES))

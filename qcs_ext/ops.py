@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (importing it registers the native ops)
-from ._checks import MODES, SCOPES, check_choice, check_features, check_gamma, check_theta
+from ._checks import SCOPES, check_choice, check_cross_args, check_features
 
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel", "OpBinding"]
 
@@ -149,11 +149,7 @@ class OpBinding:
         Returns:
             ``[4, B, N]`` softmax maps, dtype of ``qk``.
         """
-        qk = check_features(qk, "qk", 4)
-        theta = check_theta(theta, qk)
-        gamma = check_gamma(gamma)
-        mode = check_choice(mode, "mode", MODES)
-        scope = check_choice(scope, "scope", SCOPES)
+        qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
         compute = self._compute_dtype(qk)
         maps, _, _ = self.ops.cross_similarity_forward(
             qk.to(compute).contiguous(), theta.to(compute), gamma, mode, scope

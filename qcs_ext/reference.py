@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import MODES, SCOPES, check_choice, check_features, check_gamma, check_theta
+from ._checks import SCOPES, check_choice, check_cross_args, check_features
 
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "sdpa_cross_attention"]
 
@@ -75,11 +75,7 @@ def cross_similarity_maps(
     Returns:
         ``[4, B, N]`` attention maps, each row a softmax over the ``N`` tokens.
     """
-    qk = check_features(qk, "qk", 4)
-    theta = check_theta(theta, qk)
-    gamma = check_gamma(gamma)
-    mode = check_choice(mode, "mode", MODES)
-    scope = check_choice(scope, "scope", SCOPES)
+    qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
 
     a, p, n, n2 = qk.unbind(0)
     s_pa = _similarity(_distance(p, a), scope)
