@@ -58,7 +58,7 @@ def test_export_cli_reports_difference_and_errors(ckpt, tmp_path, capsys, monkey
     out = tmp_path / "cli.onnx"
     assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(out)]) == 0
     text = capsys.readouterr().out
-    assert out.is_file() and "largest logit difference" in text and "(OK)" in text
+    assert out.is_file() and "largest logit difference" in text and "(OK;" in text
     assert "[batch, 7]" in text
     assert main(["export", "--checkpoint", str(ckpt)]) == 2           # nothing to write
     assert "--onnx" in capsys.readouterr().err
@@ -66,6 +66,17 @@ def test_export_cli_reports_difference_and_errors(ckpt, tmp_path, capsys, monkey
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--onnx",
                  str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+    def broken(*args, **kwargs):  # an exporter failure, wrapped as the exporter does
+        try:
+            raise KeyError("no ONNX function for aten.some_op")
+        except KeyError as exc:
+            raise RuntimeError("Failed to convert the exported program") from exc
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "b.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "ONNX conversion of the QCSNet network failed: KeyError" in err
+    assert "--torch-export" in err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(out)]) == 2
     assert "qcs-ext[export]" in capsys.readouterr().err

@@ -215,3 +215,19 @@ def test_detector_tolerates_tilt_and_crop_levels_the_eye_line():
     ys, xs = np.nonzero(crop > 40)
     left, right = ys[xs < 50].mean(), ys[xs >= 50].mean()
     assert abs(left - right) < 1.5, (left, right)
+
+
+def test_predict_refuses_networks_that_need_landmark_maps(tmp_path, capsys):
+    from qcs.checkpoint import save_checkpoint
+    from qcs.config import apply_overrides, load_config
+    from qcs.models import build_model
+    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7"])
+    if cfg.model.landmarks != "heatmap":
+        pytest.skip("the tiny-pcd preset no longer reads heat maps")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg.model),
+                    {"config": cfg.to_dict(), "classes": CLASSES, "epoch": 1})
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20)).save(img)
+    assert main(["predict", "--checkpoint", str(tmp_path / "pcd"), str(img), "--no-detect"]) == 2
+    assert "input channels" in capsys.readouterr().err

@@ -61,7 +61,8 @@ def _export_parser(sub) -> None:
                    help="also save a torch.export program (torch.export.load(OUT).module())")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest accepted logit difference vs PyTorch (default 1e-4)")
+                   help="largest accepted logit difference vs PyTorch, times max(1, largest "
+                   "|logit|) (default 1e-4)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 

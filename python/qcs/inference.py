@@ -41,6 +41,15 @@ class LoadedModel:
     def image_size(self) -> int:
         return self.config.data.image_size
 
+    @property
+    def channels(self) -> int:
+        """Input channels: 3 (RGB), plus the landmark heat maps of a PCD network that
+        reads them from beside the images (``model.landmarks = "heatmap"``)."""
+        m = self.config.model
+        if getattr(m, "family", "qcs") == "pcd" and getattr(m, "landmarks", "") == "heatmap":
+            return 3 + int(m.heatmap_channels)
+        return 3
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint argument -> its base path: a run directory means its ``best`` (then

@@ -251,6 +251,11 @@ class Predictor:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        if loaded.channels != 3:
+            raise UsageError(f"{loaded.base}: this network reads {loaded.channels} input "
+                             "channels (RGB + landmark heat maps stored beside the training "
+                             "images), which qcs predict cannot make for new photos; train PCD "
+                             "with model.landmarks=\"mobilefacenet\" to predict from images")
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
         self.transform = test_transform(self.size)
