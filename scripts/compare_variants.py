@@ -71,6 +71,15 @@ def run_one(job) -> dict:
     return row
 
 
+def exact_params(row: dict) -> int:
+    """Trainable + frozen parameters of the run's network, rebuilt from its config.toml."""
+    from qcs.config import load_config
+    from qcs.models import build_model
+    run_dir = Path(row["command"].split("--out ", 1)[1].split()[0])
+    cfg = load_config(run_dir / "config.toml")
+    return sum(p.numel() for p in build_model(cfg.model).parameters())
+
+
 def stats(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -78,9 +87,10 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 
 def table(rows: list[dict], args) -> str:
-    out = ["| data | model | params | test acc % (final epoch), mean ± sd | min-max | "
-           "train s / epoch, mean | seeds | command (seed S) |",
-           "|---|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| data | model | params | test acc % (last epoch), mean ± sd | min-max | "
+           "train CE, epoch 1 -> 3 (mean) | train s / epoch (mean) | seeds | "
+           "command (S = seed) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for bias in (False, True):
         for model in MODELS:
             rs = [r for r in rows if r["model"] == model and r["bias"] == bias and r["rc"] == 0]
@@ -89,10 +99,13 @@ def table(rows: list[dict], args) -> str:
             accs = [100 * r["final_acc"] for r in rs]
             m, sd = stats(accs)
             ep, _ = stats([r["epoch_s"] for r in rs])
+            ce0, _ = stats([r["train_ce"][0] for r in rs])
+            ce1, _ = stats([r["train_ce"][-1] for r in rs])
             cmd = rs[0]["command"].replace(f"--seed {rs[0]['seed']}", "--seed S")
-            params = f"{rs[0].get('params_m', float('nan')):.2f}M"
+            params = f"{exact_params(rs[0]):,}"
             out.append(f"| {'bias' if bias else 'unbiased'} | {model} | {params} | "
-                       f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | {ep:.1f} | "
+                       f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | {ce0:.2f} -> {ce1:.2f} | "
+                       f"{ep:.1f} | "
                        f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
                        f"`{cmd}` |")
     failed = [r for r in rows if r["rc"] != 0]
@@ -125,6 +138,11 @@ def main() -> int:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run_one, jobs))
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    for r in rows:  # the base cross-entropy per epoch, read back from the run
+        if r["rc"] == 0:
+            run_dir = Path(r["command"].split("--out ", 1)[1].split()[0])
+            hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            r["train_ce"] = [h["train_loss_base"] for h in hist]
     text = table(rows, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
