@@ -260,7 +260,7 @@ def test_render_heatmaps_peaks_where_asked():
 def test_synth_heatmaps_written_beside_images_and_loaded(micro_root):
     train = load_split("raf-db", micro_root, "train")
     assert not heatmap_path(train.paths[0]).exists()   # the generator itself writes none
-    ensure_heatmaps(train, micro_root)                 # built-in data: rendered on demand
+    ensure_heatmaps(train, micro_root.parent)          # built-in data: rendered on demand
     first = heatmap_path(train.paths[0])
     assert first.parent.name == "landmarks" and first.parent.parent == train.paths[0].parent
     assert write_synth_heatmaps(micro_root) == 0       # all there: nothing rewritten

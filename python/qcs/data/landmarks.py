@@ -89,8 +89,12 @@ def ensure_heatmaps(images: ImageList, root: str | Path | None = None) -> None:
     ``root`` holding ``synth_factors.jsonl``) render missing ones first. Raises
     :class:`DataError` naming the missing files otherwise."""
     missing = [p for p in images.paths if not heatmap_path(p).is_file()]
-    if missing and root is not None and (Path(root) / "synth_factors.jsonl").is_file():
-        write_synth_heatmaps(root)
+    if missing and root is not None:
+        # the RAF-DB reader takes the "basic" directory or its parent: so do we
+        for base in (Path(root), Path(root) / "basic"):
+            if (base / "synth_factors.jsonl").is_file():
+                write_synth_heatmaps(base)
+                break
         missing = [p for p in missing if not heatmap_path(p).is_file()]
     if missing:
         few = ", ".join(str(heatmap_path(p)) for p in missing[:3])
