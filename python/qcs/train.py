@@ -251,6 +251,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
     if dctx.is_main:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        if level == logging.NOTSET:  # the run log is complete even if no one set up logging
+            log.setLevel(logging.INFO)
         log.addHandler(handler)
     else:
         handler = None
