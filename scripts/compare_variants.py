@@ -88,7 +88,7 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 def table(rows: list[dict], args) -> str:
     out = ["| data | model | params | test acc % (last epoch), mean ± sd | min-max | "
-           "train CE, epoch 1 -> 3 (mean) | train s / epoch (mean) | seeds | "
+           "train CE, epoch 1 -> 3 (mean) | train s / epoch, mean (fastest run) | seeds | "
            "command (S = seed) |",
            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for bias in (False, True):
@@ -105,7 +105,7 @@ def table(rows: list[dict], args) -> str:
             params = f"{exact_params(rs[0]):,}"
             out.append(f"| {'bias' if bias else 'unbiased'} | {model} | {params} | "
                        f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | {ce0:.2f} -> {ce1:.2f} | "
-                       f"{ep:.1f} | "
+                       f"{ep:.1f} ({min(r['epoch_s'] for r in rs):.1f}) | "
                        f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
                        f"`{cmd}` |")
     failed = [r for r in rows if r["rc"] != 0]
