@@ -227,7 +227,12 @@ def generate(out: str | Path, params: SynthParams,
         (tmp / "synth_factors.jsonl").write_text("".join(factors))
         (tmp / "synth.json").write_text(json.dumps({"classes": CLASSES, **asdict(params)},
                                                    indent=2))
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "EmoLabel" / "list_patition_label.txt").is_file():
+                raise
+            # another process generated the same dataset first: identical content, keep it
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
