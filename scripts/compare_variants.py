@@ -101,7 +101,9 @@ def table(rows: list[dict], args) -> str:
             ep, _ = stats([r["epoch_s"] for r in rs])
             ce0, _ = stats([r["train_ce"][0] for r in rs])
             ce1, _ = stats([r["train_ce"][-1] for r in rs])
-            cmd = rs[0]["command"].replace(f"--seed {rs[0]['seed']}", "--seed S")
+            seed = rs[0]["seed"]
+            cmd = rs[0]["command"].replace(f"--seed {seed}", "--seed S").replace(
+                f"-s{seed}", "-sS")
             params = f"{exact_params(rs[0]):,}"
             out.append(f"| {'bias' if bias else 'unbiased'} | {model} | {params} | "
                        f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | {ce0:.2f} -> {ce1:.2f} | "
