@@ -27,6 +27,8 @@ struct GemmSegment {
 enum class GemmEpilogue : int32_t {
   kStore = 0,          // out[i, j] = acc
   kScaleMinus = 1,     // out[i, j] = scale[i] * x[i, j] - acc   (the CSA gradient form)
+  kAdd = 2,            // out[i, j] += acc   (internal: later blocks of a long k loop)
+  kSubtract = 3,       // out[i, j] -= acc   (internal: likewise, for kScaleMinus)
 };
 
 // out[i, j] for rows i in [row_begin, row_end) and columns j in [0, cols), summing over up

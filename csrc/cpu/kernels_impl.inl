@@ -38,15 +38,23 @@ struct Epilogue {
   inline void vec(int64_t row, int64_t col, typename Vec<T>::type acc) const {
     using V = Vec<T>;
     T* dst = p.out + (row - p.out_row0) * p.ldo + col;
-    if (p.epilogue == GemmEpilogue::kStore) {
-      V::store(dst, acc);
-    } else {
-      V::store(dst, V::splat(p.scale[row]) * V::load(p.x + row * p.ldx + col) - acc);
+    switch (p.epilogue) {
+      case GemmEpilogue::kStore: V::store(dst, acc); break;
+      case GemmEpilogue::kScaleMinus:
+        V::store(dst, V::splat(p.scale[row]) * V::load(p.x + row * p.ldx + col) - acc);
+        break;
+      case GemmEpilogue::kAdd: V::store(dst, V::load(dst) + acc); break;
+      case GemmEpilogue::kSubtract: V::store(dst, V::load(dst) - acc); break;
     }
   }
   inline void scalar(int64_t row, int64_t col, T acc) const {
     T* dst = p.out + (row - p.out_row0) * p.ldo + col;
-    *dst = p.epilogue == GemmEpilogue::kStore ? acc : p.scale[row] * p.x[row * p.ldx + col] - acc;
+    switch (p.epilogue) {
+      case GemmEpilogue::kStore: *dst = acc; break;
+      case GemmEpilogue::kScaleMinus: *dst = p.scale[row] * p.x[row * p.ldx + col] - acc; break;
+      case GemmEpilogue::kAdd: *dst += acc; break;
+      case GemmEpilogue::kSubtract: *dst -= acc; break;
+    }
   }
 };
 
@@ -120,22 +128,56 @@ inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& 
   }
 }
 
+// Columns [col_begin, col_end) of p: full panels of NV vectors, single vectors, then scalars.
 template <typename T>
-void gemm(const GemmProblem<T>& p) {
+void column_range(const GemmProblem<T>& p, int64_t col_begin, int64_t col_end) {
   constexpr int W = Vec<T>::kWidth;
   constexpr int NV = QCS_GEMM_NV;
   const Epilogue<T> epi{p};
-  int64_t col = 0;
-  // Column panels outermost: a panel of B (k x NV*W) stays in L1 while the rows sweep it.
-  for (; col + NV * W <= p.cols; col += NV * W) row_sweep<T, NV>(p, col, epi);
-  for (; col + W <= p.cols; col += W) row_sweep<T, 1>(p, col, epi);
-  if (col < p.cols) scalar_columns(p, col, epi);
+  int64_t col = col_begin;
+  for (; col + NV * W <= col_end; col += NV * W) row_sweep<T, NV>(p, col, epi);
+  for (; col + W <= col_end; col += W) row_sweep<T, 1>(p, col, epi);
+  if (col < col_end) {
+    GemmProblem<T> tail = p;
+    tail.cols = col_end;
+    scalar_columns(tail, col, epi);
+  }
 }
 
-// Gram block for the forward pass: out[i, j] = rows[i] . cols[j] over n channels, both
-// operands row-major with channels contiguous, so neither needs a transposed copy. Each
-// MR x NR tile keeps MR * NR vector accumulators across the whole channel loop and reduces
-// them across lanes once at the end.
+template <typename T>
+void gemm(const GemmProblem<T>& p) {
+  constexpr int W = Vec<T>::kWidth;
+  constexpr int64_t kPanel = QCS_GEMM_NV * W;
+  // Long k loops (N = 784: k = 1568) are cut into blocks so that the block of the B panel
+  // (kBlock x one column panel) and of A stay in L1/L2 while the row tiles sweep them; the
+  // output panel accumulates across blocks in memory.
+  constexpr int64_t kBlock = 256;
+  int64_t total_k = 0;
+  for (int s = 0; s < p.num_segments; ++s) total_k += p.seg[s].k;
+  for (int64_t col = 0; col < p.cols; col += kPanel) {
+    const int64_t col_end = col + kPanel < p.cols ? col + kPanel : p.cols;
+    if (total_k <= kBlock) {
+      column_range(p, col, col_end);
+      continue;
+    }
+    GemmProblem<T> part = p;
+    part.num_segments = 1;
+    bool first = true;
+    for (int s = 0; s < p.num_segments; ++s) {
+      const GemmSegment<T>& g = p.seg[s];
+      for (int64_t k0 = 0; k0 < g.k; k0 += kBlock) {
+        part.seg[0] = {g.a + k0 * g.a_k_stride, g.a_row_stride, g.a_k_stride, g.b + k0 * g.ldb,
+                       g.ldb, g.k - k0 < kBlock ? g.k - k0 : kBlock};
+        part.epilogue = first ? p.epilogue
+                              : (p.epilogue == GemmEpilogue::kStore ? GemmEpilogue::kAdd
+                                                                     : GemmEpilogue::kSubtract);
+        column_range(part, col, col_end);
+        first = false;
+      }
+    }
+  }
+}
+
 template <typename T, int MR, int NR>
 __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* cols, int64_t n,
                                                      T* out, int64_t ldo) {

@@ -41,7 +41,7 @@ template <typename T>
 static void test_gemm(const KernelSet<T>& k, const char* isa, std::mt19937& rng) {
   // rows, k1, k2, cols: odd sizes leave partial micro-tiles and scalar column tails.
   const int cases[][4] = {{1, 1, 0, 1}, {7, 5, 3, 17}, {13, 49, 49, 70}, {49, 49, 49, 768},
-                          {6, 2, 9, 129}};
+                          {6, 2, 9, 129}, {13, 300, 290, 70}, {5, 600, 0, 33}};
   int idx = 0;
   for (const auto& c : cases) {
     const int64_t rows = c[0], k1 = c[1], k2 = c[2], cols = c[3];
