@@ -243,7 +243,22 @@ def check_images(images: ImageList, progress: Callable[[int, int], None] | None 
     return bad
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class TransformedItems(torch.utils.data.Dataset):
+    """Indexing shared by the image datasets: ``ds[i] -> (x, label)`` and, for a sampled
+    tuple of indices, ``ds[(i, j, ...)] -> (x [R, ...], labels [R])``. Subclasses define
+    ``raw(i)`` (the untransformed tensor), ``transform`` and ``labels``."""
+
+    def _one(self, i: int) -> torch.Tensor:
+        x = self.raw(i)
+        return self.transform(x) if self.transform is not None else x
+
+    def __getitem__(self, index):
+        if isinstance(index, (tuple, list)):
+            return torch.stack([self._one(int(i)) for i in index]), self.labels[list(index)]
+        return self._one(int(index)), self.labels[int(index)]
+
+
+class ImageDataset(TransformedItems):
     """Images of an :class:`ImageList` as ``uint8 [3, S, S]`` tensors (resized to
     ``size``), optionally decoded once and kept in memory, then ``transform``.
 
@@ -276,12 +291,3 @@ class ImageDataset(torch.utils.data.Dataset):
     def raw(self, i: int) -> torch.Tensor:
         """``uint8 [3, S, S]`` before the transform."""
         return self._cache[i] if self._cache is not None else self._decode(i)
-
-    def _one(self, i: int) -> torch.Tensor:
-        x = self.raw(i)
-        return self.transform(x) if self.transform is not None else x
-
-    def __getitem__(self, index):
-        if isinstance(index, (tuple, list)):
-            return torch.stack([self._one(int(i)) for i in index]), self.labels[list(index)]
-        return self._one(int(index)), self.labels[int(index)]

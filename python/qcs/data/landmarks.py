@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from .datasets import DataError, ImageDataset, ImageList
+from .datasets import DataError, ImageDataset, ImageList, TransformedItems
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["heatmap_path", "render_heatmaps", "write_synth_heatmaps", "read_heatmap",
@@ -149,7 +149,7 @@ class HeatmapTransform:
         return torch.cat([img, maps.float() / 255])
 
 
-class HeatmapDataset(torch.utils.data.Dataset):
+class HeatmapDataset(TransformedItems):
     """An :class:`ImageDataset` with each image's stored heat-map appended as channels.
 
     ``dataset[i] -> (x [3 + L, S, S], label)``; ``dataset[(i, j, ...)] ->
@@ -176,12 +176,3 @@ class HeatmapDataset(torch.utils.data.Dataset):
         maps = (self._maps[i] if self._maps is not None
                 else read_heatmap(self.images.paths[i], self.size, self.channels))
         return torch.cat([self.images_ds.raw(i), maps])
-
-    def _one(self, i: int) -> torch.Tensor:
-        x = self.raw(i)
-        return self.transform(x) if self.transform is not None else x
-
-    def __getitem__(self, index):
-        if isinstance(index, (tuple, list)):
-            return torch.stack([self._one(int(i)) for i in index]), self.labels[list(index)]
-        return self._one(int(index)), self.labels[int(index)]
