@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from op_helpers import maps_and_grads
 
 import qcs_ext
 from qcs_ext import reference as ref
@@ -37,19 +38,6 @@ def _features(branches, batch, tokens, channels, dtype, seed=0):
     return x.to(device="cuda", dtype=dtype)
 
 
-def _run(fn, qk, theta, grad_out, **kw):
-    qk = qk.detach().clone().requires_grad_(True)
-    inputs = [qk]
-    if theta is not None:
-        theta = theta.detach().clone().requires_grad_(True)
-        inputs.append(theta)
-        out = fn(qk, theta, **kw)
-    else:
-        out = fn(qk, **kw)
-    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True)
-    return out.detach(), [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-
-
 def _check(qk, theta, mode, scope, pair=False):
     dtype = qk.dtype
     kw = {"scope": scope} if pair else {"mode": mode, "scope": scope}
@@ -57,12 +45,12 @@ def _check(qk, theta, mode, scope, pair=False):
     oracle = ref.pair_similarity_maps if pair else ref.cross_similarity_maps
     grad_out = torch.randn(qk.shape[:3], device="cuda", dtype=torch.float64,
                            generator=torch.Generator("cuda").manual_seed(1))
-    out, g = _run(fused, qk, theta, grad_out, **kw)
+    out, g = maps_and_grads(fused, qk, theta, grad_out, **kw)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double().sum(-1), torch.ones(qk.shape[:2], device="cuda", dtype=torch.float64),
                                atol=5e-3 if dtype in HALF else 1e-5, rtol=0)
-    out64, g64 = _run(oracle, qk.double(), None if pair else theta.double(), grad_out, **kw)
-    low = _run(oracle, qk, theta, grad_out, **kw) if dtype == torch.float32 else (None, [None] * len(g))
+    out64, g64 = maps_and_grads(oracle, qk.double(), None if pair else theta.double(), grad_out, **kw)
+    low = maps_and_grads(oracle, qk, theta, grad_out, **kw) if dtype == torch.float32 else (None, [None] * len(g))
     for name, got, exp, lo in [("maps", out, out64, low[0])] + [
         (f"grad[{i}]", a, b, c) for i, (a, b, c) in enumerate(zip(g, g64, low[1]))
     ]:

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from op_helpers import maps_and_grads
 
 from qcs_ext import reference as ref
 
@@ -40,21 +41,6 @@ def _theta(dtype, value=0.3):
     return torch.tensor(value, dtype=dtype)
 
 
-def _maps_and_grads(fn, qk, theta, grad_out, **kw):
-    """Maps and gradients of ``fn`` (emulated or reference) at (qk, theta)."""
-    qk = qk.detach().clone().requires_grad_(True)
-    inputs = [qk]
-    if theta is not None:
-        theta = theta.detach().clone().requires_grad_(True)
-        inputs.append(theta)
-        out = fn(qk, theta, **kw)
-    else:
-        out = fn(qk, **kw)
-    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-    return out.detach(), [g.detach() for g in grads]
-
-
 def _check_close_to_reference(qk, theta, mode, scope, pair=False, grads=True):
     """Emulated kernels vs the reference, with tolerances per dtype.
 
@@ -72,12 +58,12 @@ def _check_close_to_reference(qk, theta, mode, scope, pair=False, grads=True):
     th = None if pair else theta
     th64 = None if pair else theta.double()
 
-    out, g = _maps_and_grads(emu_fn, qk, th, grad_out, **kw)
+    out, g = maps_and_grads(emu_fn, qk, th, grad_out, **kw)
     assert out.dtype == dtype and out.shape == qk.shape[:3]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double().sum(-1), torch.ones(qk.shape[:2], dtype=torch.float64),
                                atol=5e-3 if dtype in HALF else 1e-5, rtol=0)
-    out64, g64 = _maps_and_grads(ref_fn, qk.double(), th64, grad_out, **kw)
+    out64, g64 = maps_and_grads(ref_fn, qk.double(), th64, grad_out, **kw)
     if not grads:
         g, g64 = [], []
 
@@ -95,7 +81,7 @@ def _check_close_to_reference(qk, theta, mode, scope, pair=False, grads=True):
             assert err <= 2e-2 * max(scale, 1e-2), f"{name}: {err} (scale {scale})"
 
     if dtype == torch.float32:
-        out32, g32 = _maps_and_grads(ref_fn, qk, th, grad_out, **kw)
+        out32, g32 = maps_and_grads(ref_fn, qk, th, grad_out, **kw)
     else:
         out32, g32 = None, [None] * len(g)
     compare("maps", out, out64, out32)
