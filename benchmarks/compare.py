@@ -47,7 +47,12 @@ def main(argv=None) -> int:
                         help="seconds of timing per cell (default: %(default)s)")
     parser.add_argument("--skip-compiled-above", type=int, default=784,
                         help="skip torch.compile of the reference for N above this")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is the least "
+                        "sensitive to other load on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     print(f"# CSA benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, {platform.processor() or platform.machine()}")
