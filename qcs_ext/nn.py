@@ -11,6 +11,8 @@ returns refined features of the same shape::
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable
 
 import torch
@@ -32,7 +34,7 @@ class _Mlp(nn.Sequential):
         )
 
 
-class _SimilarityBlock(nn.Module):
+class _SimilarityBlock(nn.Module, abc.ABC):
     """Shared body of the quadruplet and pair modules."""
 
     branches: int
@@ -57,8 +59,9 @@ class _SimilarityBlock(nn.Module):
             raise RuntimeError(f"backend='fused' but qcs_ext has no fused kernel for {x.device}")
         return available
 
+    @abc.abstractmethod
     def _maps(self, qk: torch.Tensor, fused: bool) -> torch.Tensor:
-        raise NotImplementedError("subclasses define _maps")
+        """``[branches, B, N, C] -> [branches, B, N]`` CSA maps of the qk features."""
 
     def forward(self, x: torch.Tensor, *, return_maps: bool = False):
         """``[branches, B, N, C] -> [branches, B, N, C]``; with ``return_maps`` also the

@@ -221,9 +221,8 @@ def test_predict_refuses_networks_that_need_landmark_maps(tmp_path, capsys):
     from qcs.checkpoint import save_checkpoint
     from qcs.config import apply_overrides, load_config
     from qcs.models import build_model
-    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7"])
-    if cfg.model.landmarks != "heatmap":
-        pytest.skip("the tiny-pcd preset no longer reads heat maps")
+    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7", 'model.landmarks="heatmap"'])
+    assert cfg.model.landmarks == "heatmap"
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg.model),
                     {"config": cfg.to_dict(), "classes": CLASSES, "epoch": 1})
