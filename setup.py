@@ -66,7 +66,9 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 # fp-contract: let the vector kernels fuse multiply-adds (ISO C++ modes turn it off).
 cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast",
-             "-fopenmp-simd",  # `omp simd` reductions in the epilogue; no OpenMP runtime
+             # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp
+             # it silently runs on one thread. Links torch's own libgomp.so.1 (same soname).
+             "-fopenmp",
              "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
 include_dirs = [str(CSRC.resolve())]  # ninja runs elsewhere: absolute
 
@@ -85,6 +87,7 @@ if build_cuda:
             sources,
             include_dirs=include_dirs + [os.path.realpath(p) for p in nvidia_inc],
             define_macros=[("QCS_WITH_CUDA", "1")],
+            extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
@@ -99,6 +102,7 @@ else:
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     )
