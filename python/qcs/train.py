@@ -376,6 +376,16 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             bar = Progress(steps, f"epoch {epoch}/{tc.epochs}", unit="img",
                            enabled=show_progress)
             t0 = time.perf_counter()
+
+            def optimizer_step() -> None:
+                """The base optimizer's step (through the AMP scaler when there is one)."""
+                if scaler is not None:
+                    scaler.step(base_opt)
+                    scaler.update()
+                else:
+                    base_opt.step()
+                base_opt.zero_grad(set_to_none=True)
+
             for step, (x, y) in enumerate(train_loader, 1):
                 if step > steps:
                     break
@@ -385,12 +395,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                 loss, parts = loss_of(xs, ys)
                 backward(loss)
                 if sam is None:
-                    if scaler is not None:
-                        scaler.step(base_opt)
-                        scaler.update()
-                    else:
-                        base_opt.step()
-                    base_opt.zero_grad(set_to_none=True)
+                    optimizer_step()
                 else:
                     skip = False
                     if scaler is not None:
@@ -405,12 +410,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                             loss2, _ = loss_of(xs, ys)
                             backward(loss2)
                         sam.restore()
-                        if scaler is not None:
-                            scaler.step(base_opt)
-                            scaler.update()
-                        else:
-                            base_opt.step()
-                        base_opt.zero_grad(set_to_none=True)
+                        optimizer_step()
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss is {loss_value} at epoch {epoch} "
