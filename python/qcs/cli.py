@@ -46,6 +46,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="input size in pixels (paper: 224)")
     g.add_argument("--check-data", action="store_true",
                    help="open every image at start-up and report all unreadable ones by name")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out malformed list lines, labels out of range and unreadable "
+                   "images (all images are decoded at start-up), allow empty classes, and "
+                   "print how many were skipped for which reason")
     g.add_argument("--cache-in-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="decode every image once and keep it in RAM")
     g.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
@@ -163,6 +167,8 @@ def _apply_args(cfg, args) -> None:
         cfg.train.deterministic = True
     if args.check_data:
         cfg.data.check = True
+    if args.skip_bad:
+        cfg.data.skip_bad = True
     if args.bias:
         cfg.data.synth_bias = True
     if getattr(args, "set", None):
@@ -232,10 +238,19 @@ def _cmd_eval(args) -> int:
         raise SystemExit(f"qcs eval: the checkpoint's classes {classes} differ from the "
                          f"dataset's {list(data.classes)}")
     if args.split != "test":
-        from .data import ImageDataset, load_split, test_transform
-        data.test = ImageDataset(load_split(cfg.data.format, cfg.data.root or data.root,
-                                            args.split), cfg.data.image_size,
-                                 test_transform(cfg.data.image_size))
+        from .data import DataError, ImageDataset, load_split, test_transform
+        from .data.datasets import screen_images, skip_summary
+        lst = load_split(cfg.data.format, cfg.data.root or data.root, args.split,
+                         skip_bad=cfg.data.skip_bad)
+        if cfg.data.check or cfg.data.skip_bad:
+            lst, bad = screen_images(lst, cfg.data.skip_bad)
+            if bad and not cfg.data.skip_bad:
+                raise DataError(f"{len(bad)} unreadable images:\n  " + "\n  ".join(bad))
+        counts, _ = skip_summary([lst])
+        if counts:
+            log.warning("%s: skipped %s (--skip-bad)", lst.source,
+                        ", ".join(f"{n} {reason}" for reason, n in counts.items()))
+        data.test = ImageDataset(lst, cfg.data.image_size, test_transform(cfg.data.image_size))
     cfg.model.variant = "baseline"  # inference needs the base network only
     model = build_model(cfg.model)
     weights = {k: v for k, v in load_weights(base, meta["epoch"]).items()

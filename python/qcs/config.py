@@ -78,6 +78,7 @@ class DataConfig:
     cache_in_memory: bool = False         # decode every image once, keep uint8 tensors in RAM
     num_workers: int = 0
     check: bool = False                   # open every image at start-up, report all bad ones
+    skip_bad: bool = False                # skip malformed list lines / unreadable images (counted)
     # built-in data (format "synth")
     synth_seed: int = 0
     synth_train_per_class: int = 300

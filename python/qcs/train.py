@@ -32,8 +32,8 @@ from .checkpoint import (checkpoint_base, load_state, load_weights, read_metadat
                          save_checkpoint)
 from .config import Config, config_from_dict, to_toml
 from .distributed import DistContext, ShardedIndices, ShardedTupleSampler, init_distributed
-from .data import (DataError, ImageDataset, SynthParams, TupleSampler, check_images,
-                   ensure_synth, load_split, test_transform, train_transform)
+from .data import (DataError, ImageDataset, SynthParams, TupleSampler, ensure_synth,
+                   load_split, screen_data, test_transform, train_transform)
 from .models import BRANCHES, QCSNet, build_model, load_backbone_weights, qcs_loss
 from .optim import SAM, build_optimizer, build_scheduler
 from .progress import Progress
@@ -100,24 +100,17 @@ def prepare_data(cfg: Config, cache_dir: str | None = None, show_progress: bool 
         log.info("built-in data (%s): %s", params.tag(), root)
     if not root:
         raise DataError(f"data.format={d.format!r} needs a dataset root: pass --data-root DIR")
-    train_list = load_split(d.format, root, "train", d.train_list)
-    test_list = load_split(d.format, root, "test", d.test_list)
+    train_list = load_split(d.format, root, "train", d.train_list, d.skip_bad)
+    test_list = load_split(d.format, root, "test", d.test_list, d.skip_bad)
     if train_list.classes != test_list.classes:
         raise DataError(f"train and test class lists differ: {train_list.classes} vs "
                         f"{test_list.classes}")
+    # --check-data / --skip-bad decode every image up front (so no sampler draws a bad one)
+    train_list, test_list = screen_data(train_list, test_list, decode=d.check or d.skip_bad,
+                                        skip_bad=d.skip_bad, show_progress=show_progress)
     for lst in (train_list, test_list):
         log.info("%s: %d images, per class %s%s", lst.source, len(lst), lst.counts(),
                  "".join(f"; {n}" for n in lst.notes))
-    if d.check:
-        bad = []
-        for lst in (train_list, test_list):
-            bar = Progress(len(lst), f"checking {lst.source}", unit="img",
-                           enabled=show_progress)
-            bad += check_images(lst, lambda i, n: bar.update(i, items=1))
-            bar.close()
-        if bad:
-            raise DataError(f"{len(bad)} unreadable images:\n  " + "\n  ".join(bad))
-        log.info("all %d images readable", len(train_list) + len(test_list))
     size = d.image_size
     heatmaps = cfg.model.family == "pcd" and cfg.model.landmarks == "heatmap"
     if heatmaps:  # PCD's landmark source: maps stored beside the images (qcs.data.landmarks)
