@@ -328,6 +328,6 @@ def main(argv: list[str] | None = None) -> int:
             MissingDependency, UsageError) as exc:
         print(f"qcs {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qcs {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # train: SIGINT / SIGTERM after saving (exit_code)
+        print(f"qcs {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

@@ -121,6 +121,7 @@ class TrainConfig:
     threads: int = 0                      # torch CPU threads; 0 keeps torch's default
     pretrained: str = ""                  # IR50 weights (.pth or .safetensors)
     max_steps_per_epoch: int = 0          # 0: the whole epoch (a cap for quick runs)
+    checkpoint_every: int = 0             # also save last.* every N steps (0: epoch ends only)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Config:
             ("train.amp", self.train.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
             ("train.epochs", self.train.epochs >= 1, ">= 1"),
             ("train.batch_size", self.train.batch_size >= 1, ">= 1"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -8,16 +8,26 @@ Reproducibility: everything random in epoch ``e`` (sampling, augmentation, dropo
 worker seeds) is seeded from ``(seed, e)`` at the start of the epoch, so ``--resume``
 continues exactly as an uninterrupted run would, and ``deterministic=True`` (which also
 asks torch for deterministic kernels) makes two runs give identical weights.
+
+Interruptions: ``last.*`` is saved at every epoch end and, with ``train.checkpoint_every
+= N``, every ``N`` steps; a mid-epoch checkpoint also holds the RNG states and the epoch's
+running sums, so a resumed run (``data.num_workers = 0``) ends with bit-identical weights.
+SIGINT / SIGTERM let the current step finish, save ``last.*`` and raise
+:class:`TrainingInterrupted` (the CLI exits 130 / 143); a second signal acts as usual.
+A run killed before its first checkpoint restarts from its ``config.toml`` on ``--resume``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +38,9 @@ import torch
 from torch import nn
 
 from . import plots
-from .checkpoint import (checkpoint_base, load_state, load_weights, read_metadata,
-                         save_checkpoint)
-from .config import Config, config_from_dict, to_toml
+from .checkpoint import (CheckpointError, checkpoint_base, load_state, load_weights,
+                         read_metadata, recover_checkpoint, save_checkpoint, write_text_atomic)
+from .config import Config, config_from_dict, load_config, to_toml
 from .distributed import DistContext, ShardedIndices, ShardedTupleSampler, init_distributed
 from .data import (DataError, ImageDataset, SynthParams, TupleSampler, ensure_synth,
                    load_split, screen_data, test_transform, train_transform)
@@ -38,7 +48,8 @@ from .models import BRANCHES, QCSNet, build_model, load_backbone_weights, qcs_lo
 from .optim import SAM, build_optimizer, build_scheduler
 from .progress import Progress
 
-__all__ = ["train", "evaluate", "resolve_device", "prepare_data", "seed_everything", "RunResult"]
+__all__ = ["train", "evaluate", "resolve_device", "prepare_data", "seed_everything", "RunResult",
+           "TrainingInterrupted"]
 
 log = logging.getLogger("qcs")
 
@@ -207,14 +218,133 @@ class RunResult:
 def _read_history(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # written atomically since the checkpoint rework; a torn line is from an older run
+            log.warning("%s line %d is not JSON (a torn write?); dropped", path, n)
     return [r for r in rows if r["epoch"] <= up_to_epoch]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _atomic_output(path: Path, write) -> None:
+    """``write(tmp)`` then rename to ``path``: a kill never leaves a half-written plot."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix picks the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`train` after SIGINT or SIGTERM once ``last.*`` holds the state
+    reached (a ``KeyboardInterrupt``, so code that handles Ctrl-C handles it).
+    ``exit_code`` is ``128 + signal number``: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM handlers that only record the request, so the loop can finish its
+    step and save; the first signal puts the previous handler back, so a second one acts
+    as usual (Ctrl-C: KeyboardInterrupt; SIGTERM: terminate). Installed only in the main
+    thread (Python allows signal handlers nowhere else)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+        # os.write: logging from a signal handler could re-enter a handler's lock
+        os.write(2, f"\nqcs: {signal.Signals(signum).name} received: finishing the current "
+                    f"step, then saving a checkpoint (send it again to stop at once)\n".encode())
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class _ResumableSampler(torch.utils.data.Sampler):
+    """Wraps the epoch's tuple sampler; ``skip`` items are left out at the start of the next
+    iteration (a mid-epoch resume draws the same epoch and continues where it stopped)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.skip = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain values (``weights_only``)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir`` for this process (released when it exits, even by
+    SIGKILL): two trainers writing one run's checkpoints would corrupt each other's."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fh = open(run_dir / ".train.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise CheckpointError(f"run directory {run_dir} is in use by another training "
+                              f"process (pid {holder})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _fix_none(cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -227,19 +357,52 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
     """Train ``cfg`` into ``run_dir`` (or continue the run of checkpoint ``resume``, whose
     saved config is used; ``epochs`` may then extend it). Returns the best test accuracy
     and the last epoch's metrics."""
-    start_epoch, best_acc, best_epoch = 1, -1.0, 0
+    start_epoch, start_step, best_acc, best_epoch = 1, 0, -1.0, 0
+    lock, notes = None, []
+    main_rank = os.environ.get("RANK", "0") == "0"  # before init_distributed: torchrun's env
     if resume is not None:
         base = checkpoint_base(resume)
-        meta = read_metadata(base)
-        cfg = config_from_dict(_fix_none(meta["config"]), f"{base}.json").validate()
         run_dir = base.parent
-        start_epoch = meta["epoch"] + 1
-        best_acc, best_epoch = meta.get("best_acc", -1.0), meta.get("best_epoch", 0)
+        if main_rank and run_dir.is_dir():
+            lock = _lock_run_dir(run_dir)
+            for name in ("last", "best"):  # a save killed half-way is finished or discarded
+                done = recover_checkpoint(run_dir / name)
+                if done:
+                    notes.append(done)
+        fresh = run_dir / "config.toml"
+        if (Path(resume).is_dir() and not base.with_name(base.name + ".json").exists()
+                and not (run_dir / f".{base.name}.commit").exists() and fresh.is_file()):
+            # killed before its first checkpoint: start the run again from its resolved config
+            cfg = load_config(fresh)
+            notes.append(f"{run_dir} has no checkpoint yet: starting it from the beginning "
+                         f"with its {fresh.name}")
+            resume = None
+        else:
+            meta = read_metadata(base)
+            cfg = config_from_dict(_fix_none(meta["config"]), f"{base}.json").validate()
+            if meta.get("epoch_complete", True):
+                start_epoch = meta["epoch"] + 1
+            else:  # a mid-epoch checkpoint (train.checkpoint_every, or SIGINT / SIGTERM)
+                start_epoch, start_step = meta["epoch"], meta["step"]
+            best_acc, best_epoch = meta.get("best_acc", -1.0), meta.get("best_epoch", 0)
     if epochs is not None:
         cfg.train.epochs = epochs
-    dctx = init_distributed(cfg.train.device)  # torchrun: DDP (see qcs.distributed)
-    run_dir = Path(dctx.from_main(str(run_dir)))  # one directory, even if named by the time
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dctx = init_distributed(cfg.train.device)  # torchrun: DDP (see qcs.distributed)
+        run_dir = Path(dctx.from_main(str(run_dir)))  # one directory, even if named by the time
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is None and dctx.is_main:
+            lock = _lock_run_dir(run_dir)
+        return _train_logged(cfg, run_dir, resume, start_epoch, start_step, best_acc,
+                             best_epoch, cache_dir, show_progress, dctx, notes)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_logged(cfg: Config, run_dir: Path, resume, start_epoch: int, start_step: int,
+                  best_acc: float, best_epoch: int, cache_dir, show_progress: bool,
+                  dctx: DistContext, notes: list[str]) -> RunResult:
     level = log.level
     if dctx.is_main:
         handler = logging.FileHandler(run_dir / "train.log")
@@ -252,8 +415,11 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
         handler = None
         log.setLevel(logging.WARNING)
     try:
-        return _train(cfg, run_dir, resume, start_epoch, best_acc, best_epoch, cache_dir,
-                      show_progress and dctx.is_main, dctx)
+        for note in notes:
+            log.info("%s", note)
+        with _StopSignals() as stop:
+            return _train(cfg, run_dir, resume, start_epoch, start_step, best_acc, best_epoch,
+                          cache_dir, show_progress and dctx.is_main, dctx, stop)
     finally:
         if handler is not None:
             log.removeHandler(handler)
@@ -262,9 +428,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
         dctx.shutdown()
 
 
-def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float,
-           best_epoch: int, cache_dir, show_progress: bool,
-           dctx: DistContext | None = None) -> RunResult:
+def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, start_step: int,
+           best_acc: float, best_epoch: int, cache_dir, show_progress: bool,
+           dctx: DistContext | None = None, stop: _StopSignals | None = None) -> RunResult:
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -283,7 +449,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
         names = [c.lower() for c in data.classes]
         cfg.model.neutral_class = names.index("neutral") if "neutral" in names else -1
     if dctx.is_main:
-        _write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+        write_text_atomic(run_dir / "config.toml", to_toml(cfg))
     balanced = cfg.data.balanced
     if balanced is None:
         balanced = cfg.data.format.startswith("affectnet")
@@ -302,16 +468,26 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
     scheduler = build_scheduler(base_opt, cfg.optim)
     sam = SAM(base_opt, cfg.optim.sam_rho, cfg.optim.sam_adaptive) if cfg.optim.sam else None
     scaler = torch.amp.GradScaler(device.type) if tc.amp == "fp16" else None
+    progress = None  # mid-epoch state of the checkpoint resumed from
+    resumed_meta = None
     if resume is not None:
         base = checkpoint_base(resume)
-        meta = read_metadata(base)
-        model.load_state_dict(load_weights(base, expect_epoch=meta["epoch"]))
-        state = load_state(base)
+        meta = resumed_meta = read_metadata(base)
+        save_id = meta.get("save_id")
+        model.load_state_dict(load_weights(base, expect_epoch=meta["epoch"],
+                                           expect_save_id=save_id))
+        state = load_state(base, expect_save_id=save_id)
         base_opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s (epoch %d) at epoch %d", base, meta["epoch"], start_epoch)
+        progress = state.get("progress")
+        if start_step and progress is None:
+            raise CheckpointError(f"{base}.state.pt has no mid-epoch progress but its JSON "
+                                  f"says epoch {meta['epoch']} step {start_step}")
+        log.info("resumed from %s (epoch %d%s) at epoch %d step %d", base, meta["epoch"],
+                 "" if meta.get("epoch_complete", True) else f", step {meta['step']}",
+                 start_epoch, start_step + 1)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters (%s), device %s, %s", model.variant, n_params / 1e6,
              "fused CSA" if _uses_fused(model, device) else "reference CSA", device,
@@ -324,6 +500,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
         log.info("DDP: %d processes (%s), %d tuples per process per step", dctx.world,
                  dist_backend(), tc.batch_size)
         sampler = ShardedTupleSampler(sampler, dctx.rank, dctx.world)
+    sampler = _ResumableSampler(sampler)
     net = dctx.wrap(model)  # forward_branches (DDP-wrapped when distributed)
     loader_gen = torch.Generator()
     workers = cfg.data.num_workers
@@ -337,11 +514,62 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
         sampler=ShardedIndices(len(data.test), dctx.rank, dctx.world) if dctx.enabled else None)
     history = _read_history(run_dir / "metrics.jsonl", start_epoch - 1)
     if dctx.is_main:
-        _write_text_atomic(run_dir / "metrics.jsonl",
-                           "".join(json.dumps(h) + "\n" for h in history))
+        write_text_atomic(run_dir / "metrics.jsonl",
+                          "".join(json.dumps(h) + "\n" for h in history))
+        if resumed_meta is not None:
+            _repair_best(run_dir, model, resumed_meta, history, list(data.classes))
     steps = len(train_loader)
     if tc.max_steps_per_epoch:
         steps = min(steps, tc.max_steps_per_epoch)
+
+    def meta_at(epoch: int, step: int, complete: bool) -> dict[str, Any]:
+        done = history[-1] if history else {}
+        return {"config": cfg.to_dict(), "classes": list(data.classes), "epoch": epoch,
+                "step": step, "epoch_complete": complete,
+                "metrics": {k: v for k, v in done.items() if k != "test_confusion"},
+                "best_acc": best_acc, "best_epoch": best_epoch, "data_root": data.root}
+
+    def train_state(progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        state = {"optimizer": base_opt.state_dict(), "scheduler": scheduler.state_dict()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if progress is not None:
+            state["progress"] = progress
+        return state
+
+    def save_mid_epoch(epoch: int, step: int, sums: dict[str, Any], train_time: float) -> None:
+        """``last.*`` in the middle of epoch ``epoch`` after ``step`` steps: weights,
+        optimizer, the epoch's running sums and every rank's RNG states."""
+        rng = [_rng_state(device)]
+        if dctx.enabled:  # every rank's own augmentation / dropout stream
+            import torch.distributed as dist
+            rng = [None] * dctx.world
+            dist.all_gather_object(rng, _rng_state(device))
+        if dctx.is_main:
+            save_checkpoint(run_dir / "last", model, meta_at(epoch, step, False),
+                            train_state({"sums": dict(sums), "train_time_s": train_time,
+                                         "rng": rng}))
+
+    def stop_requested() -> int | None:
+        """The signal to stop for (agreed by all ranks: they must stop at the same step)."""
+        local = stop.signum if stop is not None else None
+        if not dctx.enabled:
+            return local
+        flag = dctx.all_reduce_sum(torch.tensor([float(local or 0)], device=device))
+        return (local or signal.SIGTERM) if float(flag) > 0 else None
+
+    def interrupted(signum: int, epoch: int, step: int, saved: bool) -> TrainingInterrupted:
+        name = signal.Signals(signum).name
+        where = (f"epoch {epoch} step {step}" if step < steps else f"the end of epoch {epoch}")
+        if saved:
+            what = f"checkpoint saved at {where} in {run_dir / 'last'}"
+        elif (run_dir / "last.json").exists():
+            what = f"nothing new since the checkpoint in {run_dir / 'last'}"
+        else:
+            what = "no checkpoint yet"
+        msg = f"stopped by {name}: {what}; continue with: qcs train --resume {run_dir}"
+        log.warning("%s", msg)
+        return TrainingInterrupted(signum, msg)
 
     def loss_of(xs, ys):
         with _autocast(device, tc.amp):
@@ -357,6 +585,9 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
 
     epoch = start_epoch - 1
     last: dict[str, Any] = history[-1] if history else {}
+    signum = stop_requested()
+    if signum is not None:  # signalled while loading: the checkpoint on disk is current
+        raise interrupted(signum, start_epoch, start_step, saved=False)
     try:
         for epoch in range(start_epoch, tc.epochs + 1):
             es = _epoch_seed(tc.seed, epoch)
@@ -365,10 +596,25 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             sampler.set_epoch(epoch)
             model.train()
             sums = {"loss": 0.0, "base": 0.0, "cross": 0.0, "correct": 0, "seen": 0}
+            skip, time_before = 0, 0.0
+            if epoch == start_epoch and start_step:  # continue a mid-epoch checkpoint
+                skip = min(start_step, steps)
+                sums.update(progress["sums"])
+                time_before = float(progress.get("train_time_s", 0.0))
+                rng = progress["rng"]
+                if len(rng) == dctx.world:
+                    _set_rng_state(rng[dctx.rank], device)
+                else:  # other process count: the rest of the epoch draws a new random stream
+                    log.warning("the checkpoint holds RNG states of %d processes, this run has "
+                                "%d: the rest of epoch %d is not bit-identical to an "
+                                "uninterrupted run", len(rng), dctx.world, epoch)
+                    seed_everything(es + dctx.rank + 7919 * skip)
+            sampler.skip = skip * tc.batch_size
             lr = base_opt.param_groups[0]["lr"]
             bar = Progress(steps, f"epoch {epoch}/{tc.epochs}", unit="img",
                            enabled=show_progress)
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() - time_before
+            done_steps = skip
 
             def optimizer_step() -> None:
                 """The base optimizer's step (through the AMP scaler when there is one)."""
@@ -379,7 +625,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                     base_opt.step()
                 base_opt.zero_grad(set_to_none=True)
 
-            for step, (x, y) in enumerate(train_loader, 1):
+            for step, (x, y) in enumerate(train_loader if skip < steps else (), skip + 1):
                 if step > steps:
                     break
                 # [B, R, ...] from the loader -> branch-major [R, B, ...]
@@ -411,7 +657,15 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                 sums["loss"] += loss_value
                 sums["base"] += parts["base"]
                 sums["cross"] += parts.get("cross", 0.0)
+                done_steps = step
                 bar.update(step, items=xs.shape[0] * xs.shape[1], loss=sums["loss"] / step)
+                signum = stop_requested()
+                if signum is not None:
+                    bar.close()
+                    save_mid_epoch(epoch, step, sums, time.perf_counter() - t0)
+                    raise interrupted(signum, epoch, step, saved=True)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < steps:
+                    save_mid_epoch(epoch, step, sums, time.perf_counter() - t0)
             bar.close()
             train_time = time.perf_counter() - t0
             scheduler.step()
@@ -420,7 +674,7 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
                           desc=f"test {epoch}/{tc.epochs}",
                           reduce=dctx.all_reduce_sum if dctx.enabled else None)
             sums.update(dctx.mean_of({k: sums[k] for k in ("loss", "base", "cross")}))
-            n = max(min(step, steps), 1)
+            n = max(done_steps, 1)
             last = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / n,
                     "train_loss_base": sums["base"] / n,
                     "train_loss_cross": sums["cross"] / n if branches > 1 else None,
@@ -433,36 +687,62 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, best_acc: float
             improved = ev["acc"] > best_acc
             if improved:
                 best_acc, best_epoch = ev["acc"], epoch
-            if not dctx.is_main:
-                continue  # rank 0 alone writes metrics, checkpoints and plots
-            with open(run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(last) + "\n")
-            meta = {"config": cfg.to_dict(), "classes": list(data.classes), "epoch": epoch,
-                    "metrics": {k: v for k, v in last.items() if k != "test_confusion"},
-                    "best_acc": best_acc, "best_epoch": best_epoch,
-                    "data_root": data.root}
-            state = {"optimizer": base_opt.state_dict(), "scheduler": scheduler.state_dict()}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            save_checkpoint(run_dir / "last", model, meta, state)
-            if improved:
-                save_checkpoint(run_dir / "best", model, meta)
-                plots.plot_confusion(ev["confusion"], list(data.classes),
-                                     run_dir / "confusion_best.png",
-                                     f"best epoch {epoch}: accuracy {100 * ev['acc']:.2f}%")
-            plots.plot_losses(history, run_dir / "loss_curves.png")
-            plots.plot_accuracy(history, run_dir / "accuracy.png")
-            log.info("epoch %d/%d: train loss %.4f (base %.4f%s), test loss %.4f, test acc "
-                     "%.2f%% (best %.2f%% @%d), %.1f img/s", epoch, tc.epochs, last["train_loss"],
-                     last["train_loss_base"],
-                     f", cross {last['train_loss_cross']:.4f}" if branches > 1 else "",
-                     ev["loss"], 100 * ev["acc"], 100 * best_acc, best_epoch,
-                     last["train_images_per_s"])
-    except KeyboardInterrupt:
-        log.warning("interrupted in epoch %d; the last complete epoch is saved in %s; continue "
-                    "with: qcs train --resume %s", epoch, run_dir / "last", run_dir)
+            if dctx.is_main:  # rank 0 alone writes metrics, checkpoints and plots
+                # metrics first: a resume drops rows newer than its checkpoint
+                write_text_atomic(run_dir / "metrics.jsonl",
+                                  "".join(json.dumps(h) + "\n" for h in history))
+                meta = meta_at(epoch, done_steps, True)
+                save_checkpoint(run_dir / "last", model, meta, train_state())
+                if improved:  # after last: a resume repairs a best.* that missed this save
+                    save_checkpoint(run_dir / "best", model, meta)
+                    _plot_best_confusion(run_dir, ev["confusion"], list(data.classes), epoch,
+                                         ev["acc"])
+                _atomic_output(run_dir / "loss_curves.png",
+                               lambda p: plots.plot_losses(history, p))
+                _atomic_output(run_dir / "accuracy.png", lambda p: plots.plot_accuracy(history, p))
+                log.info("epoch %d/%d: train loss %.4f (base %.4f%s), test loss %.4f, test "
+                         "acc %.2f%% (best %.2f%% @%d), %.1f img/s", epoch, tc.epochs,
+                         last["train_loss"], last["train_loss_base"],
+                         f", cross {last['train_loss_cross']:.4f}" if branches > 1 else "",
+                         ev["loss"], 100 * ev["acc"], 100 * best_acc, best_epoch,
+                         last["train_images_per_s"])
+            signum = stop_requested()
+            if signum is not None:
+                raise interrupted(signum, epoch, steps, saved=True)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: no save; the last checkpoint stands
+        log.warning("interrupted in epoch %d; the last checkpoint is %s; continue with: qcs "
+                    "train --resume %s", epoch, run_dir / "last", run_dir)
         raise
     return RunResult(run_dir, best_acc, best_epoch, last)
+
+
+def _plot_best_confusion(run_dir: Path, confusion, classes: list[str], epoch: int,
+                         acc: float) -> None:
+    _atomic_output(run_dir / "confusion_best.png", lambda p: plots.plot_confusion(
+        confusion, classes, p, f"best epoch {epoch}: accuracy {100 * acc:.2f}%"))
+
+
+def _repair_best(run_dir: Path, model: nn.Module, meta: dict[str, Any],
+                 history: list[dict[str, Any]], classes: list[str]) -> None:
+    """``best.*`` is saved right after ``last.*``; a kill in between leaves ``best`` one
+    improvement behind. When the checkpoint resumed from is itself the best epoch, write
+    ``best.*`` from it (the weights just loaded)."""
+    epoch = meta.get("best_epoch", 0)
+    if not (epoch and meta.get("epoch_complete", True) and meta["epoch"] == epoch):
+        return
+    try:
+        if read_metadata(run_dir / "best").get("epoch") == epoch:
+            return
+    except CheckpointError:
+        pass  # missing (the first improvement was the save that got interrupted)
+    save_checkpoint(run_dir / "best", model, {k: v for k, v in meta.items()
+                                               if k not in ("format", "save_id")})
+    row = next((h for h in history if h["epoch"] == epoch), None)
+    if row is not None:
+        _plot_best_confusion(run_dir, row["test_confusion"], classes, epoch, row["test_acc"])
+    log.info("best.* brought up to epoch %d (its save had been interrupted)", epoch)
 
 
 def dist_backend() -> str:
