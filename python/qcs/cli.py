@@ -1,4 +1,4 @@
-"""The ``qcs`` command: ``train``, ``eval``, ``data synth``, ``config show``.
+"""The ``qcs`` command: ``train``, ``eval``, ``data synth``, ``convert``, ``config show``.
 
 ``qcs train`` with no arguments generates the built-in data (once, cached) and trains the
 ``tiny`` QCS preset on it, printing the test accuracy.
@@ -126,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bias-strength", type=float, default=0.9,
                    help="probability a biased training image gets its class colour (0.9)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("convert", help="import an official QCS / DCS checkpoint (.pth)",
+                       description="Read a checkpoint published with the QCS paper "
+                       "(github.com/birdwcp/QCS: torch.save of state_dict, optimizer and "
+                       "recorder objects) without running code from it, rename its weights "
+                       "onto our network and write our safetensors checkpoint OUT "
+                       "(OUT.safetensors + OUT.json; a directory gets OUT/best). The network's "
+                       "variant and class count come from the file, its shape from --config.")
+    v.add_argument("source", metavar="IN", help="the official .pth / .pth.tar file")
+    v.add_argument("out", metavar="OUT", help="checkpoint to write (base name or directory)")
+    v.add_argument("--config", default="paper-qcs", metavar="NAME|FILE",
+                   help="preset or TOML file giving the network's shape (default paper-qcs)")
+    v.add_argument("--data", choices=("raf-db", "ferplus", "affectnet7", "affectnet8"),
+                   help="dataset whose class order the labels follow (default raf-db for 7 "
+                   "classes; required for 8)")
+    v.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse missing or unexpected weights (default); --no-strict keeps "
+                   "missing ones at initialisation and ignores unexpected ones, listing both")
+    v.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field, e.g. --set model.csa_scope=sample")
+    v.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation of weights the file lacks (--no-strict)")
 
     c = sub.add_parser("config", help="show a preset or config file")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
@@ -301,6 +323,23 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    import torch
+
+    from .config import apply_overrides, load_config
+    from .convert import convert_official
+    cfg = apply_overrides(load_config(args.config), args.set)
+    out = Path(args.out)
+    base = out / "best" if out.is_dir() or args.out.endswith(("/", "\\")) else out
+    torch.manual_seed(args.seed)
+    report = convert_official(args.source, base, config=cfg, data_format=args.data,
+                              strict=args.strict)
+    print(report)
+    print(f"written: {base}.safetensors, {base}.json (use with qcs eval / predict / "
+          f"visualize / export --checkpoint {base})")
+    return 0
+
+
 def _cmd_config(args) -> int:
     from .config import load_config, to_toml
     if args.config_command != "show":
@@ -319,13 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .convert import ConvertError
     from .data import DataError
     from .cli_use import COMMANDS, MissingDependency, UsageError
     try:
         return {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data,
-                "config": _cmd_config, **COMMANDS}[args.command](args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError,
-            MissingDependency, UsageError) as exc:
+                "convert": _cmd_convert, "config": _cmd_config, **COMMANDS}[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ConvertError, FileNotFoundError,
+            FileExistsError, MissingDependency, UsageError) as exc:
         print(f"qcs {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # train: SIGINT / SIGTERM after saving (exit_code)

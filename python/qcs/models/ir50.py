@@ -108,15 +108,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
+    from ..checkpoint import CheckpointError  # a RuntimeError the CLI reports without traceback
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the file is foreign input: say which and why
-        raise RuntimeError(f"cannot read weights from {path} (tensors only, weights_only=True): "
-                           f"{exc}") from exc
+        raise CheckpointError(f"cannot read weights from {path} (tensors only, "
+                              f"weights_only=True): {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
