@@ -299,6 +299,13 @@ class _ResumableSampler(torch.utils.data.Sampler):
         return len(self.inner)
 
 
+def _worker_ignores_sigint(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C (the terminal sends it to the whole process group):
+    the main process stops them after saving; a worker that died of it would fail the
+    batch being fetched instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors and plain values (``weights_only``)."""
     version, words, gauss = random.getstate()
@@ -359,35 +366,41 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
     and the last epoch's metrics."""
     start_epoch, start_step, best_acc, best_epoch = 1, 0, -1.0, 0
     lock, notes = None, []
-    main_rank = os.environ.get("RANK", "0") == "0"  # before init_distributed: torchrun's env
-    if resume is not None:
-        base = checkpoint_base(resume)
-        run_dir = base.parent
-        if main_rank and run_dir.is_dir():
-            lock = _lock_run_dir(run_dir)
-            for name in ("last", "best"):  # a save killed half-way is finished or discarded
-                done = recover_checkpoint(run_dir / name)
-                if done:
-                    notes.append(done)
-        fresh = run_dir / "config.toml"
-        if (Path(resume).is_dir() and not base.with_name(base.name + ".json").exists()
-                and not (run_dir / f".{base.name}.commit").exists() and fresh.is_file()):
-            # killed before its first checkpoint: start the run again from its resolved config
-            cfg = load_config(fresh)
-            notes.append(f"{run_dir} has no checkpoint yet: starting it from the beginning "
-                         f"with its {fresh.name}")
-            resume = None
-        else:
-            meta = read_metadata(base)
-            cfg = config_from_dict(_fix_none(meta["config"]), f"{base}.json").validate()
-            if meta.get("epoch_complete", True):
-                start_epoch = meta["epoch"] + 1
-            else:  # a mid-epoch checkpoint (train.checkpoint_every, or SIGINT / SIGTERM)
-                start_epoch, start_step = meta["epoch"], meta["step"]
-            best_acc, best_epoch = meta.get("best_acc", -1.0), meta.get("best_epoch", 0)
-    if epochs is not None:
-        cfg.train.epochs = epochs
     try:
+        main_rank = os.environ.get("RANK", "0") == "0"  # before init_distributed: torchrun's env
+        if resume is not None:
+            base = checkpoint_base(resume)
+            run_dir = base.parent
+            if main_rank and run_dir.is_dir():
+                lock = _lock_run_dir(run_dir)
+                for name in ("last", "best"):  # a save killed half-way is finished or discarded
+                    done = recover_checkpoint(run_dir / name)
+                    if done:
+                        notes.append(done)
+            fresh = run_dir / "config.toml"
+            if (Path(resume).is_dir() and not base.with_name(base.name + ".json").exists()
+                    and not (run_dir / f".{base.name}.commit").exists() and fresh.is_file()):
+                # killed before its first checkpoint: start the run again from its resolved config
+                cfg = load_config(fresh)
+                notes.append(f"{run_dir} has no checkpoint yet: starting it from the beginning "
+                             f"with its {fresh.name}")
+                resume = None
+            else:
+                if Path(resume).is_dir() and not fresh.is_file() and not (
+                        base.with_name(base.name + ".json").exists()
+                        or (run_dir / f".{base.name}.commit").exists()):
+                    raise CheckpointError(f"{run_dir} holds no checkpoint and no config.toml (the "
+                                          "run stopped before training began): start it again "
+                                          "with its original command")
+                meta = read_metadata(base)
+                cfg = config_from_dict(_fix_none(meta["config"]), f"{base}.json").validate()
+                if meta.get("epoch_complete", True):
+                    start_epoch = meta["epoch"] + 1
+                else:  # a mid-epoch checkpoint (train.checkpoint_every, or SIGINT / SIGTERM)
+                    start_epoch, start_step = meta["epoch"], meta["step"]
+                best_acc, best_epoch = meta.get("best_acc", -1.0), meta.get("best_epoch", 0)
+        if epochs is not None:
+            cfg.train.epochs = epochs
         dctx = init_distributed(cfg.train.device)  # torchrun: DDP (see qcs.distributed)
         run_dir = Path(dctx.from_main(str(run_dir)))  # one directory, even if named by the time
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -507,10 +520,12 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, start_step: int
     train_loader = torch.utils.data.DataLoader(
         data.train, batch_size=tc.batch_size, sampler=sampler, num_workers=workers,
         drop_last=len(sampler) >= tc.batch_size, generator=loader_gen,
-        pin_memory=device.type == "cuda", persistent_workers=False)
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_worker_ignores_sigint)
     test_loader = torch.utils.data.DataLoader(
         data.test, batch_size=max(tc.batch_size * branches, 32), shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_ignores_sigint,
         sampler=ShardedIndices(len(data.test), dctx.rank, dctx.world) if dctx.enabled else None)
     history = _read_history(run_dir / "metrics.jsonl", start_epoch - 1)
     if dctx.is_main:
