@@ -583,7 +583,8 @@ def _train(cfg: Config, run_dir: Path, resume, start_epoch: int, start_step: int
         else:
             what = "no checkpoint yet"
         msg = f"stopped by {name}: {what}; continue with: qcs train --resume {run_dir}"
-        log.warning("%s", msg)
+        if dctx.is_main:  # the other ranks stopped at the same step; one report suffices
+            log.warning("%s", msg)
         return TrainingInterrupted(signum, msg)
 
     def loss_of(xs, ys):
