@@ -168,37 +168,52 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
   const T* x = qk.data_ptr<T>();
   T* dist = distances.data_ptr<T>();
 
-  // Squared norms of every token of every branch.
-  std::vector<double> sqnorm(g.branches * B * N);
-  at::parallel_for(0, g.branches * B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t i = 0; i < N; ++i) sqnorm[t * N + i] = kern.squared_norm(x + (t * N + i) * C, C);
-  });
-
+  // Tasks are (sample, row block), each doing every matrix: the sample's branches are read
+  // from memory once and then served from L2 to all of its Gram products.
   const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
-  const int64_t tasks = int64_t(g.matrices.size()) * B * blocks;
   const double tau = RefineThreshold<T>::value;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> gram(rows_per * N);
+    std::vector<double> sqnorm(g.branches * N);
     for (int64_t task = begin; task < end; ++task) {
-      const int32_t m = g.matrices[task / (B * blocks)];
-      const int64_t b = (task / blocks) % B, blk = task % blocks;
+      const int64_t b = task / blocks, blk = task % blocks;
       const int64_t r0 = blk * rows_per, r1 = std::min(N, r0 + rows_per);
+      // Squared norms: all tokens of the branches used as columns, this block's rows of the
+      // others (pair: both branches are both).
+      for (int64_t br = 0; br < g.branches; ++br) {
+        bool as_col = false;
+        for (int32_t m : g.matrices) as_col = as_col || col_branch(m) == br;
+        const T* t = branch_rows(x, g, br, b);
+        for (int64_t i = as_col ? 0 : r0; i < (as_col ? N : r1); ++i)
+          sqnorm[br * N + i] = kern.squared_norm(t + i * C, C);
+      }
+      for (int32_t m : g.matrices) {
       const int64_t rb = row_branch(m), cb = col_branch(m);
       const T* rows = branch_rows(x, g, rb, b);
       const T* cols = branch_rows(x, g, cb, b);
       kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
-      const double* nr = sqnorm.data() + (rb * B + b) * N;
-      const double* nc = sqnorm.data() + (cb * B + b) * N;
+      const double* nr = sqnorm.data() + rb * N;
+      const double* nc = sqnorm.data() + cb * N;
       T* out = dist + ((int64_t(m) * B + b) * N) * N;
       for (int64_t i = r0; i < r1; ++i) {
+        // Vectorised pass first; the rare near-zero entries are fixed up after it.
+        bool refine = false;
+        #pragma omp simd reduction(|| : refine)
         for (int64_t j = 0; j < N; ++j) {
           const double scale = nr[i] + nc[j];
-          double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
-          // Cancellation ate the digits (or the tokens are duplicates): recompute exactly.
-          if (d2 <= tau * scale) d2 = kern.squared_distance(rows + i * C, cols + j * C, C);
+          const double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
+          refine = refine || d2 <= tau * scale;
           out[i * N + j] = T(std::sqrt(std::max(d2, 0.0)));
         }
+        if (!refine) continue;
+        for (int64_t j = 0; j < N; ++j) {
+          const double scale = nr[i] + nc[j];
+          const double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
+          // Cancellation ate the digits (or the tokens are duplicates): recompute exactly.
+          if (d2 <= tau * scale)
+            out[i * N + j] = T(std::sqrt(std::max(kern.squared_distance(rows + i * C, cols + j * C, C), 0.0)));
+        }
+      }
       }
     }
   });
@@ -467,11 +482,13 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
   const T* csum = col_sums.data_ptr<T>();
   T* out = grad_qk.data_ptr<T>();
   const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
+  // Sample-major tasks: a sample's branches serve all of its branches' gradients from L2.
   const int64_t tasks = g.branches * B * blocks;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scale(N);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t br = task / (B * blocks), b = (task / blocks) % B, blk = task % blocks;
+      const int64_t b = task / (blocks * g.branches), blk = (task / g.branches) % blocks,
+                    br = task % g.branches;
       GemmProblem<T> p{};
       std::fill(scale.begin(), scale.end(), T(0));
       // Each matrix touching this branch: as its row branch, grad += diag(W 1) x - W y_cols;

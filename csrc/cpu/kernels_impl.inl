@@ -65,6 +65,16 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
   using V = Vec<T>;
   using vt = typename V::type;
   constexpr int W = V::kWidth;
+  constexpr int kLine = 64 / sizeof(T);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    T* dst = p.out + (row0 + r - p.out_row0) * p.ldo + col0;
+#pragma GCC unroll 8
+    for (int c = 0; c < NV * W; c += kLine) {
+      __builtin_prefetch(dst + c, 1, 3);
+      if (p.epilogue == GemmEpilogue::kScaleMinus) __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
+    }
+  }
   vt acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -231,8 +241,8 @@ inline void gram_row_tile(const T* rows, const T* cols, int64_t n_cols, int64_t 
 }
 
 template <typename T>
-void gram(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
-          int64_t ldo) {
+void gram_block(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
+                int64_t ldo) {
   constexpr int MR = QCS_GRAM_MR;
   int64_t r = 0;
   for (; r + MR <= n_rows; r += MR) gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
@@ -246,6 +256,18 @@ void gram(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t 
     default:
       break;
   }
+}
+
+template <typename T>
+void gram(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
+          int64_t ldo) {
+  // Every row tile streams all columns: beyond L2 (N = 784: 2.4 MB of columns) they would
+  // come from L3 once per row tile, so the columns go in chunks of about 256 KB.
+  constexpr int64_t kChunkBytes = 256 * 1024;
+  int64_t chunk = kChunkBytes / (n * int64_t(sizeof(T)));
+  chunk = chunk < QCS_GRAM_NR ? QCS_GRAM_NR : chunk - chunk % QCS_GRAM_NR;
+  for (int64_t c = 0; c < n_cols; c += chunk)
+    gram_block(rows, n_rows, cols + c * n, n_cols - c < chunk ? n_cols - c : chunk, n, out + c, ldo);
 }
 
 template <typename T>
@@ -267,13 +289,21 @@ template <typename T>
 double squared_norm(const T* x, int64_t n) {
   using V = Vec<T>;
   constexpr int W = V::kWidth;
-  typename V::type acc{};
+  // Four accumulators: one would serialise on the FMA latency.
+  typename V::type acc[4] = {};
   int64_t c = 0;
+  for (; c + 4 * W <= n; c += 4 * W) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      const auto v = V::load(x + c + u * W);
+      acc[u] += v * v;
+    }
+  }
   for (; c + W <= n; c += W) {
     const auto v = V::load(x + c);
-    acc += v * v;
+    acc[0] += v * v;
   }
-  double sum = V::hsum(acc);
+  double sum = V::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
   for (; c < n; ++c) sum += double(x[c]) * double(x[c]);
   return sum;
 }
