@@ -266,7 +266,9 @@ class _StopSignals:
     def __enter__(self) -> "_StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
+                # None: a handler installed outside Python, which cannot be put back
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
         return self
 
     def _handle(self, signum: int, frame) -> None:
