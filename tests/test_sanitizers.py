@@ -118,3 +118,17 @@ def test_tsan_sees_the_ops_parallel_for_threads():
     summaries = [line for line in res.reports if line.startswith("SUMMARY: ThreadSanitizer: data race")]
     assert summaries and "csrc/cpu/" in summaries[0], res.output[-6000:]
     assert res.returncode == 66, res.returncode
+
+
+def test_asan_environment_reports_and_exits():
+    """Positive control of the ASan run's environment (preload, options, exit code): a heap
+    overflow through an intercepted libc call in that environment is reported and ends
+    the process with exit code 86, which run_tests() treats as a failure."""
+    _require_toolchain("asan")
+    env = sanitize.run_env("asan", sanitize.build("asan", verbose=False))
+    code = ("import ctypes; buf = ctypes.create_string_buffer(4096); "  # > 512 bytes: malloc, not pymalloc
+            "ctypes.memset(ctypes.addressof(buf), 0, 4096 + 64)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 86, (proc.returncode, proc.stderr[-3000:])
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in proc.stderr
+    assert any(m in proc.stderr for m in sanitize.REPORT_MARKERS)
