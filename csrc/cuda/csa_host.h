@@ -14,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -44,6 +45,10 @@ inline void check_qk(const at::Tensor& qk, int64_t branches) {
   const auto st = qk.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
                    "qk must be float32, float64, float16 or bfloat16, got ", st);
+}
+// A NaN or infinite gamma would turn every map into NaN without a word; the CPU ops refuse it too.
+inline void check_gamma(double gamma) {
+  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
 }
 inline void check_like(const at::Tensor& t, const at::Tensor& qk, const char* name) {
   TORCH_CHECK(t.device() == qk.device(), name, " must be on the device of qk (", qk.device(), "), got ", t.device());
@@ -183,6 +188,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_forward(const at::Te
   TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
   TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ", theta.scalar_type(),
                    " but qk has dtype ", qk.scalar_type());
+  check_gamma(gamma);
   const Mode mode = parse_mode(std::string(mode_s));
   const Scope scope = parse_scope(std::string(scope_s));
   QCS_HOST_GUARD(qk);
@@ -229,6 +235,7 @@ inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_
   check_like(theta, qk, "theta");
   TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type() && theta.numel() == 1,
                    "theta must be one element of the dtype of qk");
+  check_gamma(gamma);
   check_backward_inputs(grad_maps, maps, qk, dist, extrema, 4);
   const Mode mode = parse_mode(std::string(mode_s));
   const Scope scope = parse_scope(std::string(scope_s));

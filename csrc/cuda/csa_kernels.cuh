@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __res
       }
       d2 = direct;
     }
-    d[e] = d2 > A(0) ? d2 : A(0);
+    d[e] = d2 < A(0) ? A(0) : d2;  // clamps rounding below 0 but keeps NaN (NaN/overflowing input)
   }
   // The square roots in a second sweep over the same (thread-private) entries: keeps the
   // refinement loop's live registers away from sqrt's slow-path call (no spills).
