@@ -58,8 +58,16 @@ class OpBinding:
     def _register(self) -> None:
         ns, ops = self.namespace, self.ops
 
+        def same_device(qk, **others):
+            # A meta tensor beside real ones sends the call here, not to the kernels: without
+            # this check the caller got uninitialised real tensors back as results.
+            for name, t in others.items():
+                if t.device != qk.device:
+                    raise ValueError(f"{name} is on {t.device} but qk is on {qk.device}; they must match")
+
         # Fake kernels: shapes and dtypes only (torch.compile, meta tensors).
         def cross_forward_fake(qk, theta, gamma, mode, scope):
+            same_device(qk, theta=theta)
             _, batch, tokens, _ = qk.shape
             aux = aux_dtype(qk.dtype)
             return (
@@ -69,6 +77,7 @@ class OpBinding:
             )
 
         def cross_backward_fake(grad_maps, maps, qk, distances, extrema, theta, gamma, mode, scope):
+            same_device(qk, grad_maps=grad_maps, maps=maps, distances=distances, extrema=extrema, theta=theta)
             return torch.empty_like(qk), torch.empty_like(theta)
 
         def pair_forward_fake(qk, scope):
@@ -81,6 +90,7 @@ class OpBinding:
             )
 
         def pair_backward_fake(grad_maps, maps, qk, distances, extrema, scope):
+            same_device(qk, grad_maps=grad_maps, maps=maps, distances=distances, extrema=extrema)
             return torch.empty_like(qk)
 
         torch.library.register_fake(f"{ns}::cross_similarity_forward", cross_forward_fake)
