@@ -1,8 +1,11 @@
-"""Shared fixtures of the trainer tests (names prefixed ``qcs_``)."""
+"""Shared fixtures of the trainer tests (names prefixed ``qcs_``) and the hypothesis profiles."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 # A micro network with the real structure (IR units, three token levels, ViT_base, cross
 # modules, ViT_cross) that trains in seconds on 32 px images: 4x4 tokens per level.
@@ -59,3 +62,12 @@ def qcs_easy_config(qcs_easy_root):
     return apply_overrides(load_config("tiny"), QCS_MICRO_SET + [
         "data.format=folder", f"data.root={qcs_easy_root}", "train.epochs=2",
         "data.image_size=24", "model.backbone_size=32"])
+
+
+# ---- hypothesis profiles (tests/test_properties.py) --------------------------------------
+# "ci": bounded and derandomized, so every CI run draws the same examples (~2 min).
+# "long": fresh examples, >= 10,000 across the property tests; run by hand with
+# QCS_HYPOTHESIS_PROFILE=long (or pytest --hypothesis-profile=long).
+settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=4500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("QCS_HYPOTHESIS_PROFILE", "ci"))
