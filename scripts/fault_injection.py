@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -339,6 +340,14 @@ class Harness:
             r.resumes += confirmed
             if "\nmodel " in text and not confirmed:  # got past loading without resuming
                 r.fail(f"process {self.n}: resumed without saying from where")
+            got = re.search(r"resumed from \S+ \(epoch (\d+)(?:, step (\d+))?\)", text)
+            if got:  # it must load the newest checkpoint seen after the previous fault
+                loaded = (int(got[1]), int(got[2]) if got[2] else 10**9)
+                if loaded != before:
+                    r.fail(f"process {self.n}: resumed from {loaded}, but the newest "
+                           f"checkpoint was {before}")
+            elif confirmed and before is not None:
+                r.fail(f"process {self.n}: restarted from scratch beside checkpoint {before}")
         record.update(rc=rc, seconds=round(time.monotonic() - t0, 2), landed=landed)
         flag.unlink(missing_ok=True)
         finished = False

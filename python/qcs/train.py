@@ -757,10 +757,10 @@ def _repair_best(run_dir: Path, model: nn.Module, meta: dict[str, Any],
         pass  # missing (the first improvement was the save that got interrupted)
     save_checkpoint(run_dir / "best", model, {k: v for k, v in meta.items()
                                                if k not in ("format", "save_id")})
+    log.info("best.* brought up to epoch %d (its save had been interrupted)", epoch)
     row = next((h for h in history if h["epoch"] == epoch), None)
     if row is not None:
         _plot_best_confusion(run_dir, row["test_confusion"], classes, epoch, row["test_acc"])
-    log.info("best.* brought up to epoch %d (its save had been interrupted)", epoch)
 
 
 def dist_backend() -> str:
