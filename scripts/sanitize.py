@@ -63,6 +63,9 @@ REPORT_MARKERS = (
     "Sanitizer:DEADLYSIGNAL",
 )
 
+# The exit codes the runtimes are told to use (ASAN_OPTIONS/UBSAN_OPTIONS, TSAN_OPTIONS).
+SANITIZER_EXIT_CODES = (86, 66)
+
 # libgomp entries that synchronise threads; tsan_openmp.cpp models GOMP_parallel only, so
 # a build importing any other must fail loudly instead of giving false reports or none.
 OMP_SYNC_ALLOWED = {"GOMP_parallel"}
@@ -407,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("fast", "full"), default="full")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="compile jobs (default $MAX_JOBS or 2)")
-    args, extra = parser.parse_known_args(argv)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after `--` goes to pytest untouched (argparse would take it as sanitizers).
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:split])
+    extra = unknown + argv[split + 1:]
     names = args.sanitizers or list(SANITIZERS)
     for name in names:
         if name not in SANITIZERS:
@@ -424,13 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"[sanitize] {name}: {exc}", file=sys.stderr)
             return 2
-        verdict = "clean" if not res.reports and res.returncode == 0 else "FAILED"
+        verdict = "clean" if not res.reports and res.returncode == 0 and res.passed else "FAILED"
         print(f"[sanitize] {name} ({args.profile}): {res.passed} passed, {res.failed} failed, "
               f"{res.skipped} skipped, {len(res.reports)} sanitizer report lines, {res.seconds:.0f} s: {verdict}",
               flush=True)
         for line in res.reports[:20]:
             print(f"[sanitize]   {line}")
-        if res.reports:
+        if res.reports or res.returncode in SANITIZER_EXIT_CODES:
             status = max(status, 3)
         elif res.returncode != 0:
             status = max(status, 1)
