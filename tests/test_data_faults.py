@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import QCS_MICRO_SET
@@ -162,6 +163,30 @@ def test_empty_classes_raise_or_are_counted(tmp_path, qcs_log):
     tr, te = screen_data(train, test, decode=True, skip_bad=True, show_progress=False)
     assert tr.labels == train.labels and te.labels == test.labels
     assert "skipped 4 items (--skip-bad): 4 empty class" in qcs_log
+
+
+def test_single_image_classes_raise_or_are_left_out(tmp_path, qcs_log):
+    # QCS / DCS need a positive other than the anchor: a class with one image cannot be
+    # sampled (the sampler itself would fail without naming the class or the file)
+    lines = ["train_00001.jpg 1", "train_00002.jpg 1", "train_00003.jpg 4", "train_00004.jpg 4",
+             "train_00005.jpg 7", "test_00001.jpg 1"]
+    _raf(tmp_path, lines)
+    train, test = raf_db(tmp_path, "train"), raf_db(tmp_path, "test")
+    # one image is fine for the single-branch networks (only empty classes are reported)
+    with pytest.raises(DataError, match="empty classes"):
+        screen_data(train, test, decode=False, skip_bad=False, show_progress=False)
+    with pytest.raises(DataError, match=r"too small to sample[\s\S]*\[train\]: class 'neutral' "
+                                        r"\(label 6\) has 1 image\(s\)") as err:
+        screen_data(train, test, decode=False, skip_bad=False, show_progress=False,
+                    min_per_class=2)
+    assert str(tmp_path) in str(err.value)
+    tr, _ = screen_data(train, test, decode=False, skip_bad=True, show_progress=False,
+                        min_per_class=2)
+    assert tr.labels == [0, 0, 3, 3]  # the neutral image is out, the others kept in order
+    assert "skipped 5 items (--skip-bad): 1 single-image class, 4 empty class" in qcs_log
+    from qcs.data import TupleSampler
+    items = TupleSampler(torch.tensor(tr.labels), len(tr.classes), branches=4, seed=0).items()
+    assert set(items.flatten().tolist()) <= set(range(4))
 
 
 def _faulty_micro(qcs_micro_root, tmp_path):

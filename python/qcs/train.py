@@ -117,8 +117,11 @@ def prepare_data(cfg: Config, cache_dir: str | None = None, show_progress: bool 
         raise DataError(f"train and test class lists differ: {train_list.classes} vs "
                         f"{test_list.classes}")
     # --check-data / --skip-bad decode every image up front (so no sampler draws a bad one)
+    # QCS / DCS draw a positive that is another image of the anchor's class
+    paired = cfg.model.family == "qcs" and cfg.model.variant in ("qcs", "dcs")
     train_list, test_list = screen_data(train_list, test_list, decode=d.check or d.skip_bad,
-                                        skip_bad=d.skip_bad, show_progress=show_progress)
+                                        skip_bad=d.skip_bad, show_progress=show_progress,
+                                        min_per_class=2 if paired else 1)
     for lst in (train_list, test_list):
         log.info("%s: %d images, per class %s%s", lst.source, len(lst), lst.counts(),
                  "".join(f"; {n}" for n in lst.notes))

@@ -40,7 +40,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # why an item was skipped under skip_bad, in the order summaries print them
 SKIP_REASONS = ("malformed line", "label out of range", "missing image", "unreadable image",
-                "empty class")
+                "single-image class", "empty class")
 
 
 class DataError(RuntimeError):
@@ -378,8 +378,15 @@ def skip_summary(lists: list[ImageList]) -> tuple[dict[str, int], list[str]]:
     return ({r: len(seen[r]) for r in order}, [m for r in order for m in seen[r]])
 
 
+def single_image_classes(images: ImageList, min_per_class: int) -> list[int]:
+    """Labels of the classes of ``images`` that have some images but fewer than
+    ``min_per_class``."""
+    return [k for k, n in enumerate(images.counts()) if 0 < n < min_per_class]
+
+
 def screen_data(train: ImageList, test: ImageList, *, decode: bool, skip_bad: bool,
-                show_progress: bool = True) -> tuple[ImageList, ImageList]:
+                show_progress: bool = True, min_per_class: int = 1
+                ) -> tuple[ImageList, ImageList]:
     """Start-up checks of a train / test pair, as ``qcs train`` and ``qcs eval`` run them.
 
     ``decode`` (``--check-data``, implied by ``--skip-bad``): decode every image of both
@@ -387,6 +394,9 @@ def screen_data(train: ImageList, test: ImageList, *, decode: bool, skip_bad: bo
     raises one :class:`DataError` listing all of them; with it the bad images are dropped,
     empty classes are kept (the sampler never draws them) and a count per reason is logged
     (``skipped 5 items (--skip-bad): 2 malformed line, ...``) with one line per item.
+    ``min_per_class`` (2 for QCS / DCS, whose positive is another image of the anchor's
+    class): a training class with fewer images is an error, or with ``skip_bad`` is left
+    out of training like an empty class.
     Returns the (possibly reduced) ``(train, test)``."""
     from ..progress import Progress
     lists = [train, test]
@@ -402,7 +412,21 @@ def screen_data(train: ImageList, test: ImageList, *, decode: bool, skip_bad: bo
                             "out):\n  " + "\n  ".join(unreadable))
         if not unreadable:
             log.info("all %d images readable", sum(len(lst) for lst in lists))
-    empty = empty_classes(lists[0])
+    small = single_image_classes(lists[0], min_per_class)
+    if small:
+        train_list = lists[0]
+        counts = train_list.counts()
+        messages = [f"{train_list.source}: class {train_list.classes[k]!r} (label {k}) has "
+                    f"{counts[k]} image(s); the quadruplet / pair sampler needs at least "
+                    f"{min_per_class} (a positive other than the anchor)" for k in small]
+        if not skip_bad:
+            raise DataError("the training split has classes too small to sample (--skip-bad "
+                            "trains without them):\n  " + "\n  ".join(messages))
+        lists[0] = train_list.subset([i for i, y in enumerate(train_list.labels)
+                                      if y not in small])
+        lists[0].skipped["single-image class"] = messages
+    empty = [m for m in empty_classes(lists[0])
+             if not any(f"(label {k})" in m for k in small)]
     if empty and not skip_bad:
         raise DataError("the training split has empty classes (--skip-bad trains without "
                         "them):\n  " + "\n  ".join(empty))
