@@ -453,7 +453,8 @@ __global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
     ag = warp_sum(ag);
     if (lane == 0) {
       const A r = rn[i];
-      ahat[i] = is_clamped(r) ? A(0) : w * al / (r * r * r);
+      // One division at a time: r^3 overflows float32 from r ~ 7e12 (inputs of that scale).
+      ahat[i] = is_clamped(r) ? A(0) : w * (al / r / r / r);
       tsum += gv[i] * ag;
     }
   }
@@ -466,7 +467,7 @@ __global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
       if (theta_term) ag += v / rn[i];
     }
     const A c = cn[l];
-    bhat[l] = is_clamped(c) ? A(0) : w * be / (c * c * c);
+    bhat[l] = is_clamped(c) ? A(0) : w * (be / c / c / c);
     tsum += gu[l] * ag;
   }
   tsum = block_sum(tsum, scratch);  // its barriers also end every read of rn/cn above
