@@ -549,12 +549,7 @@ def _native_gamma_cases():
         namespaces.append(("qcs_emulated", lambda: em.ops))
     for name, ops in namespaces:
         for which in ("forward", "backward"):
-            marks = []
-            if name == "qcs_ext" and which == "backward":
-                marks = [pytest.mark.xfail(strict=True, reason=(
-                    "CPU kernels (csrc/cpu/csa_cpu.cpp): cross_similarity_backward does not "
-                    "check gamma (the forward does); left to the CPU kernels' owner"))]
-            cases.append(pytest.param(ops, which, id=f"{name}-{which}", marks=marks))
+            cases.append(pytest.param(ops, which, id=f"{name}-{which}"))
     return cases
 
 

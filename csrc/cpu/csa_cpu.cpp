@@ -572,6 +572,7 @@ std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(
     const at::Tensor& distances, const at::Tensor& extrema, const at::Tensor& theta, double gamma,
     c10::string_view mode, c10::string_view scope) {
   check_features(qk, 4);
+  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
   return backward_cpu(grad_maps, maps, qk, distances, extrema, read_theta(theta, qk), gamma,
                       parse_mode(std::string(mode)), parse_scope(std::string(scope)), false);
 }
