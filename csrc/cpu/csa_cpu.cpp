@@ -161,6 +161,34 @@ void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, d
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// out[i, j] = |x_i - y_j| for rows i in [r0, r1) from their Gram block gram[i - r0, j] and
+// the squared norms: sqrt(|x|^2 + |y|^2 - 2 x.y), vectorised; the rare entries where that
+// identity cancels (duplicated or near-duplicate tokens) are then recomputed exactly.
+template <typename T>
+void distances_from_gram(const T* gram, const T* rows, const T* cols, const double* nr,
+                         const double* nc, int64_t r0, int64_t r1, int64_t n, int64_t c,
+                         const KernelSet<T>& kern, T* out) {
+  const double tau = RefineThreshold<T>::value;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* gi = gram + (i - r0) * n;
+    bool refine = false;
+    #pragma omp simd reduction(|| : refine)
+    for (int64_t j = 0; j < n; ++j) {
+      const double scale = nr[i] + nc[j];
+      const double d2 = scale - 2.0 * double(gi[j]);
+      refine = refine || d2 <= tau * scale;
+      out[i * n + j] = T(std::sqrt(std::max(d2, 0.0)));
+    }
+    if (!refine) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      const double scale = nr[i] + nc[j];
+      if (scale - 2.0 * double(gi[j]) <= tau * scale)
+        out[i * n + j] =
+            T(std::sqrt(std::max(kern.squared_distance(rows + i * c, cols + j * c, c), 0.0)));
+    }
+  }
+}
+
 template <typename T>
 void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
                        const KernelSet<T>& kern) {
@@ -168,52 +196,32 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
   const T* x = qk.data_ptr<T>();
   T* dist = distances.data_ptr<T>();
 
+  // Which branches are some matrix's columns: their norms are needed for every token.
+  std::vector<uint8_t> is_col(g.branches, 0);
+  for (int32_t m : g.matrices) is_col[col_branch(m)] = 1;
+
   // Tasks are (sample, row block), each doing every matrix: the sample's branches are read
   // from memory once and then served from L2 to all of its Gram products.
   const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
-  const double tau = RefineThreshold<T>::value;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> gram(rows_per * N);
     std::vector<double> sqnorm(g.branches * N);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks, blk = task % blocks;
       const int64_t r0 = blk * rows_per, r1 = std::min(N, r0 + rows_per);
-      // Squared norms: all tokens of the branches used as columns, this block's rows of the
-      // others (pair: both branches are both).
       for (int64_t br = 0; br < g.branches; ++br) {
-        bool as_col = false;
-        for (int32_t m : g.matrices) as_col = as_col || col_branch(m) == br;
         const T* t = branch_rows(x, g, br, b);
-        for (int64_t i = as_col ? 0 : r0; i < (as_col ? N : r1); ++i)
+        for (int64_t i = is_col[br] ? 0 : r0; i < (is_col[br] ? N : r1); ++i)
           sqnorm[br * N + i] = kern.squared_norm(t + i * C, C);
       }
       for (int32_t m : g.matrices) {
-      const int64_t rb = row_branch(m), cb = col_branch(m);
-      const T* rows = branch_rows(x, g, rb, b);
-      const T* cols = branch_rows(x, g, cb, b);
-      kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
-      const double* nr = sqnorm.data() + rb * N;
-      const double* nc = sqnorm.data() + cb * N;
-      T* out = dist + ((int64_t(m) * B + b) * N) * N;
-      for (int64_t i = r0; i < r1; ++i) {
-        // Vectorised pass first; the rare near-zero entries are fixed up after it.
-        bool refine = false;
-        #pragma omp simd reduction(|| : refine)
-        for (int64_t j = 0; j < N; ++j) {
-          const double scale = nr[i] + nc[j];
-          const double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
-          refine = refine || d2 <= tau * scale;
-          out[i * N + j] = T(std::sqrt(std::max(d2, 0.0)));
-        }
-        if (!refine) continue;
-        for (int64_t j = 0; j < N; ++j) {
-          const double scale = nr[i] + nc[j];
-          const double d2 = scale - 2.0 * double(gram[(i - r0) * N + j]);
-          // Cancellation ate the digits (or the tokens are duplicates): recompute exactly.
-          if (d2 <= tau * scale)
-            out[i * N + j] = T(std::sqrt(std::max(kern.squared_distance(rows + i * C, cols + j * C, C), 0.0)));
-        }
-      }
+        const int64_t rb = row_branch(m), cb = col_branch(m);
+        const T* rows = branch_rows(x, g, rb, b);
+        const T* cols = branch_rows(x, g, cb, b);
+        kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
+        distances_from_gram(gram.data(), rows, cols, sqnorm.data() + rb * N,
+                            sqnorm.data() + cb * N, r0, r1, N, C, kern,
+                            dist + ((int64_t(m) * B + b) * N) * N);
       }
     }
   });
