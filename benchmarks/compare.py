@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/compare.py                 # every shape, forward and fwd+bwd
     .venv/bin/python benchmarks/compare.py --shapes 24x49x768 --min-run-time 1
 
-Machines are noisy, so the table reports ratios against baselines measured in the same run
-(interleaved, median of torch.utils.benchmark's blocked autorange), not absolute targets.
+Machines are noisy, so the table reports ratios against baselines measured in the same run,
+not absolute targets. Each cell is measured in several rounds, and every round times every
+implementation once (torch.utils.benchmark's blocked autorange) before the next round starts,
+so a burst of load from elsewhere lands on all of them alike. A time is the median over the
+rounds; a speed-up is the median over the rounds of that round's ratio.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 
 import torch
@@ -32,10 +36,21 @@ def _parse_shape(text: str):
 
 
 def measure(fn, min_run_time: float) -> float:
-    """Median seconds per call."""
-    fn()  # warm up (and compile, for torch.compile)
+    """Median seconds per call over blocks of at least ``min_run_time`` in all."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure_interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
+    """Per implementation, its seconds per call in each round (``rounds`` values): every
+    round times every implementation once, ``min_run_time / rounds`` seconds each."""
+    for fn in fns.values():
+        fn()  # warm up (and compile, for torch.compile)
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(measure(fn, min_run_time / rounds))
+    return per_round
 
 
 def main(argv=None) -> int:
@@ -44,37 +59,47 @@ def main(argv=None) -> int:
                         help="B x N x C shapes (default: %(default)s)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--min-run-time", type=float, default=2.0,
-                        help="seconds of timing per cell (default: %(default)s)")
+                        help="seconds of timing per cell, over all rounds (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds per cell (default: %(default)s)")
     parser.add_argument("--skip-compiled-above", type=int, default=784,
                         help="skip torch.compile of the reference for N above this")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is the least "
                         "sensitive to other load on a shared machine")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.min_run_time <= 0:
+        parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     print(f"# CSA benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, {platform.processor() or platform.machine()}")
+          f"CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, {platform.processor() or platform.machine()}; "
+          f"medians of {args.rounds} interleaved rounds")
     header = "| B x N x C | pass | " + " | ".join(args.impls) + " | fused speed-up vs eager | vs compiled | vs sdpa | fused / gemms |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for shape in args.shapes:
         for backward in (False, True):
-            times = {}
-            for impl in args.impls:
-                if impl == "compiled" and shape[1] > args.skip_compiled_above:
-                    continue
-                times[impl] = measure(case(impl, shape, backward), args.min_run_time)
+            fns = {impl: case(impl, shape, backward) for impl in args.impls
+                   if not (impl == "compiled" and shape[1] > args.skip_compiled_above)}
+            per_round = measure_interleaved(fns, args.min_run_time, args.rounds)
+            times = {impl: statistics.median(v) for impl, v in per_round.items()}
+            for impl, values in per_round.items():
                 print(f"  measured {impl} {shape} {'fwd+bwd' if backward else 'fwd'}: "
-                      f"{times[impl] * 1e3:.2f} ms", file=sys.stderr)
+                      + ", ".join(f"{v * 1e3:.2f}" for v in values) + " ms", file=sys.stderr)
             cells = [f"{times[i] * 1e3:.2f} ms" if i in times else "-" for i in args.impls]
-            fused = times.get("fused")
+            fused = per_round.get("fused")
+
+            def round_ratio(num, den):
+                return statistics.median(a / b for a, b in zip(per_round[num], per_round[den]))
 
             def ratio(base):
-                return f"{times[base] / fused:.2f}x" if fused and base in times else "-"
+                return f"{round_ratio(base, 'fused'):.2f}x" if fused and base in times else "-"
 
-            gemms = f"{fused / times['gemms']:.2f}" if fused and "gemms" in times else "-"
+            gemms = f"{round_ratio('fused', 'gemms'):.2f}" if fused and "gemms" in times else "-"
             print(f"| {'x'.join(map(str, shape))} | {'fwd+bwd' if backward else 'fwd'} | "
                   + " | ".join(cells) + f" | {ratio('eager')} | {ratio('compiled')} | {ratio('sdpa')} | {gemms} |")
     print()
