@@ -9,6 +9,11 @@
 
 #include <cstdint>
 
+// Scalar math shared with the CUDA kernels. Included here, before any per-ISA
+// `#pragma GCC target`, so its inline functions are compiled for the baseline ISA wherever
+// an out-of-line copy is emitted.
+#include "csa_common.h"
+
 namespace qcs::cpu {
 
 // One operand pair of a GEMM: sum over k of A(i, k) * B(k, j), where
@@ -45,6 +50,10 @@ struct GemmProblem {
   const T* scale;  // [rows], indexed by absolute row; kScaleMinus only
   const T* x;      // row-major with leading dimension ldx; kScaleMinus only
   int64_t ldx;
+  // The output is written once and not read again soon (larger than the caches): store it
+  // with non-temporal stores where the rows are vector-aligned, skipping the read-for-
+  // ownership of every output line and leaving the caches to the operands.
+  bool stream_out;
 };
 
 template <typename T>
@@ -58,6 +67,28 @@ struct KernelSet {
   double (*squared_distance)(const T* x, const T* y, int64_t n);
   // sum_c x[c]^2 accumulated in double.
   double (*squared_norm)(const T* x, int64_t n);
+
+  // Per-matrix epilogues: one sample's n x n distance matrix `dist` (row-major), shifted by
+  // its extreme (similarity: extreme - D, distance: D - extreme). All in double. `scratch`
+  // holds at least n * n + 8 * n doubles.
+
+  // The smallest (or, with `largest`, the largest) of count values.
+  T (*extreme)(const T* x, int64_t count, bool largest);
+  // Forward: col_score[j] += weight * cols(M)[j] and row_score[i] += weight * rows(M)[i].
+  void (*forward_scores)(const T* dist, double extreme, bool similarity, int64_t n,
+                         double weight, double* col_score, double* row_score, double* scratch);
+  // Backward of the aggregations, given the fused scores' gradients up_col (of the column
+  // branch) and up_row: grad_dist = dL/dD before the extreme's routing; returns sum(dL/dD)
+  // and, in *ties, how many entries equal the extreme. For distance matrices also
+  // d_col[j] += cols(M)[j], d_row[i] += rows(M)[i] (the d scores, for the theta gradient).
+  double (*backward_scores)(const T* dist, T extreme, bool similarity, int64_t n,
+                            double weight, const double* up_col, const double* up_row,
+                            double* d_col, double* d_row, T* grad_dist, int64_t* ties,
+                            double* scratch);
+  // Backward of the distance: grad_dist (dL/dD) += routed where dist == extreme, then
+  // W = dL/dD / D in place (0 where D = 0), with W's row and column sums.
+  void (*distance_weights)(const T* dist, T extreme, double routed, int64_t n, T* grad_dist,
+                           T* row_sums, T* col_sums, double* scratch);
 };
 
 struct KernelTable {

@@ -70,6 +70,10 @@ int64_t row_block(int64_t n) {
   return (n + blocks - 1) / blocks;
 }
 
+// Outputs above this size outgrow the caches before anything reads them: the backward
+// GEMMs store them non-temporally (GemmProblem::stream_out).
+constexpr int64_t kStreamOutputBytes = int64_t(4) << 20;
+
 template <typename T> const KernelSet<T>& kernel_set(const KernelTable& t);
 template <> const KernelSet<float>& kernel_set<float>(const KernelTable& t) { return t.f32; }
 template <> const KernelSet<double>& kernel_set<double>(const KernelTable& t) { return t.f64; }
@@ -137,24 +141,6 @@ double read_theta(const at::Tensor& theta, const at::Tensor& qk) {
 template <typename T>
 const T* branch_rows(const T* base, const Geometry& g, int64_t branch, int64_t b) {
   return base + (branch * g.batch + b) * g.tokens * g.channels;
-}
-
-// Row/column sums of squares of a shifted matrix M = shift(D), in double.
-template <typename T>
-void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
-                    double* row_sumsq, double* col_sumsq) {
-  std::fill(col_sumsq, col_sumsq + n, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    double rs = 0;
-    #pragma omp simd reduction(+ : rs)
-    for (int64_t j = 0; j < n; ++j) {
-      const double v = shifted(double(dist[i * n + j]), extreme, similarity);
-      out[i * n + j] = v;
-      rs += v * v;
-      col_sumsq[j] += v * v;
-    }
-    row_sumsq[i] = rs;
-  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -230,7 +216,8 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
 // extrema[m, b]: max (similarity) / min (distance) of each used matrix per sample, then,
 // for scope="batch", the extreme over the batch in every column.
 template <typename T>
-void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor& extrema) {
+void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor& extrema,
+                     const KernelSet<T>& kern) {
   const int64_t B = g.batch, NN = g.tokens * g.tokens;
   const T* dist = distances.data_ptr<T>();
   T* ext = extrema.data_ptr<T>();
@@ -239,21 +226,13 @@ void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor&
     for (int64_t task = begin; task < end; ++task) {
       const int32_t m = g.matrices[task / B];
       const int64_t b = task % B;
-      const T* d = dist + (int64_t(m) * B + b) * NN;
-      T e = d[0];
-      if (is_similarity(m)) {
-        for (int64_t k = 1; k < NN; ++k) e = std::max(e, d[k]);
-      } else {
-        for (int64_t k = 1; k < NN; ++k) e = std::min(e, d[k]);
-      }
-      ext[int64_t(m) * B + b] = e;
+      ext[int64_t(m) * B + b] = kern.extreme(dist + (int64_t(m) * B + b) * NN, NN, is_similarity(m));
     }
   });
   if (g.scope == Scope::Batch) {
     for (int32_t m : g.matrices) {
       T* row = ext + int64_t(m) * B;
-      T e = row[0];
-      for (int64_t b = 1; b < B; ++b) e = is_similarity(m) ? std::max(e, row[b]) : std::min(e, row[b]);
+      const T e = kern.extreme(row, B, is_similarity(m));
       std::fill(row, row + B, e);
     }
   }
@@ -261,36 +240,22 @@ void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor&
 
 template <typename T>
 void forward_epilogue(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
-                      double theta, double gamma, at::Tensor& maps) {
+                      double theta, double gamma, at::Tensor& maps, const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens;
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
   T* out = maps.data_ptr<T>();
   const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> mat(N * N), rsq(N), csq(N), inv_r(N), inv_c(N);
+    std::vector<double> scratch(N * N + 8 * N);
     std::vector<double> score(g.branches * N);
     for (int64_t b = begin; b < end; ++b) {
       std::fill(score.begin(), score.end(), 0.0);
       for (int32_t m : g.matrices) {
-        const bool sim = is_similarity(m);
-        shifted_matrix(dist + (int64_t(m) * B + b) * N * N, double(ext[int64_t(m) * B + b]), sim,
-                       N, mat.data(), rsq.data(), csq.data());
-        for (int64_t i = 0; i < N; ++i) inv_r[i] = 1.0 / clamp_norm(rsq[i]);
-        for (int64_t j = 0; j < N; ++j) inv_c[j] = 1.0 / clamp_norm(csq[j]);
-        const double w = sim ? ws : wd;
-        double* col_score = score.data() + col_branch(m) * N;  // cols(M) scores the column branch
-        double* row_score = score.data() + row_branch(m) * N;  // rows(M) scores the row branch
-        for (int64_t i = 0; i < N; ++i) {
-          const double* mi = mat.data() + i * N;
-          double row_acc = 0;
-          #pragma omp simd reduction(+ : row_acc)
-          for (int64_t j = 0; j < N; ++j) {
-            col_score[j] += w * mi[j] * inv_r[i];
-            row_acc += mi[j] * inv_c[j];
-          }
-          row_score[i] += w * row_acc;
-        }
+        const int64_t slot = int64_t(m) * B + b;
+        kern.forward_scores(dist + slot * N * N, double(ext[slot]), is_similarity(m), N,
+                            is_similarity(m) ? ws : wd, score.data() + col_branch(m) * N,
+                            score.data() + row_branch(m) * N, scratch.data());
       }
       for (int64_t br = 0; br < g.branches; ++br) {
         const double* s = score.data() + br * N;
@@ -316,8 +281,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
     compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
-    compute_extrema<scalar_t>(g, distances, extrema);
-    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps);
+    compute_extrema<scalar_t>(g, distances, extrema, kernel_set<scalar_t>(table));
+    forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps,
+                               kernel_set<scalar_t>(table));
   });
   return {maps, distances, extrema};
 }
@@ -336,7 +302,7 @@ struct BackwardState {
 template <typename T>
 void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const at::Tensor& maps,
                            const at::Tensor& distances, const at::Tensor& extrema, double theta,
-                           double gamma, BackwardState& st) {
+                           double gamma, BackwardState& st, const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens;
   const T* gm = grad_maps.data_ptr<T>();
   const T* mp = maps.data_ptr<T>();
@@ -345,8 +311,7 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
   T* gd = st.grad_dist.data_ptr<T>();
   const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> mat(N * N), rsq(N), csq(N), t(N), v(N), alpha(N), beta(N), inv_r(N),
-        inv_c(N);
+    std::vector<double> scratch(N * N + 8 * N);
     std::vector<double> gscore(g.branches * N), dscore(g.branches * N);
     for (int64_t b = begin; b < end; ++b) {
       // Softmax backward: g_score = map * (g - sum(map * g)).
@@ -360,63 +325,14 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
       std::fill(dscore.begin(), dscore.end(), 0.0);
       for (int32_t m : g.matrices) {
         const bool sim = is_similarity(m);
-        const double w = sim ? ws : wd;
         const int64_t slot = int64_t(m) * B + b;
         const T* d = dist + slot * N * N;
-        shifted_matrix(d, double(ext[slot]), sim, N, mat.data(), rsq.data(), csq.data());
-        // Upstream of cols(M) and rows(M): the fused score's gradient, times the weight.
-        const double* uc = gscore.data() + col_branch(m) * N;
-        const double* ur = gscore.data() + row_branch(m) * N;
-        std::fill(v.begin(), v.end(), 0.0);
-        for (int64_t i = 0; i < N; ++i) {
-          const double* mi = mat.data() + i * N;
-          double acc = 0;
-          #pragma omp simd reduction(+ : acc)
-          for (int64_t j = 0; j < N; ++j) {
-            acc += uc[j] * mi[j];
-            v[j] += ur[i] * mi[j];
-          }
-          t[i] = w * acc;
-        }
-        for (int64_t i = 0; i < N; ++i) {
-          const double r = clamp_norm(rsq[i]);
-          inv_r[i] = 1.0 / r;
-          alpha[i] = norm_clamped(rsq[i]) ? 0.0 : t[i] / (r * r * r);
-        }
-        for (int64_t j = 0; j < N; ++j) {
-          const double c = clamp_norm(csq[j]);
-          inv_c[j] = 1.0 / c;
-          beta[j] = norm_clamped(csq[j]) ? 0.0 : w * v[j] / (c * c * c);
-        }
-        // dL/dM, then dL/dD = -dL/dM (similarity) or +dL/dM (distance).
-        const double sign = sim ? -1.0 : 1.0;
-        double* dcol = dscore.data() + col_branch(m) * N;
-        double* drow = dscore.data() + row_branch(m) * N;
-        T* out = gd + slot * N * N;
-        double total = 0;
-        for (int64_t i = 0; i < N; ++i) {
-          const double* mi = mat.data() + i * N;
-          const double wur = w * ur[i];
-          double row_acc = 0;
-          #pragma omp simd reduction(+ : total, row_acc)
-          for (int64_t j = 0; j < N; ++j) {
-            const double gm_ij = w * uc[j] * inv_r[i] - mi[j] * alpha[i] + wur * inv_c[j] -
-                                 mi[j] * beta[j];
-            const double gd_ij = sign * gm_ij;
-            out[i * N + j] = T(gd_ij);
-            total += gd_ij;
-            if (!sim) {  // d scores, for the theta gradient
-              dcol[j] += mi[j] * inv_r[i];
-              row_acc += mi[j] * inv_c[j];
-            }
-          }
-          if (!sim) drow[i] += row_acc;
-        }
-        st.grad_sum[slot] = total;
-        int64_t count = 0;
-        const T e = ext[slot];
-        for (int64_t k = 0; k < N * N; ++k) count += d[k] == e;
-        st.ties[slot] = count;
+        // Upstream of cols(M) and rows(M): the fused score's gradient (times the weight).
+        st.grad_sum[slot] = kern.backward_scores(
+            d, ext[slot], sim, N, sim ? ws : wd, gscore.data() + col_branch(m) * N,
+            gscore.data() + row_branch(m) * N, dscore.data() + col_branch(m) * N,
+            dscore.data() + row_branch(m) * N, gd + slot * N * N, &st.ties[slot],
+            scratch.data());
       }
       double tp = 0;
       for (int64_t k = 0; k < g.branches * N; ++k) tp += gscore[k] * dscore[k];
@@ -427,7 +343,8 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
 
 template <typename T>
 void backward_weights(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
-                      BackwardState& st, at::Tensor& row_sums, at::Tensor& col_sums) {
+                      BackwardState& st, at::Tensor& row_sums, at::Tensor& col_sums,
+                      const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens;
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
@@ -452,29 +369,12 @@ void backward_weights(const Geometry& g, const at::Tensor& distances, const at::
   }
   const int64_t tasks = int64_t(g.matrices.size()) * B;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> cacc(N);
+    std::vector<double> scratch(N);
     for (int64_t task = begin; task < end; ++task) {
       const int32_t m = g.matrices[task / B];
       const int64_t b = task % B, slot = int64_t(m) * B + b;
-      const T* d = dist + slot * N * N;
-      T* wm = w + slot * N * N;
-      const T e = ext[slot];
-      std::fill(cacc.begin(), cacc.end(), 0.0);
-      for (int64_t i = 0; i < N; ++i) {
-        double racc = 0;
-        #pragma omp simd reduction(+ : racc)
-        for (int64_t j = 0; j < N; ++j) {
-          const int64_t k = i * N + j;
-          double grad = double(wm[k]) + (d[k] == e ? routed[slot] : 0.0);
-          // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist.
-          const double wk = d[k] > T(0) ? grad / double(d[k]) : 0.0;
-          wm[k] = T(wk);
-          racc += wk;
-          cacc[j] += wk;
-        }
-        rsum[slot * N + i] = T(racc);
-      }
-      for (int64_t j = 0; j < N; ++j) csum[slot * N + j] = T(cacc[j]);
+      kern.distance_weights(dist + slot * N * N, ext[slot], routed[slot], N, w + slot * N * N,
+                            rsum + slot * N, csum + slot * N, scratch.data());
     }
   });
 }
@@ -492,6 +392,7 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
   const int64_t rows_per = row_block(N), blocks = ceil_div(N, rows_per);
   // Sample-major tasks: a sample's branches serve all of its branches' gradients from L2.
   const int64_t tasks = g.branches * B * blocks;
+  const bool stream_out = grad_qk.numel() * int64_t(sizeof(T)) >= kStreamOutputBytes;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scale(N);
     for (int64_t task = begin; task < end; ++task) {
@@ -521,6 +422,7 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
       p.scale = scale.data();
       p.x = branch_rows(x, g, br, b);
       p.ldx = C;
+      p.stream_out = stream_out;
       kern.gemm(p);
     }
   });
@@ -552,9 +454,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
   at::Tensor grad_qk = at::empty_like(qk);
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_backward_cpu", [&] {
-    backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st);
-    backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums);
-    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kernel_set<scalar_t>(table));
+    const KernelSet<scalar_t>& kern = kernel_set<scalar_t>(table);
+    backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st, kern);
+    backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums, kern);
+    backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kern);
   });
   double theta_sum = 0;
   for (double v : st.theta_part) theta_sum += v;

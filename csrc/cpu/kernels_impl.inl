@@ -7,6 +7,11 @@
 // after its `#pragma GCC target`.
 #include "cpu_kernels.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QCS_HAVE_STREAM_STORE 1
+#endif
+
 namespace qcs::cpu {
 namespace {
 
@@ -18,6 +23,31 @@ struct Vec {
   typedef T unaligned __attribute__((vector_size(QCS_VEC_BYTES), aligned(sizeof(T)), may_alias));
   static inline type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
   static inline void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  static constexpr bool kCanStream =
+#ifdef QCS_HAVE_STREAM_STORE
+      true;
+#else
+      false;
+#endif
+  // Non-temporal store; p must be QCS_VEC_BYTES-aligned. Weakly ordered: see stream_fence.
+  static inline void stream(T* p, type v) {
+#ifdef QCS_HAVE_STREAM_STORE
+    if constexpr (QCS_VEC_BYTES == 64 && sizeof(T) == 4) _mm512_stream_ps(p, __m512(v));
+    else if constexpr (QCS_VEC_BYTES == 64) _mm512_stream_pd(p, __m512d(v));
+    else if constexpr (QCS_VEC_BYTES == 32 && sizeof(T) == 4) _mm256_stream_ps(p, __m256(v));
+    else if constexpr (QCS_VEC_BYTES == 32) _mm256_stream_pd(p, __m256d(v));
+    else if constexpr (sizeof(T) == 4) _mm_stream_ps(p, __m128(v));
+    else _mm_stream_pd(p, __m128d(v));
+#else
+    store(p, v);
+#endif
+  }
+  // Orders the streamed stores before whatever follows (the join of the parallel region).
+  static inline void stream_fence() {
+#ifdef QCS_HAVE_STREAM_STORE
+    _mm_sfence();
+#endif
+  }
   // x - 0 is exact for every x (also -0), so it folds to a plain broadcast; 0 + x would not.
   static inline type splat(T x) { return x - type{}; }
   // Lane sum as a tree (log2(width) dependent adds instead of width).
@@ -35,13 +65,19 @@ struct Vec {
 template <typename T>
 struct Epilogue {
   const GemmProblem<T>& p;
+  bool stream;  // non-temporal stores of final values (gemm decides: alignment, one k pass)
+  inline void put(T* dst, typename Vec<T>::type v) const {
+    if (stream) Vec<T>::stream(dst, v);
+    else Vec<T>::store(dst, v);
+  }
+  template <GemmEpilogue kind>
   inline void vec(int64_t row, int64_t col, typename Vec<T>::type acc) const {
     using V = Vec<T>;
     T* dst = p.out + (row - p.out_row0) * p.ldo + col;
-    switch (p.epilogue) {
-      case GemmEpilogue::kStore: V::store(dst, acc); break;
+    switch (kind) {
+      case GemmEpilogue::kStore: put(dst, acc); break;
       case GemmEpilogue::kScaleMinus:
-        V::store(dst, V::splat(p.scale[row]) * V::load(p.x + row * p.ldx + col) - acc);
+        put(dst, V::splat(p.scale[row]) * V::load(p.x + row * p.ldx + col) - acc);
         break;
       case GemmEpilogue::kAdd: V::store(dst, V::load(dst) + acc); break;
       case GemmEpilogue::kSubtract: V::store(dst, V::load(dst) - acc); break;
@@ -66,26 +102,14 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
   using vt = typename V::type;
   constexpr int W = V::kWidth;
   constexpr int kLine = 64 / sizeof(T);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    T* dst = p.out + (row0 + r - p.out_row0) * p.ldo + col0;
-#pragma GCC unroll 8
-    for (int c = 0; c < NV * W; c += kLine) {
-      __builtin_prefetch(dst + c, 1, 3);
-      if (p.epilogue == GemmEpilogue::kScaleMinus) __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
-    }
-  }
   vt acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = vt{};
-  for (int s = 0; s < p.num_segments; ++s) {
-    const GemmSegment<T>& g = p.seg[s];
-    const T* a = g.a + row0 * g.a_row_stride;
-    const T* b = g.b + col0;
-    const int64_t rs = g.a_row_stride, ks = g.a_k_stride, ldb = g.ldb;
-    for (int64_t k = 0; k < g.k; ++k) {
+  auto steps = [&](const T* a, const T* b, int64_t rs, int64_t ks, int64_t ldb, int64_t k0,
+                   int64_t k1) __attribute__((always_inline)) {
+    for (int64_t k = k0; k < k1; ++k) {
       vt bv[NV];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * ldb + v * W);
@@ -96,11 +120,43 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
         for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
       }
     }
+  };
+  // The epilogue's operands are prefetched a few steps before the k loop ends: earlier, the
+  // streaming B panel would evict them from L1 again.
+  constexpr int64_t kLead = 16;
+  for (int s = 0; s < p.num_segments; ++s) {
+    const GemmSegment<T>& g = p.seg[s];
+    const T* a = g.a + row0 * g.a_row_stride;
+    const T* b = g.b + col0;
+    int64_t split = g.k;
+    if (s == p.num_segments - 1) split = g.k > kLead ? g.k - kLead : 0;
+    steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, 0, split);
+    if (s == p.num_segments - 1) {
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+        for (int c = 0; c < NV * W; c += kLine) {
+          if (!epi.stream) __builtin_prefetch(p.out + (row0 + r - p.out_row0) * p.ldo + col0 + c, 1, 3);
+          if (p.epilogue == GemmEpilogue::kScaleMinus)
+            __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
+        }
+      }
+      steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, split, g.k);
+    }
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) epi.vec(row0 + r, col0 + v * W, acc[r][v]);
+  switch (p.epilogue) {  // once per tile, not per vector
+#define QCS_EPILOGUE_CASE(kind)                                              \
+  case kind:                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)                     \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                   \
+        epi.template vec<kind>(row0 + r, col0 + v * W, acc[r][v]);           \
+    break;
+    QCS_EPILOGUE_CASE(GemmEpilogue::kStore)
+    QCS_EPILOGUE_CASE(GemmEpilogue::kScaleMinus)
+    QCS_EPILOGUE_CASE(GemmEpilogue::kAdd)
+    QCS_EPILOGUE_CASE(GemmEpilogue::kSubtract)
+#undef QCS_EPILOGUE_CASE
+  }
 }
 
 // Columns left over after the last full vector: plain scalar accumulation.
@@ -140,10 +196,10 @@ inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& 
 
 // Columns [col_begin, col_end) of p: full panels of NV vectors, single vectors, then scalars.
 template <typename T>
-void column_range(const GemmProblem<T>& p, int64_t col_begin, int64_t col_end) {
+void column_range(const GemmProblem<T>& p, int64_t col_begin, int64_t col_end, bool stream) {
   constexpr int W = Vec<T>::kWidth;
   constexpr int NV = QCS_GEMM_NV;
-  const Epilogue<T> epi{p};
+  const Epilogue<T> epi{p, stream};
   int64_t col = col_begin;
   for (; col + NV * W <= col_end; col += NV * W) row_sweep<T, NV>(p, col, epi);
   for (; col + W <= col_end; col += W) row_sweep<T, 1>(p, col, epi);
@@ -164,10 +220,15 @@ void gemm(const GemmProblem<T>& p) {
   constexpr int64_t kBlock = 256;
   int64_t total_k = 0;
   for (int s = 0; s < p.num_segments; ++s) total_k += p.seg[s].k;
+  // Streaming needs every vector store aligned, and only pays when each output element is
+  // stored once (one k pass; blocked k loops read the output back).
+  const bool stream = Vec<T>::kCanStream && p.stream_out && total_k <= kBlock &&
+                      reinterpret_cast<uintptr_t>(p.out) % QCS_VEC_BYTES == 0 &&
+                      (p.ldo * int64_t(sizeof(T))) % QCS_VEC_BYTES == 0;
   for (int64_t col = 0; col < p.cols; col += kPanel) {
     const int64_t col_end = col + kPanel < p.cols ? col + kPanel : p.cols;
     if (total_k <= kBlock) {
-      column_range(p, col, col_end);
+      column_range(p, col, col_end, stream);
       continue;
     }
     GemmProblem<T> part = p;
@@ -181,11 +242,12 @@ void gemm(const GemmProblem<T>& p) {
         part.epilogue = first ? p.epilogue
                               : (p.epilogue == GemmEpilogue::kStore ? GemmEpilogue::kAdd
                                                                      : GemmEpilogue::kSubtract);
-        column_range(part, col, col_end);
+        column_range(part, col, col_end, false);
         first = false;
       }
     }
   }
+  if (stream) Vec<T>::stream_fence();
 }
 
 template <typename T, int MR, int NR>
@@ -345,13 +407,162 @@ double squared_norm(const T* x, int64_t n) {
   return sum;
 }
 
+// ---- Per-matrix epilogues (KernelSet::forward_scores and friends), in double -----------
+
+template <typename T>
+T extreme(const T* x, int64_t count, bool largest) {
+  // Lane-wise extremes, then the lanes: a scalar max chain waits on every compare.
+  T e = x[0];
+  if (largest) {
+    #pragma omp simd reduction(max : e)
+    for (int64_t k = 1; k < count; ++k) e = x[k] > e ? x[k] : e;
+  } else {
+    #pragma omp simd reduction(min : e)
+    for (int64_t k = 1; k < count; ++k) e = x[k] < e ? x[k] : e;
+  }
+  return e;
+}
+
+// M = shift(D) in double, with its row and column sums of squares.
+template <typename T>
+void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
+                    double* row_sumsq, double* col_sumsq) {
+  for (int64_t j = 0; j < n; ++j) col_sumsq[j] = 0;
+  const double sign = similarity ? -1.0 : 1.0, offset = similarity ? extreme : -extreme;
+  for (int64_t i = 0; i < n; ++i) {
+    double rs = 0;
+    #pragma omp simd reduction(+ : rs)
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = sign * double(dist[i * n + j]) + offset;
+      out[i * n + j] = v;
+      rs += v * v;
+      col_sumsq[j] += v * v;
+    }
+    row_sumsq[i] = rs;
+  }
+}
+
+template <typename T>
+void forward_scores(const T* dist, double extreme, bool similarity, int64_t n, double weight,
+                    double* col_score, double* row_score, double* scratch) {
+  double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n;
+  shifted_matrix(dist, extreme, similarity, n, mat, rsq, csq);
+  for (int64_t i = 0; i < n; ++i) inv_r[i] = 1.0 / clamp_norm(rsq[i]);
+  for (int64_t j = 0; j < n; ++j) inv_c[j] = 1.0 / clamp_norm(csq[j]);
+  // cols(M) scores the column branch (rows normalised), rows(M) the row branch.
+  for (int64_t i = 0; i < n; ++i) {
+    const double* mi = mat + i * n;
+    const double wr = weight * inv_r[i];
+    double row_acc = 0;
+    #pragma omp simd reduction(+ : row_acc)
+    for (int64_t j = 0; j < n; ++j) {
+      col_score[j] += wr * mi[j];
+      row_acc += mi[j] * inv_c[j];
+    }
+    row_score[i] += weight * row_acc;
+  }
+}
+
+template <typename T>
+double backward_scores(const T* dist, T extreme, bool similarity, int64_t n, double weight,
+                       const double* up_col, const double* up_row, double* d_col, double* d_row,
+                       T* grad_dist, int64_t* ties, double* scratch) {
+  double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n,
+         *t = inv_c + n, *v = t + n, *alpha = v + n, *beta = alpha + n;
+  shifted_matrix(dist, extreme, similarity, n, mat, rsq, csq);
+  int64_t count = 0;
+  #pragma omp simd reduction(+ : count)
+  for (int64_t k = 0; k < n * n; ++k) count += dist[k] == extreme ? 1 : 0;
+  *ties = count;
+  for (int64_t j = 0; j < n; ++j) v[j] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double* mi = mat + i * n;
+    const double ur = up_row[i];
+    double acc = 0;
+    #pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) {
+      acc += up_col[j] * mi[j];
+      v[j] += ur * mi[j];
+    }
+    t[i] = weight * acc;
+  }
+  // d/dM of sum_j u[j] M[i, j] / r_i: u[j] / r_i - M[i, j] (u . M[i]) / r_i^3 (spec, step 3).
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = clamp_norm(rsq[i]);
+    inv_r[i] = 1.0 / r;
+    alpha[i] = norm_clamped(rsq[i]) ? 0.0 : t[i] / (r * r * r);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const double c = clamp_norm(csq[j]);
+    inv_c[j] = 1.0 / c;
+    beta[j] = norm_clamped(csq[j]) ? 0.0 : weight * v[j] / (c * c * c);
+  }
+  // dL/dD = -dL/dM (similarity) or +dL/dM (distance).
+  const double sign = similarity ? -1.0 : 1.0;
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double* mi = mat + i * n;
+    const double wr = weight * inv_r[i], wur = weight * up_row[i], ai = alpha[i];
+    double row_total = 0;
+    #pragma omp simd reduction(+ : row_total)
+    for (int64_t j = 0; j < n; ++j) {
+      const double gm_ij = wr * up_col[j] - mi[j] * ai + wur * inv_c[j] - mi[j] * beta[j];
+      const double gd_ij = sign * gm_ij;
+      grad_dist[i * n + j] = T(gd_ij);
+      row_total += gd_ij;
+    }
+    total += row_total;
+  }
+  if (!similarity) {  // the d scores, for the theta gradient
+    for (int64_t i = 0; i < n; ++i) {
+      const double* mi = mat + i * n;
+      const double ir = inv_r[i];
+      double row_acc = 0;
+      #pragma omp simd reduction(+ : row_acc)
+      for (int64_t j = 0; j < n; ++j) {
+        d_col[j] += mi[j] * ir;
+        row_acc += mi[j] * inv_c[j];
+      }
+      d_row[i] += row_acc;
+    }
+  }
+  return total;
+}
+
+template <typename T>
+void distance_weights(const T* dist, T extreme, double routed, int64_t n, T* grad_dist,
+                      T* row_sums, T* col_sums, double* scratch) {
+  double* col_acc = scratch;
+  for (int64_t j = 0; j < n; ++j) col_acc[j] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* di = dist + i * n;
+    T* wi = grad_dist + i * n;
+    double row_acc = 0;
+    #pragma omp simd reduction(+ : row_acc)
+    for (int64_t j = 0; j < n; ++j) {
+      const double grad = double(wi[j]) + (di[j] == extreme ? routed : 0.0);
+      // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist.
+      const double w = di[j] > T(0) ? grad / double(di[j]) : 0.0;
+      wi[j] = T(w);
+      row_acc += w;
+      col_acc[j] += w;
+    }
+    row_sums[i] = T(row_acc);
+  }
+  for (int64_t j = 0; j < n; ++j) col_sums[j] = T(col_acc[j]);
+}
+
 }  // namespace
 
 const KernelTable& QCS_ISA_FN() {
   static const KernelTable table{
       QCS_ISA_NAME,
-      {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>},
-      {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>},
+      {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>,
+       &extreme<float>, &forward_scores<float>, &backward_scores<float>,
+       &distance_weights<float>},
+      {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>,
+       &extreme<double>, &forward_scores<double>, &backward_scores<double>,
+       &distance_weights<double>},
   };
   return table;
 }
