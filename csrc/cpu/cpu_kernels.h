@@ -67,6 +67,13 @@ struct KernelSet {
   double (*squared_distance)(const T* x, const T* y, int64_t n);
   // sum_c x[c]^2 accumulated in double.
   double (*squared_norm)(const T* x, int64_t n);
+  // out[i * n + j] = |rows[i] - cols[j]| for rows i in [r0, r1), from the Gram block
+  // gram[(i - r0) * n + j] and the squared norms (double) as sqrt(|x|^2 + |y|^2 - 2 x.y);
+  // entries where that identity cancels (duplicated or near-duplicate tokens) are
+  // recomputed directly, so a duplicate gives exactly 0. rows/cols are [*, c].
+  void (*distances_from_gram)(const T* gram, const T* rows, const T* cols,
+                              const double* row_sqnorm, const double* col_sqnorm, int64_t r0,
+                              int64_t r1, int64_t n, int64_t c, T* out);
 
   // Per-matrix epilogues: one sample's n x n distance matrix `dist` (row-major), shifted by
   // its extreme (similarity: extreme - D, distance: D - extreme). All in double. `scratch`

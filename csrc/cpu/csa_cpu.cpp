@@ -147,34 +147,6 @@ const T* branch_rows(const T* base, const Geometry& g, int64_t branch, int64_t b
 // Forward
 // ---------------------------------------------------------------------------------------
 
-// out[i, j] = |x_i - y_j| for rows i in [r0, r1) from their Gram block gram[i - r0, j] and
-// the squared norms: sqrt(|x|^2 + |y|^2 - 2 x.y), vectorised; the rare entries where that
-// identity cancels (duplicated or near-duplicate tokens) are then recomputed exactly.
-template <typename T>
-void distances_from_gram(const T* gram, const T* rows, const T* cols, const double* nr,
-                         const double* nc, int64_t r0, int64_t r1, int64_t n, int64_t c,
-                         const KernelSet<T>& kern, T* out) {
-  const double tau = RefineThreshold<T>::value;
-  for (int64_t i = r0; i < r1; ++i) {
-    const T* gi = gram + (i - r0) * n;
-    bool refine = false;
-    #pragma omp simd reduction(|| : refine)
-    for (int64_t j = 0; j < n; ++j) {
-      const double scale = nr[i] + nc[j];
-      const double d2 = scale - 2.0 * double(gi[j]);
-      refine = refine || d2 <= tau * scale;
-      out[i * n + j] = T(std::sqrt(std::max(d2, 0.0)));
-    }
-    if (!refine) continue;
-    for (int64_t j = 0; j < n; ++j) {
-      const double scale = nr[i] + nc[j];
-      if (scale - 2.0 * double(gi[j]) <= tau * scale)
-        out[i * n + j] =
-            T(std::sqrt(std::max(kern.squared_distance(rows + i * c, cols + j * c, c), 0.0)));
-    }
-  }
-}
-
 template <typename T>
 void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
                        const KernelSet<T>& kern) {
@@ -205,9 +177,9 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
         const T* rows = branch_rows(x, g, rb, b);
         const T* cols = branch_rows(x, g, cb, b);
         kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
-        distances_from_gram(gram.data(), rows, cols, sqnorm.data() + rb * N,
-                            sqnorm.data() + cb * N, r0, r1, N, C, kern,
-                            dist + ((int64_t(m) * B + b) * N) * N);
+        kern.distances_from_gram(gram.data(), rows, cols, sqnorm.data() + rb * N,
+                                 sqnorm.data() + cb * N, r0, r1, N, C,
+                                 dist + ((int64_t(m) * B + b) * N) * N);
       }
     }
   });

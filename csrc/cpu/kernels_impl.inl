@@ -407,6 +407,31 @@ double squared_norm(const T* x, int64_t n) {
   return sum;
 }
 
+template <typename T>
+void distances_from_gram(const T* gram, const T* rows, const T* cols, const double* nr,
+                         const double* nc, int64_t r0, int64_t r1, int64_t n, int64_t c, T* out) {
+  const double tau = RefineThreshold<T>::value;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* gi = gram + (i - r0) * n;
+    int refine = 0;
+    #pragma omp simd reduction(| : refine)
+    for (int64_t j = 0; j < n; ++j) {
+      const double scale = nr[i] + nc[j];
+      const double d2 = scale - 2.0 * double(gi[j]);
+      refine |= d2 <= tau * scale ? 1 : 0;
+      out[i * n + j] = T(std::sqrt(d2 < 0.0 ? 0.0 : d2));  // NaN stays NaN
+    }
+    if (!refine) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      const double scale = nr[i] + nc[j];
+      if (scale - 2.0 * double(gi[j]) <= tau * scale) {
+        const double d2 = squared_distance(rows + i * c, cols + j * c, c);
+        out[i * n + j] = T(std::sqrt(d2 < 0.0 ? 0.0 : d2));  // NaN stays NaN
+      }
+    }
+  }
+}
+
 // ---- Per-matrix epilogues (KernelSet::forward_scores and friends), in double -----------
 
 template <typename T>
@@ -558,10 +583,10 @@ const KernelTable& QCS_ISA_FN() {
   static const KernelTable table{
       QCS_ISA_NAME,
       {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>,
-       &extreme<float>, &forward_scores<float>, &backward_scores<float>,
+       &distances_from_gram<float>, &extreme<float>, &forward_scores<float>, &backward_scores<float>,
        &distance_weights<float>},
       {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>,
-       &extreme<double>, &forward_scores<double>, &backward_scores<double>,
+       &distances_from_gram<double>, &extreme<double>, &forward_scores<double>, &backward_scores<double>,
        &distance_weights<double>},
   };
   return table;
