@@ -566,8 +566,11 @@ void distance_weights(const T* dist, T extreme, double routed, int64_t n, T* gra
     #pragma omp simd reduction(+ : row_acc)
     for (int64_t j = 0; j < n; ++j) {
       const double grad = double(wi[j]) + (di[j] == extreme ? routed : 0.0);
-      // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist.
-      const double w = di[j] > T(0) ? grad / double(di[j]) : 0.0;
+      // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. Dividing by
+      // a safe denominator first keeps the loop branch-free (vectorised; a conditional
+      // division may trap, so the compiler would not speculate it).
+      const bool positive = di[j] > T(0);
+      const double w = positive ? grad / (positive ? double(di[j]) : 1.0) : 0.0;
       wi[j] = T(w);
       row_acc += w;
       col_acc[j] += w;
