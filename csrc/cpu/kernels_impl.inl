@@ -95,7 +95,8 @@ struct Epilogue {
 };
 
 // MR rows x NV vectors of columns held in registers across the whole k loop.
-template <typename T, int MR, int NV>
+// With kPrefetchNext the tile also prefetches the B rows of the next column panel.
+template <typename T, int MR, int NV, bool kPrefetchNext = false>
 __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, int64_t row0,
                                                       int64_t col0, const Epilogue<T>& epi) {
   using V = Vec<T>;
@@ -111,6 +112,10 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
                    int64_t k1) __attribute__((always_inline)) {
     for (int64_t k = k0; k < k1; ++k) {
       vt bv[NV];
+      if constexpr (kPrefetchNext) {
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(b + k * ldb + (NV + v) * W, 0, 3);
+      }
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * ldb + v * W);
 #pragma GCC unroll 8
@@ -179,6 +184,13 @@ template <typename T, int NV>
 inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& epi) {
   constexpr int MR = QCS_GEMM_MR;
   int64_t row = p.row_begin;
+  // The panel's first row tile fetches the next panel's B rows a line per vector and step:
+  // the rows lie a row stride apart (3 KB at C = 768), a pattern the hardware prefetcher
+  // does not follow, so that panel's first tile would otherwise wait on memory.
+  if (NV > 1 && row + MR <= p.row_end && col0 + 2 * NV * Vec<T>::kWidth <= p.cols) {
+    micro_tile<T, MR, NV, true>(p, row, col0, epi);
+    row += MR;
+  }
   for (; row + MR <= p.row_end; row += MR) micro_tile<T, MR, NV>(p, row, col0, epi);
   // Remaining rows, one template per count so every tile keeps its accumulators in registers.
   switch (p.row_end - row) {
