@@ -344,3 +344,21 @@ def test_large_token_grids_match_reference(shape, scope):
     ref = _grads(reference.cross_similarity_maps, qk, theta, upstream, scope=scope)
     for got, want in zip(fused, ref):
         assert (got - want).abs().max() <= 1e-10 * max(want.abs().max().item(), 1e-12)
+
+
+@pytest.mark.parametrize("mode,unused", [("s", (2, 3)), ("d", (0, 1)), ("sd", ())])
+def test_forward_distances_are_cdist_and_unused_slots_zero(mode, unused):
+    """The native forward's saved distances: torch.cdist of each pair the mode uses, and
+    zero (not uninitialised memory) for the matrices it does not."""
+    qk, theta = _inputs((3, 6, 5), torch.float64)
+    qk = qk.detach()
+    # Leave NaN in freed memory of the distances' size, so an uncleared slot shows.
+    garbage = torch.full((4, 3, 6, 6), float("nan"), dtype=torch.float64)
+    del garbage
+    _, dist, ext = torch.ops.qcs_ext.cross_similarity_forward(qk, theta.detach(), 1.0, mode, "sample")
+    rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)  # D_pa, D_n2n, D_na, D_n2p
+    for m in range(4):
+        if m in unused:
+            assert (dist[m] == 0).all() and (ext[m] == 0).all()
+        else:
+            torch.testing.assert_close(dist[m], torch.cdist(qk[rows[m]], qk[cols[m]]))

@@ -260,9 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
   const at::Tensor qk = qk_in.contiguous();
   const Geometry g = make_geometry(qk, pair, mode, scope);
   at::Tensor maps = at::empty({g.branches, g.batch, g.tokens}, qk.options());
-  // Unused matrices stay zero: backward never reads them.
-  at::Tensor distances = at::zeros({g.num_matrix_slots, g.batch, g.tokens, g.tokens}, qk.options());
+  // Unused matrices (modes "s" and "d") are zero: backward never reads them, but outputs
+  // are defined everywhere. The used ones are written in full, so only the rest is cleared.
+  at::Tensor distances = at::empty({g.num_matrix_slots, g.batch, g.tokens, g.tokens}, qk.options());
   at::Tensor extrema = at::zeros({g.num_matrix_slots, g.batch}, qk.options());
+  for (int64_t m = 0; m < g.num_matrix_slots; ++m)
+    if (std::find(g.matrices.begin(), g.matrices.end(), m) == g.matrices.end()) distances[m].zero_();
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
     compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
