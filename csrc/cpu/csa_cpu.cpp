@@ -5,13 +5,15 @@
 //   1. Gram products (register-blocked, cpu_kernels.h) -> distances, in row blocks
 //      (parallel over matrix x sample x block);
 //      near-zero distances recomputed directly (csa_common.h, RefineThreshold);
-//   2. extrema per matrix and sample, then over the batch for scope="batch";
+//   2. extrema per matrix and sample (inside step 1's task when it holds a whole matrix),
+//      then over the batch for scope="batch";
 //   3. per sample: shift, row/column norms, both aggregations, fusion and softmax.
 // Backward, per call:
 //   A. per sample: softmax and fusion backward, then per matrix the aggregation backward
-//      (dL/dD, stored), the theta partial sums and the sums routed to the extremes;
-//   B. per matrix and sample: route the shift's gradient to the (tied) extremes,
-//      W = dL/dD / D in place, row and column sums of W;
+//      (dL/dD), the theta partial sums, the shift's gradient routed to the (tied) extremes
+//      (scope="sample"), W = dL/dD / D in place and the row and column sums of W;
+//   B. scope="batch": the shift's gradient, which needs the whole batch's sums, added at
+//      the batch extremes;
 //   C. per branch, sample and row block one GEMM over its two matrices:
 //      grad_x = diag(sum W) x - W y.
 // All reductions run in a fixed order, so results do not depend on the thread count.
@@ -160,12 +162,15 @@ const T* branch_rows(const T* base, const Geometry& g, int64_t branch, int64_t b
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// Returns whether it also wrote extrema[m, b] (each matrix's extreme per sample: done
+// while the matrix is in cache when one task computes all of it).
 template <typename T>
-void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
-                       const KernelSet<T>& kern) {
+bool compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& distances,
+                       at::Tensor& extrema, const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens, C = g.channels;
   const T* x = qk.data_ptr<T>();
   T* dist = distances.data_ptr<T>();
+  T* ext = extrema.data_ptr<T>();
 
   // Which branches are some matrix's columns: their norms are needed for every token.
   std::vector<uint8_t> is_col(g.branches, 0);
@@ -190,24 +195,26 @@ void compute_distances(const at::Tensor& qk, const Geometry& g, at::Tensor& dist
         const T* rows = branch_rows(x, g, rb, b);
         const T* cols = branch_rows(x, g, cb, b);
         kern.gram(rows + r0 * C, r1 - r0, cols, N, C, gram.data(), N);
+        T* d = dist + ((int64_t(m) * B + b) * N) * N;
         kern.distances_from_gram(gram.data(), rows, cols, sqnorm.data() + rb * N,
-                                 sqnorm.data() + cb * N, r0, r1, N, C,
-                                 dist + ((int64_t(m) * B + b) * N) * N);
+                                 sqnorm.data() + cb * N, r0, r1, N, C, d);
+        if (blocks == 1) ext[int64_t(m) * B + b] = kern.extreme(d, N * N, is_similarity(m));
       }
     }
   });
+  return blocks == 1;
 }
 
 // extrema[m, b]: max (similarity) / min (distance) of each used matrix per sample, then,
 // for scope="batch", the extreme over the batch in every column.
 template <typename T>
 void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor& extrema,
-                     const KernelSet<T>& kern) {
+                     const KernelSet<T>& kern, bool per_sample_done) {
   const int64_t B = g.batch, NN = g.tokens * g.tokens;
   const T* dist = distances.data_ptr<T>();
   T* ext = extrema.data_ptr<T>();
-  const int64_t tasks = int64_t(g.matrices.size()) * B;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = per_sample_done ? 0 : int64_t(g.matrices.size()) * B;
+  if (tasks > 0) at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int32_t m = g.matrices[task / B];
       const int64_t b = task % B;
@@ -268,8 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
     if (std::find(g.matrices.begin(), g.matrices.end(), m) == g.matrices.end()) distances[m].zero_();
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
-    compute_distances<scalar_t>(qk, g, distances, kernel_set<scalar_t>(table));
-    compute_extrema<scalar_t>(g, distances, extrema, kernel_set<scalar_t>(table));
+    const bool extrema_done =
+        compute_distances<scalar_t>(qk, g, distances, extrema, kernel_set<scalar_t>(table));
+    compute_extrema<scalar_t>(g, distances, extrema, kernel_set<scalar_t>(table), extrema_done);
     forward_epilogue<scalar_t>(g, distances, extrema, theta, gamma, maps,
                                kernel_set<scalar_t>(table));
   });
@@ -290,8 +298,11 @@ struct BackwardState {
 template <typename T>
 void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const at::Tensor& maps,
                            const at::Tensor& distances, const at::Tensor& extrema, double theta,
-                           double gamma, BackwardState& st, const KernelSet<T>& kern) {
+                           double gamma, BackwardState& st, at::Tensor& row_sums,
+                           at::Tensor& col_sums, const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens;
+  T* rsum = row_sums.data_ptr<T>();
+  T* csum = col_sums.data_ptr<T>();
   const T* gm = grad_maps.data_ptr<T>();
   const T* mp = maps.data_ptr<T>();
   const T* dist = distances.data_ptr<T>();
@@ -299,7 +310,7 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
   T* gd = st.grad_dist.data_ptr<T>();
   const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(N * N + 8 * N);
+    std::vector<double> scratch(N * N + 8 * N), col_scratch(N);
     std::vector<double> gscore(g.branches * N), dscore(g.branches * N);
     for (int64_t b = begin; b < end; ++b) {
       // Softmax backward: g_score = map * (g - sum(map * g)).
@@ -321,6 +332,13 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
             gscore.data() + row_branch(m) * N, dscore.data() + col_branch(m) * N,
             dscore.data() + row_branch(m) * N, gd + slot * N * N, &st.ties[slot],
             scratch.data());
+        // The shift's gradient, sum(dL/dS) routed to the extreme(s) and spread evenly over
+        // ties (like amax), is known here for scope="sample"; for "batch" it needs the whole
+        // batch, and route_batch_extremes adds it afterwards.
+        const double routed =
+            g.scope == Scope::Sample ? -st.grad_sum[slot] / double(st.ties[slot]) : 0.0;
+        kern.distance_weights(d, ext[slot], routed, N, gd + slot * N * N, rsum + slot * N,
+                              csum + slot * N, col_scratch.data());
       }
       double tp = 0;
       for (int64_t k = 0; k < g.branches * N; ++k) tp += gscore[k] * dscore[k];
@@ -329,42 +347,45 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
   });
 }
 
+// scope="batch": adds the routed shift gradient, -sum(dL/dS) over the batch divided by the
+// number of tied extremes, to W = dL/dD / D and its row and column sums where D equals the
+// batch extreme (usually one element of one sample per matrix).
 template <typename T>
-void backward_weights(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
-                      BackwardState& st, at::Tensor& row_sums, at::Tensor& col_sums,
-                      const KernelSet<T>& kern) {
+void route_batch_extremes(const Geometry& g, const at::Tensor& distances,
+                          const at::Tensor& extrema, BackwardState& st, at::Tensor& row_sums,
+                          at::Tensor& col_sums) {
   const int64_t B = g.batch, N = g.tokens;
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
   T* w = st.grad_dist.data_ptr<T>();
   T* rsum = row_sums.data_ptr<T>();
   T* csum = col_sums.data_ptr<T>();
-  // The shift's gradient: sum(dL/dS) to the extreme(s), spread evenly over ties (like amax).
-  std::vector<double> routed(g.num_matrix_slots * B, 0.0);
   for (int32_t m : g.matrices) {
-    if (g.scope == Scope::Batch) {
-      double total = 0;
-      int64_t count = 0;
-      for (int64_t b = 0; b < B; ++b) {
-        total += st.grad_sum[m * B + b];
-        count += st.ties[m * B + b];
+    double total = 0;
+    int64_t count = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      total += st.grad_sum[m * B + b];
+      count += st.ties[m * B + b];
+    }
+    const double routed = -total / double(count);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t slot = int64_t(m) * B + b;
+      if (st.ties[slot] == 0) continue;
+      const T* d = dist + slot * N * N;
+      const T e = ext[slot];
+      T* wm = w + slot * N * N;
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t j = 0; j < N; ++j) {
+          const T dij = d[i * N + j];
+          if (!(dij == e && dij > T(0))) continue;  // zero distance: no gradient, as cdist
+          const double delta = routed / double(dij);
+          wm[i * N + j] = T(double(wm[i * N + j]) + delta);
+          rsum[slot * N + i] = T(double(rsum[slot * N + i]) + delta);
+          csum[slot * N + j] = T(double(csum[slot * N + j]) + delta);
+        }
       }
-      for (int64_t b = 0; b < B; ++b) routed[m * B + b] = -total / double(count);
-    } else {
-      for (int64_t b = 0; b < B; ++b)
-        routed[m * B + b] = -st.grad_sum[m * B + b] / double(st.ties[m * B + b]);
     }
   }
-  const int64_t tasks = int64_t(g.matrices.size()) * B;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(N);
-    for (int64_t task = begin; task < end; ++task) {
-      const int32_t m = g.matrices[task / B];
-      const int64_t b = task % B, slot = int64_t(m) * B + b;
-      kern.distance_weights(dist + slot * N * N, ext[slot], routed[slot], N, w + slot * N * N,
-                            rsum + slot * N, csum + slot * N, scratch.data());
-    }
-  });
 }
 
 template <typename T>
@@ -447,8 +468,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_backward_cpu", [&] {
     const KernelSet<scalar_t>& kern = kernel_set<scalar_t>(table);
-    backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st, kern);
-    backward_weights<scalar_t>(g, distances, extrema, st, row_sums, col_sums, kern);
+    backward_aggregations<scalar_t>(g, grad_maps, maps, distances, extrema, theta, gamma, st,
+                                    row_sums, col_sums, kern);
+    if (g.scope == Scope::Batch)
+      route_batch_extremes<scalar_t>(g, distances, extrema, st, row_sums, col_sums);
     backward_gemms<scalar_t>(g, qk, st, row_sums, col_sums, grad_qk, kern);
   });
   double theta_sum = 0;
