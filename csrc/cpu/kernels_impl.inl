@@ -465,12 +465,11 @@ template <typename T>
 void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
                     double* row_sumsq, double* col_sumsq) {
   for (int64_t j = 0; j < n; ++j) col_sumsq[j] = 0;
-  const double sign = similarity ? -1.0 : 1.0, offset = similarity ? extreme : -extreme;
   for (int64_t i = 0; i < n; ++i) {
     double rs = 0;
     #pragma omp simd reduction(+ : rs)
     for (int64_t j = 0; j < n; ++j) {
-      const double v = sign * double(dist[i * n + j]) + offset;
+      const double v = shifted(double(dist[i * n + j]), extreme, similarity);
       out[i * n + j] = v;
       rs += v * v;
       col_sumsq[j] += v * v;
