@@ -46,7 +46,8 @@ def check_theta(theta: object, qk: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"theta has dtype {theta.dtype} but qk has dtype {qk.dtype}; they must match")
     if theta.device != qk.device:
         raise ValueError(f"theta is on {theta.device} but qk is on {qk.device}; they must match")
-    return theta.reshape(())
+    # A reshape of a 0-dim tensor would still add a view node to the autograd graph.
+    return theta if theta.dim() == 0 else theta.reshape(())
 
 
 def check_gamma(gamma: object) -> float:

@@ -106,10 +106,15 @@ class OpBinding:
             ctx.save_for_backward(qk, theta, maps, distances, extrema)
             ctx.gamma, ctx.mode, ctx.scope = gamma, mode, scope
             ctx.mark_non_differentiable(distances, extrema)
+            # The non-differentiable outputs' gradients stay None rather than being
+            # materialised as zeros (the distances' are as large as the saved matrices).
+            ctx.set_materialize_grads(False)
 
         def cross_backward(ctx, grad_maps, _grad_distances, _grad_extrema):
+            if grad_maps is None:
+                return None, None, None, None, None
             qk, theta, maps, distances, extrema = ctx.saved_tensors
-            grad_qk, grad_theta = ops.cross_similarity_backward(
+            grad_qk, grad_theta = ops.cross_similarity_backward.default(
                 grad_maps.contiguous(), maps, qk, distances, extrema, theta,
                 ctx.gamma, ctx.mode, ctx.scope,
             )
@@ -121,10 +126,13 @@ class OpBinding:
             ctx.save_for_backward(qk, maps, distances, extrema)
             ctx.scope = scope
             ctx.mark_non_differentiable(distances, extrema)
+            ctx.set_materialize_grads(False)
 
         def pair_backward(ctx, grad_maps, _grad_distances, _grad_extrema):
+            if grad_maps is None:
+                return None, None
             qk, maps, distances, extrema = ctx.saved_tensors
-            grad_qk = ops.pair_similarity_backward(
+            grad_qk = ops.pair_similarity_backward.default(
                 grad_maps.contiguous(), maps, qk, distances, extrema, ctx.scope
             )
             return grad_qk, None
@@ -161,7 +169,9 @@ class OpBinding:
         """
         qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
         compute = self._compute_dtype(qk)
-        maps, _, _ = self.ops.cross_similarity_forward(
+        if compute == qk.dtype:  # the common case: no casts (each op call costs on this path)
+            return self.ops.cross_similarity_forward.default(qk.contiguous(), theta, gamma, mode, scope)[0]
+        maps, _, _ = self.ops.cross_similarity_forward.default(
             qk.to(compute).contiguous(), theta.to(compute), gamma, mode, scope
         )
         return maps.to(qk.dtype)
@@ -180,7 +190,9 @@ class OpBinding:
         qk2 = check_features(qk2, "qk2", 2)
         scope = check_choice(scope, "scope", SCOPES)
         compute = self._compute_dtype(qk2)
-        maps, _, _ = self.ops.pair_similarity_forward(qk2.to(compute).contiguous(), scope)
+        if compute == qk2.dtype:
+            return self.ops.pair_similarity_forward.default(qk2.contiguous(), scope)[0]
+        maps, _, _ = self.ops.pair_similarity_forward.default(qk2.to(compute).contiguous(), scope)
         return maps.to(qk2.dtype)
 
 
