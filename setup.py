@@ -65,7 +65,12 @@ build_cuda = cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSR
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 # fp-contract: let the vector kernels fuse multiply-adds (ISO C++ modes turn it off).
-cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=fast",
+# no-math-errno / no-trapping-math: nothing reads errno or the FP exception flags, and
+# without them GCC keeps every sqrt, division and compare under a branch, so loops that
+# mask a division (W = dL/dD / D where D > 0) or clamp a square root stay scalar. Neither
+# flag changes a computed value (unlike -ffast-math).
+CPU_CODEGEN_FLAGS = ["-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
+cxx_flags = ["-O3", "-std=c++20", *CPU_CODEGEN_FLAGS,
              # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp
              # it silently runs on one thread. Links torch's own libgomp.so.1 (same soname).
              "-fopenmp",

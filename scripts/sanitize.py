@@ -156,7 +156,7 @@ def _extensions() -> dict[str, dict]:
     return {
         "_C": {
             "sources": [CSRC / "ops.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))],
-            "flags": common + ["-ffp-contract=fast", "-fopenmp"],
+            "flags": common + ["-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
             "includes": [CSRC],
             "ldflags": ["-fopenmp"],
         },
