@@ -84,18 +84,17 @@ struct KernelSet {
   // Forward: col_score[j] += weight * cols(M)[j] and row_score[i] += weight * rows(M)[i].
   void (*forward_scores)(const T* dist, double extreme, bool similarity, int64_t n,
                          double weight, double* col_score, double* row_score, double* scratch);
-  // Backward of the aggregations, given the fused scores' gradients up_col (of the column
-  // branch) and up_row: grad_dist = dL/dD before the extreme's routing; returns sum(dL/dD)
-  // and, in *ties, how many entries equal the extreme. For distance matrices also
-  // d_col[j] += cols(M)[j], d_row[i] += rows(M)[i] (the d scores, for the theta gradient).
-  double (*backward_scores)(const T* dist, T extreme, bool similarity, int64_t n,
-                            double weight, const double* up_col, const double* up_row,
-                            double* d_col, double* d_row, T* grad_dist, int64_t* ties,
-                            double* scratch);
-  // Backward of the distance: grad_dist (dL/dD) += routed where dist == extreme, then
-  // W = dL/dD / D in place (0 where D = 0), with W's row and column sums.
-  void (*distance_weights)(const T* dist, T extreme, double routed, int64_t n, T* grad_dist,
-                           T* row_sums, T* col_sums, double* scratch);
+  // Backward of one matrix's aggregations and of its distances, given the fused scores'
+  // gradients up_col (of the column branch) and up_row: w = W = dL/dD / D (0 where D = 0)
+  // with its row and column sums, where dL/dD leaves out the shift's gradient (the driver
+  // adds it at the extreme, which needs sum(dL/dD) first). Returns sum(dL/dD); *ties counts
+  // the entries equal to the extreme and *first_tie is the index of the first (-1: none).
+  // For distance matrices also d_col[j] += cols(M)[j], d_row[i] += rows(M)[i] (the d scores,
+  // for the theta gradient). `scratch` holds at least n * n + 10 * n doubles.
+  double (*backward_weights)(const T* dist, T extreme, bool similarity, int64_t n, double weight,
+                             const double* up_col, const double* up_row, double* d_col,
+                             double* d_row, T* w, T* row_sums, T* col_sums, int64_t* ties,
+                             int64_t* first_tie, double* scratch);
 };
 
 struct KernelTable {

@@ -9,9 +9,10 @@
 //      then over the batch for scope="batch";
 //   3. per sample: shift, row/column norms, both aggregations, fusion and softmax.
 // Backward, per call:
-//   A. per sample: softmax and fusion backward, then per matrix the aggregation backward
-//      (dL/dD), the theta partial sums, the shift's gradient routed to the (tied) extremes
-//      (scope="sample"), W = dL/dD / D in place and the row and column sums of W;
+//   A. per sample: softmax and fusion backward, then per matrix, in two passes over it, the
+//      aggregation backward and W = dL/dD / D with its row and column sums (the kernels'
+//      backward_weights), the theta partial sums, and for scope="sample" the shift's
+//      gradient routed to the (tied) extremes;
 //   B. scope="batch": the shift's gradient, which needs the whole batch's sums, added at
 //      the batch extremes;
 //   C. per branch, sample and row block one GEMM over its two matrices:
@@ -289,11 +290,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
 // ---------------------------------------------------------------------------------------
 
 struct BackwardState {
-  at::Tensor grad_dist;           // [slots, B, N, N]: dL/dD, then W = dL/dD / D in place
-  std::vector<double> grad_sum;   // [slots * B]: sum of dL/dD before the extreme routing
-  std::vector<int64_t> ties;      // [slots * B]: elements equal to the extreme
-  std::vector<double> theta_part; // [B]
+  at::Tensor weights;              // [slots, B, N, N]: W = dL/dD / D
+  std::vector<double> grad_sum;    // [slots * B]: sum of dL/dD before the extreme routing
+  std::vector<int64_t> ties;       // [slots * B]: elements equal to the extreme
+  std::vector<int64_t> first_tie;  // [slots * B]: index of the first of them in the matrix
+  std::vector<double> theta_part;  // [B]
 };
+
+// Adds the shift's gradient at the extreme of one matrix (slot): `routed` (the extreme's
+// share of -sum(dL/dS), spread evenly over tied extremes like amax) divided by D, to W and
+// its row and column sums where D equals the extreme. Zero distances get nothing, as cdist.
+template <typename T>
+void route_extreme(const T* dist, T extreme, double routed, int64_t n, int64_t ties,
+                   int64_t first_tie, T* w, T* row_sums, T* col_sums) {
+  auto add = [&](int64_t k) {
+    const T d = dist[k];
+    if (!(d == extreme && d > T(0))) return;
+    const double delta = routed / double(d);
+    w[k] = T(double(w[k]) + delta);
+    row_sums[k / n] = T(double(row_sums[k / n]) + delta);
+    col_sums[k % n] = T(double(col_sums[k % n]) + delta);
+  };
+  if (ties == 0) return;
+  if (ties == 1) return add(first_tie);  // the usual case: no scan
+  for (int64_t k = first_tie; k < n * n; ++k) add(k);
+}
 
 template <typename T>
 void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const at::Tensor& maps,
@@ -307,10 +328,10 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
   const T* mp = maps.data_ptr<T>();
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
-  T* gd = st.grad_dist.data_ptr<T>();
+  T* w = st.weights.data_ptr<T>();
   const double ws = s_weight(g.mode), wd = d_weight(g.mode, fusion_k(theta, gamma));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(N * N + 8 * N), col_scratch(N);
+    std::vector<double> scratch(N * N + 10 * N);
     std::vector<double> gscore(g.branches * N), dscore(g.branches * N);
     for (int64_t b = begin; b < end; ++b) {
       // Softmax backward: g_score = map * (g - sum(map * g)).
@@ -319,26 +340,26 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
         const T* gi = gm + (br * B + b) * N;
         double dot = 0;
         for (int64_t i = 0; i < N; ++i) dot += double(mi[i]) * double(gi[i]);
-        for (int64_t i = 0; i < N; ++i) gscore[br * N + i] = double(mi[i]) * (double(gi[i]) - dot);
+        for (int64_t i = 0; i < N; ++i)
+          gscore[br * N + i] = double(mi[i]) * (double(gi[i]) - dot);
       }
       std::fill(dscore.begin(), dscore.end(), 0.0);
       for (int32_t m : g.matrices) {
         const bool sim = is_similarity(m);
         const int64_t slot = int64_t(m) * B + b;
-        const T* d = dist + slot * N * N;
         // Upstream of cols(M) and rows(M): the fused score's gradient (times the weight).
-        st.grad_sum[slot] = kern.backward_scores(
-            d, ext[slot], sim, N, sim ? ws : wd, gscore.data() + col_branch(m) * N,
-            gscore.data() + row_branch(m) * N, dscore.data() + col_branch(m) * N,
-            dscore.data() + row_branch(m) * N, gd + slot * N * N, &st.ties[slot],
-            scratch.data());
-        // The shift's gradient, sum(dL/dS) routed to the extreme(s) and spread evenly over
-        // ties (like amax), is known here for scope="sample"; for "batch" it needs the whole
-        // batch, and route_batch_extremes adds it afterwards.
-        const double routed =
-            g.scope == Scope::Sample ? -st.grad_sum[slot] / double(st.ties[slot]) : 0.0;
-        kern.distance_weights(d, ext[slot], routed, N, gd + slot * N * N, rsum + slot * N,
-                              csum + slot * N, col_scratch.data());
+        st.grad_sum[slot] = kern.backward_weights(
+            dist + slot * N * N, ext[slot], sim, N, sim ? ws : wd,
+            gscore.data() + col_branch(m) * N, gscore.data() + row_branch(m) * N,
+            dscore.data() + col_branch(m) * N, dscore.data() + row_branch(m) * N,
+            w + slot * N * N, rsum + slot * N, csum + slot * N, &st.ties[slot],
+            &st.first_tie[slot], scratch.data());
+        // scope="sample" routes the shift's gradient here; "batch" needs the whole
+        // batch's sums first (route_batch_extremes).
+        if (g.scope == Scope::Sample)
+          route_extreme(dist + slot * N * N, ext[slot], -st.grad_sum[slot] / double(st.ties[slot]),
+                        N, st.ties[slot], st.first_tie[slot], w + slot * N * N,
+                        rsum + slot * N, csum + slot * N);
       }
       double tp = 0;
       for (int64_t k = 0; k < g.branches * N; ++k) tp += gscore[k] * dscore[k];
@@ -347,9 +368,9 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
   });
 }
 
-// scope="batch": adds the routed shift gradient, -sum(dL/dS) over the batch divided by the
-// number of tied extremes, to W = dL/dD / D and its row and column sums where D equals the
-// batch extreme (usually one element of one sample per matrix).
+// scope="batch": routes each matrix's shift gradient, -sum(dL/dS) over the batch divided by
+// the number of tied extremes, to the elements equal to the batch extreme (usually one
+// element of one sample per matrix).
 template <typename T>
 void route_batch_extremes(const Geometry& g, const at::Tensor& distances,
                           const at::Tensor& extrema, BackwardState& st, at::Tensor& row_sums,
@@ -357,7 +378,7 @@ void route_batch_extremes(const Geometry& g, const at::Tensor& distances,
   const int64_t B = g.batch, N = g.tokens;
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
-  T* w = st.grad_dist.data_ptr<T>();
+  T* w = st.weights.data_ptr<T>();
   T* rsum = row_sums.data_ptr<T>();
   T* csum = col_sums.data_ptr<T>();
   for (int32_t m : g.matrices) {
@@ -370,20 +391,8 @@ void route_batch_extremes(const Geometry& g, const at::Tensor& distances,
     const double routed = -total / double(count);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t slot = int64_t(m) * B + b;
-      if (st.ties[slot] == 0) continue;
-      const T* d = dist + slot * N * N;
-      const T e = ext[slot];
-      T* wm = w + slot * N * N;
-      for (int64_t i = 0; i < N; ++i) {
-        for (int64_t j = 0; j < N; ++j) {
-          const T dij = d[i * N + j];
-          if (!(dij == e && dij > T(0))) continue;  // zero distance: no gradient, as cdist
-          const double delta = routed / double(dij);
-          wm[i * N + j] = T(double(wm[i * N + j]) + delta);
-          rsum[slot * N + i] = T(double(rsum[slot * N + i]) + delta);
-          csum[slot * N + j] = T(double(csum[slot * N + j]) + delta);
-        }
-      }
+      route_extreme(dist + slot * N * N, ext[slot], routed, N, st.ties[slot], st.first_tie[slot],
+                    w + slot * N * N, rsum + slot * N, csum + slot * N);
     }
   }
 }
@@ -394,7 +403,7 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
                     const KernelSet<T>& kern) {
   const int64_t B = g.batch, N = g.tokens, C = g.channels;
   const T* x = qk.data_ptr<T>();
-  const T* w = st.grad_dist.data_ptr<T>();
+  const T* w = st.weights.data_ptr<T>();
   const T* rsum = row_sums.data_ptr<T>();
   const T* csum = col_sums.data_ptr<T>();
   T* out = grad_qk.data_ptr<T>();
@@ -458,9 +467,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
               "maps, distances and extrema must be contiguous (as the forward returns them)");
 
   BackwardState st;
-  st.grad_dist = at::empty_like(distances);
+  st.weights = at::empty_like(distances);
   st.grad_sum.assign(g.num_matrix_slots * B, 0.0);
   st.ties.assign(g.num_matrix_slots * B, 0);
+  st.first_tie.assign(g.num_matrix_slots * B, -1);
   st.theta_part.assign(B, 0.0);
   at::Tensor row_sums = at::empty({g.num_matrix_slots, B, N}, qk.options());
   at::Tensor col_sums = at::empty({g.num_matrix_slots, B, N}, qk.options());

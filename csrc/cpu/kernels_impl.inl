@@ -499,30 +499,83 @@ void forward_scores(const T* dist, double extreme, bool similarity, int64_t n, d
   }
 }
 
-template <typename T>
-double backward_scores(const T* dist, T extreme, bool similarity, int64_t n, double weight,
-                       const double* up_col, const double* up_row, double* d_col, double* d_row,
-                       T* grad_dist, int64_t* ties, double* scratch) {
-  double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n,
-         *t = inv_c + n, *v = t + n, *alpha = v + n, *beta = alpha + n;
-  shifted_matrix(dist, extreme, similarity, n, mat, rsq, csq);
-  int64_t count = 0;
-  #pragma omp simd reduction(+ : count)
-  for (int64_t k = 0; k < n * n; ++k) count += dist[k] == extreme ? 1 : 0;
-  *ties = count;
-  for (int64_t j = 0; j < n; ++j) v[j] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double* mi = mat + i * n;
-    const double ur = up_row[i];
-    double acc = 0;
-    #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) {
-      acc += up_col[j] * mi[j];
-      v[j] += ur * mi[j];
+// Pass 2 of backward_weights, one row i: dL/dD[i, j], W[i, j] = dL/dD / D (0 where D = 0) and,
+// for distance matrices (kDScores), the d scores' terms.
+template <typename T, bool kDScores>
+inline void weight_row(const T* di, const double* mi, int64_t n, double sign, double wr,
+                       double wur, double ai, double ir, const double* up_col,
+                       const double* inv_c, const double* beta, T* wi, double* col_w,
+                       double* d_col, double* row_total, double* row_w, double* row_d) {
+  double total = 0, wsum = 0, dsum = 0;
+  #pragma omp simd reduction(+ : total, wsum, dsum)
+  for (int64_t j = 0; j < n; ++j) {
+    // d/dM of sum_j u[j] M[i, j] / r_i: u[j] / r_i - M[i, j] (u . M[i]) / r_i^3 (spec, step
+    // 3), for the row- and the column-normalised aggregation; dL/dD = -dL/dM (similarity)
+    // or +dL/dM (distance).
+    const double gd = sign * (wr * up_col[j] - mi[j] * ai + wur * inv_c[j] - mi[j] * beta[j]);
+    total += gd;
+    // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. Dividing by a
+    // safe denominator keeps the loop branch-free (a conditional division may trap, so the
+    // compiler would not speculate it).
+    // The test is on the widened value: a float mask selecting double lanes stops GCC from
+    // vectorising the loop.
+    const double dij = double(di[j]);
+    const bool positive = dij > 0.0;
+    const double w = positive ? gd / (positive ? dij : 1.0) : 0.0;
+    wi[j] = T(w);
+    wsum += w;
+    col_w[j] += w;
+    if constexpr (kDScores) {
+      d_col[j] += mi[j] * ir;
+      dsum += mi[j] * inv_c[j];
     }
-    t[i] = weight * acc;
   }
-  // d/dM of sum_j u[j] M[i, j] / r_i: u[j] / r_i - M[i, j] (u . M[i]) / r_i^3 (spec, step 3).
+  *row_total = total;
+  *row_w = wsum;
+  *row_d = dsum;
+}
+
+// Two passes over the matrix: the first builds M = shift(D) with everything its norms and
+// the aggregations' backward need; the second writes W.
+template <typename T>
+double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, double weight,
+                        const double* up_col, const double* up_row, double* d_col, double* d_row,
+                        T* w, T* row_sums, T* col_sums, int64_t* ties, int64_t* first_tie,
+                        double* scratch) {
+  double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n,
+         *t = inv_c + n, *v = t + n, *alpha = v + n, *beta = alpha + n, *col_w = beta + n;
+  for (int64_t j = 0; j < n; ++j) csq[j] = v[j] = col_w[j] = 0;
+  int64_t count = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* di = dist + i * n;
+    double* mi = mat + i * n;
+    const double ur = up_row[i];
+    double rs = 0, acc = 0;
+    int64_t row_ties = 0;
+    #pragma omp simd reduction(+ : rs, acc, row_ties)
+    for (int64_t j = 0; j < n; ++j) {
+      const double dij = double(di[j]);  // widened once (see weight_row)
+      const double m = shifted(dij, double(extreme), similarity);
+      mi[j] = m;
+      rs += m * m;
+      csq[j] += m * m;
+      acc += up_col[j] * m;
+      v[j] += ur * m;
+      row_ties += dij == double(extreme) ? 1 : 0;
+    }
+    rsq[i] = rs;
+    t[i] = weight * acc;
+    if (row_ties != 0 && first < 0) {
+      for (int64_t j = 0; j < n; ++j)
+        if (di[j] == extreme) {
+          first = i * n + j;
+          break;
+        }
+    }
+    count += row_ties;
+  }
+  *ties = count;
+  *first_tie = first;
   for (int64_t i = 0; i < n; ++i) {
     const double r = clamp_norm(rsq[i]);
     inv_r[i] = 1.0 / r;
@@ -533,62 +586,25 @@ double backward_scores(const T* dist, T extreme, bool similarity, int64_t n, dou
     inv_c[j] = 1.0 / c;
     beta[j] = norm_clamped(csq[j]) ? 0.0 : weight * v[j] / (c * c * c);
   }
-  // dL/dD = -dL/dM (similarity) or +dL/dM (distance).
   const double sign = similarity ? -1.0 : 1.0;
   double total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double* mi = mat + i * n;
-    const double wr = weight * inv_r[i], wur = weight * up_row[i], ai = alpha[i];
-    double row_total = 0;
-    #pragma omp simd reduction(+ : row_total)
-    for (int64_t j = 0; j < n; ++j) {
-      const double gm_ij = wr * up_col[j] - mi[j] * ai + wur * inv_c[j] - mi[j] * beta[j];
-      const double gd_ij = sign * gm_ij;
-      grad_dist[i * n + j] = T(gd_ij);
-      row_total += gd_ij;
-    }
-    total += row_total;
-  }
-  if (!similarity) {  // the d scores, for the theta gradient
-    for (int64_t i = 0; i < n; ++i) {
-      const double* mi = mat + i * n;
-      const double ir = inv_r[i];
-      double row_acc = 0;
-      #pragma omp simd reduction(+ : row_acc)
-      for (int64_t j = 0; j < n; ++j) {
-        d_col[j] += mi[j] * ir;
-        row_acc += mi[j] * inv_c[j];
-      }
-      d_row[i] += row_acc;
-    }
-  }
-  return total;
-}
-
-template <typename T>
-void distance_weights(const T* dist, T extreme, double routed, int64_t n, T* grad_dist,
-                      T* row_sums, T* col_sums, double* scratch) {
-  double* col_acc = scratch;
-  for (int64_t j = 0; j < n; ++j) col_acc[j] = 0;
-  for (int64_t i = 0; i < n; ++i) {
+    double row_total, row_w, row_d;
     const T* di = dist + i * n;
-    T* wi = grad_dist + i * n;
-    double row_acc = 0;
-    #pragma omp simd reduction(+ : row_acc)
-    for (int64_t j = 0; j < n; ++j) {
-      const double grad = double(wi[j]) + (di[j] == extreme ? routed : 0.0);
-      // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. Dividing by
-      // a safe denominator first keeps the loop branch-free (vectorised; a conditional
-      // division may trap, so the compiler would not speculate it).
-      const bool positive = di[j] > T(0);
-      const double w = positive ? grad / (positive ? double(di[j]) : 1.0) : 0.0;
-      wi[j] = T(w);
-      row_acc += w;
-      col_acc[j] += w;
-    }
-    row_sums[i] = T(row_acc);
+    const double* mi = mat + i * n;
+    const double wr = weight * inv_r[i], wur = weight * up_row[i];
+    if (similarity)
+      weight_row<T, false>(di, mi, n, sign, wr, wur, alpha[i], inv_r[i], up_col, inv_c, beta,
+                           w + i * n, col_w, d_col, &row_total, &row_w, &row_d);
+    else
+      weight_row<T, true>(di, mi, n, sign, wr, wur, alpha[i], inv_r[i], up_col, inv_c, beta,
+                          w + i * n, col_w, d_col, &row_total, &row_w, &row_d);
+    total += row_total;
+    row_sums[i] = T(row_w);
+    if (!similarity) d_row[i] += row_d;  // the d scores, for the theta gradient
   }
-  for (int64_t j = 0; j < n; ++j) col_sums[j] = T(col_acc[j]);
+  for (int64_t j = 0; j < n; ++j) col_sums[j] = T(col_w[j]);
+  return total;
 }
 
 }  // namespace
@@ -597,11 +613,9 @@ const KernelTable& QCS_ISA_FN() {
   static const KernelTable table{
       QCS_ISA_NAME,
       {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>,
-       &distances_from_gram<float>, &extreme<float>, &forward_scores<float>, &backward_scores<float>,
-       &distance_weights<float>},
+       &distances_from_gram<float>, &extreme<float>, &forward_scores<float>, &backward_weights<float>},
       {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>,
-       &distances_from_gram<double>, &extreme<double>, &forward_scores<double>, &backward_scores<double>,
-       &distance_weights<double>},
+       &distances_from_gram<double>, &extreme<double>, &forward_scores<double>, &backward_weights<double>},
   };
   return table;
 }
