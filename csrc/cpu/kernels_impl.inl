@@ -514,11 +514,9 @@ inline void weight_row(const T* di, const double* mi, int64_t n, double sign, do
     // or +dL/dM (distance).
     const double gd = sign * (wr * up_col[j] - mi[j] * ai + wur * inv_c[j] - mi[j] * beta[j]);
     total += gd;
-    // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. Dividing by a
-    // safe denominator keeps the loop branch-free (a conditional division may trap, so the
-    // compiler would not speculate it).
-    // The test is on the widened value: a float mask selecting double lanes stops GCC from
-    // vectorising the loop.
+    // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. The division
+    // runs in every lane (branch-free, vectorised: that needs -fno-trapping-math, see
+    // setup.py); the safe denominator keeps the masked-off lanes finite.
     const double dij = double(di[j]);
     const bool positive = dij > 0.0;
     const double w = positive ? gd / (positive ? dij : 1.0) : 0.0;
@@ -554,7 +552,7 @@ double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, do
     int64_t row_ties = 0;
     #pragma omp simd reduction(+ : rs, acc, row_ties)
     for (int64_t j = 0; j < n; ++j) {
-      const double dij = double(di[j]);  // widened once (see weight_row)
+      const double dij = double(di[j]);
       const double m = shifted(dij, double(extreme), similarity);
       mi[j] = m;
       rs += m * m;
