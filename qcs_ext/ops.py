@@ -169,12 +169,12 @@ class OpBinding:
         """
         qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
         compute = self._compute_dtype(qk)
-        if compute == qk.dtype:  # the common case: no casts (each op call costs on this path)
-            return self.ops.cross_similarity_forward.default(qk.contiguous(), theta, gamma, mode, scope)[0]
-        maps, _, _ = self.ops.cross_similarity_forward.default(
-            qk.to(compute).contiguous(), theta.to(compute), gamma, mode, scope
-        )
-        return maps.to(qk.dtype)
+        cast = compute != qk.dtype  # usually not: then no cast calls (each costs on this path)
+        maps = self.ops.cross_similarity_forward.default(
+            (qk.to(compute) if cast else qk).contiguous(), theta.to(compute) if cast else theta,
+            gamma, mode, scope,
+        )[0]
+        return maps.to(qk.dtype) if cast else maps
 
     def pair_similarity_maps(self, qk2: torch.Tensor, *, scope: str = "batch") -> torch.Tensor:
         """Pair CSA maps (DCS) with the fused kernels; same contract as
@@ -190,10 +190,11 @@ class OpBinding:
         qk2 = check_features(qk2, "qk2", 2)
         scope = check_choice(scope, "scope", SCOPES)
         compute = self._compute_dtype(qk2)
-        if compute == qk2.dtype:
-            return self.ops.pair_similarity_forward.default(qk2.contiguous(), scope)[0]
-        maps, _, _ = self.ops.pair_similarity_forward.default(qk2.to(compute).contiguous(), scope)
-        return maps.to(qk2.dtype)
+        cast = compute != qk2.dtype
+        maps = self.ops.pair_similarity_forward.default(
+            (qk2.to(compute) if cast else qk2).contiguous(), scope
+        )[0]
+        return maps.to(qk2.dtype) if cast else maps
 
 
 _binding = OpBinding(
