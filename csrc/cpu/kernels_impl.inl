@@ -108,45 +108,74 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = vt{};
-  auto steps = [&](const T* a, const T* b, int64_t rs, int64_t ks, int64_t ldb, int64_t k0,
+  // k steps [k0, k1) of one segment, or with `b2`, of two segments of equal k interleaved:
+  // one loop for both halves of the gradient's K = 2N (a loop exit per segment, mispredicted
+  // at these short trip counts, cost a few per cent of a tile).
+  auto steps = [&](const T* a, const T* b, int64_t rs, int64_t ks, int64_t ldb, const T* a2,
+                   const T* b2, int64_t rs2, int64_t ks2, int64_t ldb2, int64_t k0,
                    int64_t k1) __attribute__((always_inline)) {
-    for (int64_t k = k0; k < k1; ++k) {
+    auto step = [&](const T* sa, const T* sb, int64_t srs, int64_t sks, int64_t sldb, int64_t k)
+        __attribute__((always_inline)) {
       vt bv[NV];
       if constexpr (kPrefetchNext) {
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) __builtin_prefetch(b + k * ldb + (NV + v) * W, 0, 3);
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(sb + k * sldb + (NV + v) * W, 0, 3);
       }
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * ldb + v * W);
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(sb + k * sldb + v * W);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
-        const vt av = V::splat(a[r * rs + k * ks]);
+        const vt av = V::splat(sa[r * srs + k * sks]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      }
+    };
+    if (b2 == nullptr) {
+      for (int64_t k = k0; k < k1; ++k) step(a, b, rs, ks, ldb, k);
+    } else {
+      for (int64_t k = k0; k < k1; ++k) {
+        step(a, b, rs, ks, ldb, k);
+        step(a2, b2, rs2, ks2, ldb2, k);
       }
     }
   };
   // The epilogue's operands are prefetched a few steps before the k loop ends: earlier, the
   // streaming B panel would evict them from L1 again.
   constexpr int64_t kLead = 16;
-  for (int s = 0; s < p.num_segments; ++s) {
-    const GemmSegment<T>& g = p.seg[s];
-    const T* a = g.a + row0 * g.a_row_stride;
-    const T* b = g.b + col0;
-    int64_t split = g.k;
-    if (s == p.num_segments - 1) split = g.k > kLead ? g.k - kLead : 0;
-    steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, 0, split);
-    if (s == p.num_segments - 1) {
+  auto prefetch_epilogue = [&]() __attribute__((always_inline)) {
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
-        for (int c = 0; c < NV * W; c += kLine) {
-          if (!epi.stream) __builtin_prefetch(p.out + (row0 + r - p.out_row0) * p.ldo + col0 + c, 1, 3);
-          if (p.epilogue == GemmEpilogue::kScaleMinus)
-            __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
-        }
+      for (int c = 0; c < NV * W; c += kLine) {
+        if (!epi.stream) __builtin_prefetch(p.out + (row0 + r - p.out_row0) * p.ldo + col0 + c, 1, 3);
+        if (p.epilogue == GemmEpilogue::kScaleMinus)
+          __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
       }
-      steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, split, g.k);
+    }
+  };
+  if (p.num_segments == 2 && p.seg[0].k == p.seg[1].k) {
+    const GemmSegment<T>& g = p.seg[0];
+    const GemmSegment<T>& h = p.seg[1];
+    const T* a = g.a + row0 * g.a_row_stride;
+    const T* a2 = h.a + row0 * h.a_row_stride;
+    const int64_t split = g.k > kLead / 2 ? g.k - kLead / 2 : 0;
+    steps(a, g.b + col0, g.a_row_stride, g.a_k_stride, g.ldb, a2, h.b + col0, h.a_row_stride,
+          h.a_k_stride, h.ldb, 0, split);
+    prefetch_epilogue();
+    steps(a, g.b + col0, g.a_row_stride, g.a_k_stride, g.ldb, a2, h.b + col0, h.a_row_stride,
+          h.a_k_stride, h.ldb, split, g.k);
+  } else {
+    for (int s = 0; s < p.num_segments; ++s) {
+      const GemmSegment<T>& g = p.seg[s];
+      const T* a = g.a + row0 * g.a_row_stride;
+      const T* b = g.b + col0;
+      int64_t split = g.k;
+      if (s == p.num_segments - 1) split = g.k > kLead ? g.k - kLead : 0;
+      steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, nullptr, nullptr, 0, 0, 0, 0, split);
+      if (s == p.num_segments - 1) {
+        prefetch_epilogue();
+        steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, nullptr, nullptr, 0, 0, 0, split, g.k);
+      }
     }
   }
   switch (p.epilogue) {  // once per tile, not per vector
@@ -183,15 +212,27 @@ void scalar_columns(const GemmProblem<T>& p, int64_t col_begin, const Epilogue<T
 template <typename T, int NV>
 inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& epi) {
   constexpr int MR = QCS_GEMM_MR;
+  const int64_t rows = p.row_end - p.row_begin;
+  // Rows in tiles of MR and MR - 1 where that covers them (49 = 4 x 6 + 5 x 5): a lone
+  // remainder row (49 = 8 x 6 + 1) has too few FMAs per load to keep the FMA units busy.
+  int64_t short_tiles = (MR - rows % MR) % MR;
+  if (short_tiles * (MR - 1) > rows) short_tiles = 0;
+  const int64_t full_end = p.row_end - short_tiles * (MR - 1);
   int64_t row = p.row_begin;
   // The panel's first row tile fetches the next panel's B rows a line per vector and step:
   // the rows lie a row stride apart (3 KB at C = 768), a pattern the hardware prefetcher
   // does not follow, so that panel's first tile would otherwise wait on memory.
-  if (NV > 1 && row + MR <= p.row_end && col0 + 2 * NV * Vec<T>::kWidth <= p.cols) {
+  const bool prefetch_next = NV > 1 && col0 + 2 * NV * Vec<T>::kWidth <= p.cols;
+  if (prefetch_next && row + MR <= full_end) {
     micro_tile<T, MR, NV, true>(p, row, col0, epi);
     row += MR;
+  } else if (prefetch_next && short_tiles > 0) {
+    micro_tile<T, MR - 1, NV, true>(p, row, col0, epi);
+    row += MR - 1;
+    --short_tiles;
   }
-  for (; row + MR <= p.row_end; row += MR) micro_tile<T, MR, NV>(p, row, col0, epi);
+  for (; row + MR <= full_end; row += MR) micro_tile<T, MR, NV>(p, row, col0, epi);
+  for (; short_tiles > 0; --short_tiles, row += MR - 1) micro_tile<T, MR - 1, NV>(p, row, col0, epi);
   // Remaining rows, one template per count so every tile keeps its accumulators in registers.
   switch (p.row_end - row) {
 #define QCS_ROW_CASE(n) \
@@ -294,8 +335,8 @@ __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* col
 #endif
 #endif
 #ifdef QCS_HAVE_SHUFFLEVECTOR
-    if constexpr (W == 16 && NR == 4) {
-      // The four lane sums of a row in one transposing tree (6 shuffles, 4 adds), not four
+    if constexpr (W == 16 && NR >= 4) {
+      // The first four lane sums of a row in one transposing tree (6 shuffles, 4 adds), not four
       // separate trees: at C = 768 the reductions were an eighth of the Gram's time.
       const vt x = __builtin_shufflevector(acc[r][0], acc[r][1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
                                            18, 19, 20, 21, 22, 23) +
@@ -318,6 +359,8 @@ __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* col
       sums[1] = w[8];
       sums[2] = w[4];
       sums[3] = w[12];
+#pragma GCC unroll 8
+      for (int c = 4; c < NR; ++c) sums[c] = V::hsum(acc[r][c]);
     } else
 #endif
     {
@@ -333,12 +376,25 @@ __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* col
   }
 }
 
+// How many of `count` rows (or columns) go in tiles of `tile + 1` so that the rest fills tiles
+// of `tile` exactly (49 = 11 x 4 + 5): a remainder tile of one row or column has too few FMAs
+// per load, and one lane-sum tree per output, to keep up. 0 where count is too small, and
+// below AVX-512: a (MR + 1) x (NR + 1) tile fits in 32 vector registers, not in 16.
+inline int64_t wide_tiles(int64_t count, int64_t tile) {
+  if (QCS_VEC_BYTES < 64) return 0;
+  const int64_t wide = count % tile;
+  return wide * (tile + 1) <= count ? wide : 0;
+}
+
 template <typename T, int MR>
 inline void gram_row_tile(const T* rows, const T* cols, int64_t n_cols, int64_t n, T* out,
                           int64_t ldo) {
   constexpr int NR = QCS_GRAM_NR;
+  int64_t wide = wide_tiles(n_cols, NR);
+  const int64_t narrow_end = n_cols - wide * (NR + 1);
   int64_t c = 0;
-  for (; c + NR <= n_cols; c += NR) gram_tile<T, MR, NR>(rows, cols + c * n, n, out + c, ldo);
+  for (; c + NR <= narrow_end; c += NR) gram_tile<T, MR, NR>(rows, cols + c * n, n, out + c, ldo);
+  for (; wide > 0; --wide, c += NR + 1) gram_tile<T, MR, NR + 1>(rows, cols + c * n, n, out + c, ldo);
   switch (n_cols - c) {
 #define QCS_COL_CASE(k) \
   case k:               \
@@ -355,8 +411,12 @@ template <typename T>
 void gram_block(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t n, T* out,
                 int64_t ldo) {
   constexpr int MR = QCS_GRAM_MR;
+  int64_t wide = wide_tiles(n_rows, MR);
+  const int64_t narrow_end = n_rows - wide * (MR + 1);
   int64_t r = 0;
-  for (; r + MR <= n_rows; r += MR) gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
+  for (; r + MR <= narrow_end; r += MR) gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
+  for (; wide > 0; --wide, r += MR + 1)
+    gram_row_tile<T, MR + 1>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
   switch (n_rows - r) {
 #define QCS_ROW_CASE(k) \
   case k:               \
