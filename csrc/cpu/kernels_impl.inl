@@ -479,21 +479,105 @@ double squared_norm(const T* x, int64_t n) {
   return sum;
 }
 
+// ---- Row loops in double: distances and the per-matrix epilogues -----------------------
+//
+// These loops run along a row of n (49) entries, so they are written with explicit vectors of
+// doubles plus a one-lane tail (Lanes<L> below; one body serves both): GCC's `omp simd`
+// reductions sum their lanes through the stack one by one, and with three or more of them
+// per row that was most of these loops' time.
+
+template <int L> struct Lanes;
+
+// One lane: the tail of a row.
+template <> struct Lanes<1> {
+  using real = double;
+  using mask = bool;
+  template <typename T> static real load(const T* p) { return double(*p); }
+  template <typename T> static void store(T* p, real v) { *p = T(v); }
+  static real splat(double x) { return x; }
+  static real select(mask m, real a, real b) { return m ? a : b; }
+  static real sqrt(real x) { return std::sqrt(x); }
+};
+
+// A vector of doubles; float data is widened on load and narrowed on store.
+template <> struct Lanes<Vec<double>::kWidth> {
+  using VD = Vec<double>;
+  static constexpr int kWidth = VD::kWidth;
+  using real = VD::type;
+  typedef int64_t mask __attribute__((vector_size(QCS_VEC_BYTES)));
+  typedef float narrow __attribute__((vector_size(QCS_VEC_BYTES / 2), aligned(4), may_alias));
+  template <typename T> static real load(const T* p) {
+    if constexpr (sizeof(T) == sizeof(double)) return VD::load(p);
+    else return __builtin_convertvector(*reinterpret_cast<const narrow*>(p), real);
+  }
+  template <typename T> static void store(T* p, real v) {
+    if constexpr (sizeof(T) == sizeof(double)) VD::store(p, v);
+    else *reinterpret_cast<narrow*>(p) = __builtin_convertvector(v, narrow);
+  }
+  static real splat(double x) { return VD::splat(x); }
+  static real select(mask m, real a, real b) { return m ? a : b; }
+  static real sqrt(real x) {
+#if defined(QCS_HAVE_STREAM_STORE) && QCS_VEC_BYTES == 64  // x86: a packed square root
+    return real(_mm512_sqrt_pd(__m512d(x)));
+#elif defined(QCS_HAVE_STREAM_STORE) && QCS_VEC_BYTES == 32
+    return real(_mm256_sqrt_pd(__m256d(x)));
+#elif defined(QCS_HAVE_STREAM_STORE) && QCS_VEC_BYTES == 16
+    return real(_mm_sqrt_pd(__m128d(x)));
+#else
+    for (int l = 0; l < kWidth; ++l) x[l] = std::sqrt(x[l]);
+    return x;
+#endif
+  }
+};
+
+using Wide = Lanes<Vec<double>::kWidth>;
+
+// body(j, Wide{}) for each full vector of lanes from j, then body(j, Lanes<1>{}) per entry left.
+template <typename Body>
+__attribute__((always_inline)) inline void sweep(int64_t n, Body&& body) {
+  int64_t j = 0;
+  for (; j + Wide::kWidth <= n; j += Wide::kWidth) body(j, Wide{});
+  for (; j < n; ++j) body(j, Lanes<1>{});
+}
+
+// A row's sum: vector lanes plus the tail, added as a tree at the end.
+struct RowSum {
+  Wide::real lanes{};
+  double tail = 0;
+  void add(Wide::real x) { lanes += x; }
+  void add(double x) { tail += x; }
+  double total() const { return Vec<double>::hsum(lanes) + tail; }
+};
+
+// A row's count of true masks.
+struct RowCount {
+  Wide::mask lanes{};
+  int64_t tail = 0;
+  void add(Wide::mask m) { lanes -= m; }  // true lanes are -1
+  void add(bool m) { tail += m ? 1 : 0; }
+  int64_t total() const {
+    int64_t sum = tail;
+    for (int l = 0; l < Wide::kWidth; ++l) sum += lanes[l];
+    return sum;
+  }
+};
+
 template <typename T>
 void distances_from_gram(const T* gram, const T* rows, const T* cols, const double* nr,
                          const double* nc, int64_t r0, int64_t r1, int64_t n, int64_t c, T* out) {
   const double tau = RefineThreshold<T>::value;
   for (int64_t i = r0; i < r1; ++i) {
     const T* gi = gram + (i - r0) * n;
-    int refine = 0;
-    #pragma omp simd reduction(| : refine)
-    for (int64_t j = 0; j < n; ++j) {
-      const double scale = nr[i] + nc[j];
-      const double d2 = scale - 2.0 * double(gi[j]);
-      refine |= d2 <= tau * scale ? 1 : 0;
-      out[i * n + j] = T(std::sqrt(d2 < 0.0 ? 0.0 : d2));  // NaN stays NaN
-    }
-    if (!refine) continue;
+    RowCount refine;
+    sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
+      using Ln = decltype(lanes);
+      const auto scale = nr[i] + Ln::load(nc + j);
+      const auto d2 = scale - 2.0 * Ln::load(gi + j);
+      refine.add(d2 <= tau * scale);
+      // NaN stays NaN (the compare is false).
+      Ln::store(out + i * n + j, Ln::sqrt(Ln::select(d2 < 0.0, Ln::splat(0.0), d2)));
+    });
+    if (refine.total() == 0) continue;
     for (int64_t j = 0; j < n; ++j) {
       const double scale = nr[i] + nc[j];
       if (scale - 2.0 * double(gi[j]) <= tau * scale) {
@@ -520,21 +604,23 @@ T extreme(const T* x, int64_t count, bool largest) {
   return e;
 }
 
-// M = shift(D) in double, with its row and column sums of squares.
+// M = shift(D) in double, with its row and column sums of squares. The shift is
+// sign * (D - extreme): sign = -1 for similarity matrices, exactly extreme - D.
 template <typename T>
 void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
                     double* row_sumsq, double* col_sumsq) {
+  const double sign = similarity ? -1.0 : 1.0;
   for (int64_t j = 0; j < n; ++j) col_sumsq[j] = 0;
   for (int64_t i = 0; i < n; ++i) {
-    double rs = 0;
-    #pragma omp simd reduction(+ : rs)
-    for (int64_t j = 0; j < n; ++j) {
-      const double v = shifted(double(dist[i * n + j]), extreme, similarity);
-      out[i * n + j] = v;
-      rs += v * v;
-      col_sumsq[j] += v * v;
-    }
-    row_sumsq[i] = rs;
+    RowSum rs;
+    sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
+      using Ln = decltype(lanes);
+      const auto v = sign * (Ln::load(dist + i * n + j) - extreme);
+      Ln::store(out + i * n + j, v);
+      rs.add(v * v);
+      Ln::store(col_sumsq + j, Ln::load(col_sumsq + j) + v * v);
+    });
+    row_sumsq[i] = rs.total();
   }
 }
 
@@ -549,13 +635,14 @@ void forward_scores(const T* dist, double extreme, bool similarity, int64_t n, d
   for (int64_t i = 0; i < n; ++i) {
     const double* mi = mat + i * n;
     const double wr = weight * inv_r[i];
-    double row_acc = 0;
-    #pragma omp simd reduction(+ : row_acc)
-    for (int64_t j = 0; j < n; ++j) {
-      col_score[j] += wr * mi[j];
-      row_acc += mi[j] * inv_c[j];
-    }
-    row_score[i] += weight * row_acc;
+    RowSum row_acc;
+    sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
+      using Ln = decltype(lanes);
+      const auto m = Ln::load(mi + j);
+      Ln::store(col_score + j, Ln::load(col_score + j) + wr * m);
+      row_acc.add(m * Ln::load(inv_c + j));
+    });
+    row_score[i] += weight * row_acc.total();
   }
 }
 
@@ -566,31 +653,34 @@ inline void weight_row(const T* di, const double* mi, int64_t n, double sign, do
                        double wur, double ai, double ir, const double* up_col,
                        const double* inv_c, const double* beta, T* wi, double* col_w,
                        double* d_col, double* row_total, double* row_w, double* row_d) {
-  double total = 0, wsum = 0, dsum = 0;
-  #pragma omp simd reduction(+ : total, wsum, dsum)
-  for (int64_t j = 0; j < n; ++j) {
+  RowSum total, wsum, dsum;
+  sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
+    using Ln = decltype(lanes);
     // d/dM of sum_j u[j] M[i, j] / r_i: u[j] / r_i - M[i, j] (u . M[i]) / r_i^3 (spec, step
     // 3), for the row- and the column-normalised aggregation; dL/dD = -dL/dM (similarity)
     // or +dL/dM (distance).
-    const double gd = sign * (wr * up_col[j] - mi[j] * ai + wur * inv_c[j] - mi[j] * beta[j]);
-    total += gd;
+    const auto m = Ln::load(mi + j);
+    const auto ic = Ln::load(inv_c + j);
+    const auto gd = sign * (wr * Ln::load(up_col + j) - m * ai + wur * ic - m * Ln::load(beta + j));
+    total.add(gd);
     // d|x - y|/dx = (x - y)/|x - y|; zero at zero distance, as torch.cdist. The division
-    // runs in every lane (branch-free, vectorised: that needs -fno-trapping-math, see
-    // setup.py); the safe denominator keeps the masked-off lanes finite.
-    const double dij = double(di[j]);
-    const bool positive = dij > 0.0;
-    const double w = positive ? gd / (positive ? dij : 1.0) : 0.0;
-    wi[j] = T(w);
-    wsum += w;
-    col_w[j] += w;
+    // runs in every lane (branch-free); the safe denominator keeps the masked-off lanes
+    // finite.
+    const auto dij = Ln::load(di + j);
+    const auto positive = dij > 0.0;
+    const auto w = Ln::select(positive, gd / Ln::select(positive, dij, Ln::splat(1.0)),
+                              Ln::splat(0.0));
+    Ln::store(wi + j, w);
+    wsum.add(w);
+    Ln::store(col_w + j, Ln::load(col_w + j) + w);
     if constexpr (kDScores) {
-      d_col[j] += mi[j] * ir;
-      dsum += mi[j] * inv_c[j];
+      Ln::store(d_col + j, Ln::load(d_col + j) + m * ir);
+      dsum.add(m * ic);
     }
-  }
-  *row_total = total;
-  *row_w = wsum;
-  *row_d = dsum;
+  });
+  *row_total = total.total();
+  *row_w = wsum.total();
+  *row_d = dsum.total();
 }
 
 // Two passes over the matrix: the first builds M = shift(D) with everything its norms and
@@ -603,34 +693,36 @@ double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, do
   double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n,
          *t = inv_c + n, *v = t + n, *alpha = v + n, *beta = alpha + n, *col_w = beta + n;
   for (int64_t j = 0; j < n; ++j) csq[j] = v[j] = col_w[j] = 0;
+  const double ext = double(extreme), shift_sign = similarity ? -1.0 : 1.0;
   int64_t count = 0, first = -1;
   for (int64_t i = 0; i < n; ++i) {
     const T* di = dist + i * n;
     double* mi = mat + i * n;
     const double ur = up_row[i];
-    double rs = 0, acc = 0;
-    int64_t row_ties = 0;
-    #pragma omp simd reduction(+ : rs, acc, row_ties)
-    for (int64_t j = 0; j < n; ++j) {
-      const double dij = double(di[j]);
-      const double m = shifted(dij, double(extreme), similarity);
-      mi[j] = m;
-      rs += m * m;
-      csq[j] += m * m;
-      acc += up_col[j] * m;
-      v[j] += ur * m;
-      row_ties += dij == double(extreme) ? 1 : 0;
-    }
-    rsq[i] = rs;
-    t[i] = weight * acc;
-    if (row_ties != 0 && first < 0) {
+    RowSum rs, acc;
+    RowCount row_ties;
+    sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
+      using Ln = decltype(lanes);
+      const auto dij = Ln::load(di + j);
+      const auto m = shift_sign * (dij - ext);
+      Ln::store(mi + j, m);
+      rs.add(m * m);
+      Ln::store(csq + j, Ln::load(csq + j) + m * m);
+      acc.add(Ln::load(up_col + j) * m);
+      Ln::store(v + j, Ln::load(v + j) + ur * m);
+      row_ties.add(dij == ext);
+    });
+    rsq[i] = rs.total();
+    t[i] = weight * acc.total();
+    const int64_t tied = row_ties.total();
+    if (tied != 0 && first < 0) {
       for (int64_t j = 0; j < n; ++j)
         if (di[j] == extreme) {
           first = i * n + j;
           break;
         }
     }
-    count += row_ties;
+    count += tied;
   }
   *ties = count;
   *first_tie = first;
