@@ -66,6 +66,10 @@ QCS_HD double clamp_norm(double sumsq) {
 // Whether the norm was clamped: then F.normalize's gradient through the norm is zero.
 QCS_HD bool norm_clamped(double sumsq) { return !(std::sqrt(sumsq) > kNormEps); }
 
+// The shift as a sign, also dM/dD: M = shift_sign * (D - extreme) is exactly max - D for
+// similarity matrices (sign -1) and D - min for distance ones (+1).
+QCS_HD double shift_sign(bool similarity) { return similarity ? -1.0 : 1.0; }
+
 // Shifted matrix entry from a distance and the extreme of its matrix.
 QCS_HD double shifted(double dist, double extreme, bool similarity) {
   return similarity ? extreme - dist : dist - extreme;

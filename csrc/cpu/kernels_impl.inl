@@ -108,34 +108,35 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = vt{};
-  // k steps [k0, k1) of one segment, or with `b2`, of two segments of equal k interleaved:
-  // one loop for both halves of the gradient's K = 2N (a loop exit per segment, mispredicted
-  // at these short trip counts, cost a few per cent of a tile).
-  auto steps = [&](const T* a, const T* b, int64_t rs, int64_t ks, int64_t ldb, const T* a2,
-                   const T* b2, int64_t rs2, int64_t ks2, int64_t ldb2, int64_t k0,
-                   int64_t k1) __attribute__((always_inline)) {
-    auto step = [&](const T* sa, const T* sb, int64_t srs, int64_t sks, int64_t sldb, int64_t k)
-        __attribute__((always_inline)) {
-      vt bv[NV];
-      if constexpr (kPrefetchNext) {
+  // Step k of segment g: B's row k (NV vectors from col0) times A's column k (MR rows).
+  auto step = [&](const GemmSegment<T>& g, int64_t k) __attribute__((always_inline)) {
+    const T* a = g.a + row0 * g.a_row_stride + k * g.a_k_stride;
+    const T* b = g.b + k * g.ldb + col0;
+    vt bv[NV];
+    if constexpr (kPrefetchNext) {
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) __builtin_prefetch(sb + k * sldb + (NV + v) * W, 0, 3);
-      }
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(b + (NV + v) * W, 0, 3);
+    }
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(sb + k * sldb + v * W);
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * W);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const vt av = V::splat(sa[r * srs + k * sks]);
+    for (int r = 0; r < MR; ++r) {
+      const vt av = V::splat(a[r * g.a_row_stride]);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
-      }
-    };
-    if (b2 == nullptr) {
-      for (int64_t k = k0; k < k1; ++k) step(a, b, rs, ks, ldb, k);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  };
+  // Steps [k0, k1) of g, or with h, of two segments of equal k interleaved: one loop for both
+  // halves of the gradient's K = 2N (a loop exit per segment, mispredicted at these short
+  // trip counts, cost a few per cent of a tile).
+  auto steps = [&](const GemmSegment<T>& g, const GemmSegment<T>* h, int64_t k0, int64_t k1)
+      __attribute__((always_inline)) {
+    if (h == nullptr) {
+      for (int64_t k = k0; k < k1; ++k) step(g, k);
     } else {
       for (int64_t k = k0; k < k1; ++k) {
-        step(a, b, rs, ks, ldb, k);
-        step(a2, b2, rs2, ks2, ldb2, k);
+        step(g, k);
+        step(*h, k);
       }
     }
   };
@@ -154,27 +155,19 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
     }
   };
   if (p.num_segments == 2 && p.seg[0].k == p.seg[1].k) {
-    const GemmSegment<T>& g = p.seg[0];
-    const GemmSegment<T>& h = p.seg[1];
-    const T* a = g.a + row0 * g.a_row_stride;
-    const T* a2 = h.a + row0 * h.a_row_stride;
-    const int64_t split = g.k > kLead / 2 ? g.k - kLead / 2 : 0;
-    steps(a, g.b + col0, g.a_row_stride, g.a_k_stride, g.ldb, a2, h.b + col0, h.a_row_stride,
-          h.a_k_stride, h.ldb, 0, split);
+    const int64_t k = p.seg[0].k, split = k > kLead / 2 ? k - kLead / 2 : 0;
+    steps(p.seg[0], &p.seg[1], 0, split);
     prefetch_epilogue();
-    steps(a, g.b + col0, g.a_row_stride, g.a_k_stride, g.ldb, a2, h.b + col0, h.a_row_stride,
-          h.a_k_stride, h.ldb, split, g.k);
+    steps(p.seg[0], &p.seg[1], split, k);
   } else {
     for (int s = 0; s < p.num_segments; ++s) {
       const GemmSegment<T>& g = p.seg[s];
-      const T* a = g.a + row0 * g.a_row_stride;
-      const T* b = g.b + col0;
-      int64_t split = g.k;
-      if (s == p.num_segments - 1) split = g.k > kLead ? g.k - kLead : 0;
-      steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, nullptr, nullptr, 0, 0, 0, 0, split);
-      if (s == p.num_segments - 1) {
+      const bool last = s == p.num_segments - 1;
+      const int64_t split = !last ? g.k : g.k > kLead ? g.k - kLead : 0;
+      steps(g, nullptr, 0, split);
+      if (last) {
         prefetch_epilogue();
-        steps(a, b, g.a_row_stride, g.a_k_stride, g.ldb, nullptr, nullptr, 0, 0, 0, split, g.k);
+        steps(g, nullptr, split, g.k);
       }
     }
   }
@@ -604,12 +597,11 @@ T extreme(const T* x, int64_t count, bool largest) {
   return e;
 }
 
-// M = shift(D) in double, with its row and column sums of squares. The shift is
-// sign * (D - extreme): sign = -1 for similarity matrices, exactly extreme - D.
+// M = shift(D) in double, with its row and column sums of squares.
 template <typename T>
 void shifted_matrix(const T* dist, double extreme, bool similarity, int64_t n, double* out,
                     double* row_sumsq, double* col_sumsq) {
-  const double sign = similarity ? -1.0 : 1.0;
+  const double sign = shift_sign(similarity);
   for (int64_t j = 0; j < n; ++j) col_sumsq[j] = 0;
   for (int64_t i = 0; i < n; ++i) {
     RowSum rs;
@@ -693,7 +685,7 @@ double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, do
   double *mat = scratch, *rsq = mat + n * n, *csq = rsq + n, *inv_r = csq + n, *inv_c = inv_r + n,
          *t = inv_c + n, *v = t + n, *alpha = v + n, *beta = alpha + n, *col_w = beta + n;
   for (int64_t j = 0; j < n; ++j) csq[j] = v[j] = col_w[j] = 0;
-  const double ext = double(extreme), shift_sign = similarity ? -1.0 : 1.0;
+  const double ext = double(extreme), sign = shift_sign(similarity);
   int64_t count = 0, first = -1;
   for (int64_t i = 0; i < n; ++i) {
     const T* di = dist + i * n;
@@ -704,7 +696,7 @@ double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, do
     sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
       using Ln = decltype(lanes);
       const auto dij = Ln::load(di + j);
-      const auto m = shift_sign * (dij - ext);
+      const auto m = sign * (dij - ext);
       Ln::store(mi + j, m);
       rs.add(m * m);
       Ln::store(csq + j, Ln::load(csq + j) + m * m);
@@ -736,7 +728,6 @@ double backward_weights(const T* dist, T extreme, bool similarity, int64_t n, do
     inv_c[j] = 1.0 / c;
     beta[j] = norm_clamped(csq[j]) ? 0.0 : weight * v[j] / (c * c * c);
   }
-  const double sign = similarity ? -1.0 : 1.0;
   double total = 0;
   for (int64_t i = 0; i < n; ++i) {
     double row_total, row_w, row_d;
