@@ -202,14 +202,21 @@ void scalar_columns(const GemmProblem<T>& p, int64_t col_begin, const Epilogue<T
   }
 }
 
+// How many tiles of `other` rows (or columns) let tiles of `size` cover the rest of `count`
+// exactly (GEMM: 49 = 4 x 6 + 5 x 5; Gram: 49 = 11 x 4 + 5): a remainder tile of one row or
+// column has too few FMAs per load to keep the FMA units busy. 0 where none does, or none is
+// needed; the remainder is then a tile of its own.
+inline int64_t odd_size_tiles(int64_t count, int64_t size, int64_t other) {
+  for (int64_t n = 1; n < size && n * other <= count; ++n)
+    if ((count - n * other) % size == 0) return n;
+  return 0;
+}
+
 template <typename T, int NV>
 inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& epi) {
   constexpr int MR = QCS_GEMM_MR;
-  const int64_t rows = p.row_end - p.row_begin;
-  // Rows in tiles of MR and MR - 1 where that covers them (49 = 4 x 6 + 5 x 5): a lone
-  // remainder row (49 = 8 x 6 + 1) has too few FMAs per load to keep the FMA units busy.
-  int64_t short_tiles = (MR - rows % MR) % MR;
-  if (short_tiles * (MR - 1) > rows) short_tiles = 0;
+  // Rows in tiles of MR and MR - 1 where that covers them, not a lone remainder row.
+  int64_t short_tiles = odd_size_tiles(p.row_end - p.row_begin, MR, MR - 1);
   const int64_t full_end = p.row_end - short_tiles * (MR - 1);
   int64_t row = p.row_begin;
   // The panel's first row tile fetches the next panel's B rows a line per vector and step:
@@ -369,14 +376,10 @@ __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* col
   }
 }
 
-// How many of `count` rows (or columns) go in tiles of `tile + 1` so that the rest fills tiles
-// of `tile` exactly (49 = 11 x 4 + 5): a remainder tile of one row or column has too few FMAs
-// per load, and one lane-sum tree per output, to keep up. 0 where count is too small, and
-// below AVX-512: a (MR + 1) x (NR + 1) tile fits in 32 vector registers, not in 16.
+// Gram rows (or columns) in tiles of `tile` and `tile + 1`, on AVX-512 only: a
+// (MR + 1) x (NR + 1) tile fits in 32 vector registers, not in 16.
 inline int64_t wide_tiles(int64_t count, int64_t tile) {
-  if (QCS_VEC_BYTES < 64) return 0;
-  const int64_t wide = count % tile;
-  return wide * (tile + 1) <= count ? wide : 0;
+  return QCS_VEC_BYTES < 64 ? 0 : odd_size_tiles(count, tile, tile + 1);
 }
 
 template <typename T, int MR>
