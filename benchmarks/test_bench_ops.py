@@ -3,14 +3,14 @@
     .venv/bin/python -m pytest benchmarks/test_bench_ops.py --benchmark-group-by=param:shape,param:backward
 
 Each group holds the fused op and its baselines at one shape, measured in the same run;
-compare within a group, not across machines. benchmarks/compare.py prints the ratios.
+compare within a group, not across machines. python -m qcs_tools.compare prints the ratios.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from ops_cases import IMPLEMENTATIONS, SHAPES, case
+from qcs_tools.ops_cases import IMPLEMENTATIONS, SHAPES, case
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

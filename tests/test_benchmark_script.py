@@ -1,23 +1,18 @@
-"""benchmarks/compare.py: the rounds really interleave, and the table's ratios are the
+"""qcs_tools/compare.py: the rounds really interleave, and the table's ratios are the
 medians of per-round ratios."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import statistics
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from qcs_tools import compare as compare_module
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compare_module
 
 
 def test_rounds_interleave_the_implementations(compare, monkeypatch):

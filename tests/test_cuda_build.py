@@ -3,7 +3,7 @@
 - the compile gate: every csrc/cuda/*.cu compiled by nvcc for sm_80 and sm_90 with
   ``ptxas -v``; fails on register spills or local memory and prints the resource table;
 - the emulated kernels under ThreadSanitizer and under AddressSanitizer + UBSan: the
-  torch-free driver csrc/emulation/sanitize/csa_emulated_driver.cpp (the same build as the
+  torch-free driver tests/cpp/csa_emulated_driver.cpp (the same build as the
   CMake targets emulated_driver_tsan / emulated_driver_asan) must run clean.
 
 Skipped when nvcc (gate) or a C++ compiler (sanitizers) is missing, except in CI.
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
-DRIVER = ROOT / "csrc" / "emulation" / "sanitize" / "csa_emulated_driver.cpp"
+DRIVER = ROOT / "tests" / "cpp" / "csa_emulated_driver.cpp"
 INCLUDES = [f"-I{ROOT / d}" for d in ("csrc", "csrc/emulation", "csrc/cuda")]
 
 
@@ -30,11 +30,7 @@ def _cxx() -> str | None:
 
 
 def _have_nvcc() -> bool:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import cuda_compile_gate
-    finally:
-        sys.path.pop(0)
+    from qcs_tools import cuda_compile_gate
     return cuda_compile_gate.find_nvcc() is not None
 
 
@@ -49,7 +45,7 @@ def test_cuda_compile_gate():
     if not _have_nvcc():
         _skip_or_fail("nvcc not found (set CUDA_HOME)")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "cuda_compile_gate.py"), "--arch", "80", "--arch", "90"],
+        [sys.executable, "-m", "qcs_tools.cuda_compile_gate", "--arch", "80", "--arch", "90"],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     print(proc.stdout)  # the registers / shared memory table (pytest -s shows it)

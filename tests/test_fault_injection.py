@@ -1,6 +1,6 @@
 """Training that survives being killed: the checkpoint commit protocol at every possible
 kill point, mid-epoch resume, restart before the first checkpoint, and the subprocess
-fault-injection harness (``scripts/fault_injection.py``: SIGKILL at random moments and
+fault-injection harness (``qcs_tools/fault_injection.py``: SIGKILL at random moments and
 inside saves, SIGTERM, SIGINT; the resumed run must end bit-identical).
 
 ``QCS_FAULT_KILLS=N`` runs the harness test with ``N`` random kills (the long profile:
@@ -9,7 +9,6 @@ inside saves, SIGTERM, SIGINT; the resumed run must end bit-identical).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,17 +22,9 @@ from qcs import checkpoint as ckpt
 from qcs import train as train_mod
 from qcs.checkpoint import (CheckpointError, load_state, load_weights, read_metadata,
                             recover_checkpoint, save_checkpoint)
+from qcs_tools import fault_injection
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("fault_injection",
-                                                  ROOT / "scripts" / "fault_injection.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class _Killed(BaseException):
@@ -246,7 +237,7 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
 # --- the subprocess harness ------------------------------------------------------------
 
 def test_compare_runs_sees_a_changed_tensor(tmp_path):
-    fi = _harness()
+    fi = fault_injection
     for name in ("ref", "other"):
         run = tmp_path / name
         for ck in ("last", "best"):
@@ -270,7 +261,7 @@ def test_kill_resume_cycles_end_bit_identical(tmp_path):
     before its commit), SIGTERM and SIGINT (exit 143 / 130 after saving), resuming after
     each: every checkpoint read back is whole, and the run ends identical to an
     uninterrupted one (weights, optimizer state, metrics)."""
-    fi = _harness()
+    fi = fault_injection
     kills = int(os.environ.get("QCS_FAULT_KILLS", "0"))
     opt = fi.Options(kills=kills or 3, seed=1, epochs=3, max_steps=8, checkpoint_every=2,
                      verbose=True)

@@ -1,4 +1,4 @@
-"""The op tests against sanitizer builds of the extensions (scripts/sanitize.py).
+"""The op tests against sanitizer builds of the extensions (qcs_tools/sanitize.py).
 
 ``qcs_ext._C`` (ops, CPU driver with its at::parallel_for threads, inner kernels) and
 ``qcs_ext._emulated`` (the CUDA kernels under the host emulation) are compiled with
@@ -14,7 +14,6 @@ Skipped without g++ and its sanitizer runtimes, except in CI, where that is a fa
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,21 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from qcs_tools import sanitize
+
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PROFILE = os.environ.get("QCS_SANITIZE_PROFILE", "fast")
 SANITIZE_DIR = ROOT / "csrc" / "emulation" / "sanitize"
 
 
-def _load_sanitize():
-    spec = importlib.util.spec_from_file_location("qcs_sanitize", ROOT / "scripts" / "sanitize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sanitize = _load_sanitize()
 
 
 def _require_toolchain(name: str) -> None:
@@ -78,7 +70,7 @@ def test_op_tests_under_sanitizer(name):
 
 def _build_control(tmp_path: Path, with_shim: bool) -> Path:
     exe = tmp_path / ("control_shim" if with_shim else "control_plain")
-    sources = [SANITIZE_DIR / "tsan_openmp_control.cpp"] + ([SANITIZE_DIR / "tsan_openmp.cpp"] if with_shim else [])
+    sources = [ROOT / "tests" / "cpp" / "tsan_openmp_control.cpp"] + ([SANITIZE_DIR / "tsan_openmp.cpp"] if with_shim else [])
     cmd = [sanitize._cxx(), "-std=c++20", "-O1", "-g", "-fopenmp", "-fsanitize=thread", *map(str, sources),
            "-ldl", "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -115,7 +115,7 @@ _paused: set[str] = set()
 
 
 def _test_pause(phase: str, base: Path) -> None:
-    """Fault-injection hook for tests (``scripts/fault_injection.py``): with
+    """Fault-injection hook for tests (``qcs_tools/fault_injection.py``): with
     ``QCS_TEST_CHECKPOINT_PAUSE=PHASE[,PHASE...]`` the first save reaching ``PHASE``
     (``staging``: weights staged, state and JSON not yet; ``staged``: all staged, no commit
     record; ``committing``: record written, weights renamed, JSON not yet) writes

@@ -7,7 +7,7 @@ The CSA share is measured two ways:
   forward or backward); ``share = (t_step - t_without_csa) / t_step``;
 - profiler (fused backend only): self CPU time of the ``qcs_ext`` similarity ops.
 
-Usage: ``.venv/bin/python benchmarks/bench_train_step.py [--presets tiny paper-qcs]
+Usage: ``.venv/bin/python -m qcs_tools.bench_train_step [--presets tiny paper-qcs]
 [--paper-batch 2] [--tiny-batch 32] [--repeats 3] [--threads N]``. Prints a markdown table.
 """
 

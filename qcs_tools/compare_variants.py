@@ -6,7 +6,7 @@ read back from each run's ``metrics.jsonl``. Runs are appended to ``RUNS/results
 they finish, so an interrupted comparison keeps what it has and ``--table-only`` rebuilds
 the table from it.
 
-    python scripts/compare_variants.py --runs runs/compare --out docs/comparison.md \
+    python -m qcs_tools.compare_variants --runs runs/compare --out docs/comparison.md \
         --seeds 0 1 --epochs 3 --train-per-class 80 --test-per-class 40 --jobs 2
 """
 

@@ -12,16 +12,16 @@ emulation layer, csrc/emulation/csa_emulated.cpp) with
 into ``build/sanitize-<name>/`` (never into the package tree or ``.venv``), next to a copy
 of the ``qcs_ext`` Python files, and runs pytest on the op tests in a subprocess with the
 sanitizer runtime preloaded into the (uninstrumented) Python and that copy first on the
-import path. A plugin (``scripts/sanitize_pytest_plugin.py``) refuses to start unless the
+import path. A plugin (``qcs_tools/sanitize_pytest_plugin.py``) refuses to start unless the
 sanitized extensions are the ones imported and the runtime is loaded. Any sanitizer
 report fails the run: the runtimes halt on the first one, and the output is scanned too.
 
 Usage::
 
-    .venv/bin/python scripts/sanitize.py                  # both sanitizers, full profile
-    .venv/bin/python scripts/sanitize.py asan --profile fast
-    .venv/bin/python scripts/sanitize.py tsan -- -x -k gradcheck   # extra pytest arguments
-    .venv/bin/python scripts/sanitize.py asan --build-only
+    .venv/bin/python -m qcs_tools.sanitize                  # both sanitizers, full profile
+    .venv/bin/python -m qcs_tools.sanitize asan --profile fast
+    .venv/bin/python -m qcs_tools.sanitize tsan -- -x -k gradcheck   # extra pytest arguments
+    .venv/bin/python -m qcs_tools.sanitize asan --build-only
 
 Profiles: ``full`` runs every test of tests/test_ops.py and tests/test_emulated.py (slow
 ones included); ``fast`` the subset CI runs (tests/test_sanitizers.py), see FAST_SUBSET.
@@ -47,7 +47,6 @@ from xml.etree import ElementTree
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SCRIPTS = ROOT / "scripts"
 
 # What a sanitizer report looks like in the output (the runtimes' headers).
 REPORT_MARKERS = (
@@ -315,8 +314,10 @@ def run_env(name: str, site: Path) -> dict[str, str]:
     if env.get("LD_PRELOAD"):
         preload.append(env["LD_PRELOAD"])
     env["LD_PRELOAD"] = ":".join(preload)
+    # The sanitized site first, so its qcs_ext shadows the checkout's; the checkout after it
+    # for qcs_tools (the plugin) and tests/ for the tests' helpers.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(site), str(SCRIPTS), str(ROOT / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(site), str(ROOT), str(ROOT / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["QCS_SANITIZER"] = name
     env["QCS_SANITIZED_SITE"] = str(site)
     env.pop("PYTEST_ADDOPTS", None)
@@ -327,7 +328,9 @@ def pytest_command(profile: str, extra: list[str], junit: Path) -> list[str]:
     """pytest's arguments for ``profile`` (``fast``: FAST_SUBSET; ``full``: everything)."""
     # --capture=sys: pytest must not capture file descriptor 2, or a report written there by
     # a runtime that then exits the process is lost with pytest's capture file.
-    args = ["-p", "sanitize_pytest_plugin", "-p", "no:cacheprovider", "--capture=sys", "--rootdir", str(ROOT),
+    # -o pythonpath=: pyproject's pythonpath (the checkout) would go first on sys.path and
+    # its unsanitized qcs_ext would shadow the sanitized copy.
+    args = ["-p", "qcs_tools.sanitize_pytest_plugin", "-p", "no:cacheprovider", "-o", "pythonpath=", "--capture=sys", "--rootdir", str(ROOT),
             "-c", str(ROOT / "pyproject.toml"), "-q", f"--junitxml={junit}", *[str(ROOT / f) for f in TEST_FILES]]
     if profile == "fast":
         args += ["-k", FAST_SUBSET]

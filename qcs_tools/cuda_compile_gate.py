@@ -7,7 +7,7 @@ registers, static shared memory, stack frame (local memory) and spill bytes. The
 are the ones setup.py builds qcs_ext._C with (``-O3 --use_fast_math -std=c++20`` plus
 torch's own nvcc flags), so the gate sees the code that ships.
 
-Usage: .venv/bin/python scripts/cuda_compile_gate.py [--arch 80 --arch 90] [--markdown FILE]
+Usage: .venv/bin/python -m qcs_tools.cuda_compile_gate [--arch 80 --arch 90] [--markdown FILE]
 Exit status: 0 clean, 1 spills/local memory found, 2 compilation failed / no nvcc.
 """
 

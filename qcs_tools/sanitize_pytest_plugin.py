@@ -1,4 +1,4 @@
-"""Pytest plugin loaded by scripts/sanitize.py (``-p sanitize_pytest_plugin``).
+"""Pytest plugin loaded by qcs_tools/sanitize.py (``-p qcs_tools.sanitize_pytest_plugin``).
 
 Before any test runs it makes sure the run tests what it claims to: the sanitizer runtime
 named by ``QCS_SANITIZER`` is mapped into the process, and ``qcs_ext._C`` and
@@ -21,7 +21,7 @@ def _check() -> str:
     site = os.environ.get("QCS_SANITIZED_SITE", "")
     if name not in _RUNTIMES or not site:
         raise pytest.UsageError("sanitize_pytest_plugin: QCS_SANITIZER / QCS_SANITIZED_SITE not set "
-                                "(run through scripts/sanitize.py)")
+                                "(run through python -m qcs_tools.sanitize)")
     maps = Path("/proc/self/maps").read_text()
     if _RUNTIMES[name] not in maps:
         raise pytest.UsageError(f"sanitize_pytest_plugin: {_RUNTIMES[name]} is not loaded (LD_PRELOAD)")

@@ -3,8 +3,8 @@
 that every resume finds a valid checkpoint and that the run ends bit-identical to an
 uninterrupted one.
 
-    .venv/bin/python scripts/fault_injection.py --kills 24        # the long profile
-    .venv/bin/python scripts/fault_injection.py --kills 6 --seed 3 --work /tmp/fi --keep
+    .venv/bin/python -m qcs_tools.fault_injection --kills 24        # the long profile
+    .venv/bin/python -m qcs_tools.fault_injection --kills 6 --seed 3 --work /tmp/fi --keep
 
 What it does (all in ``--work``, a temporary directory by default):
 

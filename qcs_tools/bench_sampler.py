@@ -1,6 +1,6 @@
 """Quadruplet sampling cost against the dataset size (the O(1)-per-item claim, measured).
 
-    .venv/bin/python benchmarks/bench_sampler.py
+    .venv/bin/python -m qcs_tools.bench_sampler
 
 Draws a fixed number of quadruplets from label tables of growing size and prints the time
 per item; O(1) sampling keeps it flat while the table grows 1000-fold, apart from the

@@ -1,7 +1,7 @@
 """Print the CSA speed table: the fused op against its baselines, all measured in one run.
 
-    .venv/bin/python benchmarks/compare.py                 # every shape, forward and fwd+bwd
-    .venv/bin/python benchmarks/compare.py --shapes 24x49x768 --min-run-time 1
+    .venv/bin/python -m qcs_tools.compare                 # every shape, forward and fwd+bwd
+    .venv/bin/python -m qcs_tools.compare --shapes 24x49x768 --min-run-time 1
 
 Machines are noisy, so the table reports ratios against baselines measured in the same run,
 not absolute targets. Each cell is measured in several rounds, and every round times every
@@ -13,7 +13,6 @@ rounds; a speed-up is the median over the rounds of that round's ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -21,10 +20,7 @@ import sys
 import torch
 from torch.utils import benchmark
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ops_cases import (  # noqa: E402
-    IMPLEMENTATIONS, SHAPES, case, saved_bytes_ratio,
-)
+from qcs_tools.ops_cases import IMPLEMENTATIONS, SHAPES, case, saved_bytes_ratio
 
 
 def _parse_shape(text: str):
