@@ -30,7 +30,9 @@ enum Branch : int32_t { kA = 0, kP = 1, kN = 2, kN2 = 3 };
 // Similarity matrices (same class) are shifted as max - D, distance matrices (cross
 // class) as D - min.
 enum Matrix : int32_t { kPA = 0, kN2N = 1, kNA = 2, kN2P = 3 };
-QCS_HD int32_t row_branch(int32_t m) { return m == kPA ? kP : m == kN2N ? kN2 : m == kNA ? kN : kN2; }
+QCS_HD int32_t row_branch(int32_t m) {
+  return m == kPA ? kP : m == kN2N ? kN2 : m == kNA ? kN : kN2;
+}
 QCS_HD int32_t col_branch(int32_t m) { return m == kPA ? kA : m == kN2N ? kN : m == kNA ? kA : kP; }
 QCS_HD bool is_similarity(int32_t m) { return m == kPA || m == kN2N; }
 
@@ -78,8 +80,15 @@ QCS_HD double shifted(double dist, double extreme, bool similarity) {
 // Relative threshold below which a distance from the Gram identity
 // |x|^2 + |y|^2 - 2 x.y is recomputed directly as sum (x - y)^2: there the Gram form
 // loses most of its digits to cancellation (and duplicated tokens must give exactly 0).
-template <typename T> struct RefineThreshold;
-template <> struct RefineThreshold<float> { static constexpr double value = 1e-2; };
-template <> struct RefineThreshold<double> { static constexpr double value = 1e-5; };
+template <typename T>
+struct RefineThreshold;
+template <>
+struct RefineThreshold<float> {
+  static constexpr double value = 1e-2;
+};
+template <>
+struct RefineThreshold<double> {
+  static constexpr double value = 1e-5;
+};
 
 }  // namespace qcs

@@ -30,10 +30,10 @@ struct GemmSegment {
 };
 
 enum class GemmEpilogue : int32_t {
-  kStore = 0,          // out[i, j] = acc
-  kScaleMinus = 1,     // out[i, j] = scale[i] * x[i, j] - acc   (the CSA gradient form)
-  kAdd = 2,            // out[i, j] += acc   (internal: later blocks of a long k loop)
-  kSubtract = 3,       // out[i, j] -= acc   (internal: likewise, for kScaleMinus)
+  kStore = 0,       // out[i, j] = acc
+  kScaleMinus = 1,  // out[i, j] = scale[i] * x[i, j] - acc   (the CSA gradient form)
+  kAdd = 2,         // out[i, j] += acc   (internal: later blocks of a long k loop)
+  kSubtract = 3,    // out[i, j] -= acc   (internal: likewise, for kScaleMinus)
 };
 
 // out[i, j] for rows i in [row_begin, row_end) and columns j in [0, cols), summing over up
@@ -43,7 +43,7 @@ struct GemmProblem {
   GemmSegment<T> seg[2];
   int32_t num_segments;
   int64_t row_begin, row_end, cols;
-  T* out;          // row i is written at out + (i - out_row0) * ldo
+  T* out;  // row i is written at out + (i - out_row0) * ldo
   int64_t out_row0;
   int64_t ldo;
   GemmEpilogue epilogue;
@@ -71,9 +71,9 @@ struct KernelSet {
   // gram[(i - r0) * n + j] and the squared norms (double) as sqrt(|x|^2 + |y|^2 - 2 x.y);
   // entries where that identity cancels (duplicated or near-duplicate tokens) are
   // recomputed directly, so a duplicate gives exactly 0. rows/cols are [*, c].
-  void (*distances_from_gram)(const T* gram, const T* rows, const T* cols,
-                              const double* row_sqnorm, const double* col_sqnorm, int64_t r0,
-                              int64_t r1, int64_t n, int64_t c, T* out);
+  void (*distances_from_gram)(const T* gram, const T* rows, const T* cols, const double* row_sqnorm,
+                              const double* col_sqnorm, int64_t r0, int64_t r1, int64_t n,
+                              int64_t c, T* out);
 
   // Per-matrix epilogues: one sample's n x n distance matrix `dist` (row-major), shifted by
   // its extreme (similarity: extreme - D, distance: D - extreme). All in double. `scratch`
@@ -82,8 +82,8 @@ struct KernelSet {
   // The smallest (or, with `largest`, the largest) of count values.
   T (*extreme)(const T* x, int64_t count, bool largest);
   // Forward: col_score[j] += weight * cols(M)[j] and row_score[i] += weight * rows(M)[i].
-  void (*forward_scores)(const T* dist, double extreme, bool similarity, int64_t n,
-                         double weight, double* col_score, double* row_score, double* scratch);
+  void (*forward_scores)(const T* dist, double extreme, bool similarity, int64_t n, double weight,
+                         double* col_score, double* row_score, double* scratch);
   // Backward of one matrix's aggregations and of its distances, given the fused scores'
   // gradients up_col (of the column branch) and up_row: w = W = dL/dD / D (0 where D = 0)
   // with its row and column sums, where dL/dD leaves out the shift's gradient (the driver

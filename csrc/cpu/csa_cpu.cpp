@@ -40,10 +40,9 @@ const KernelTable& active_kernels() {
   // Read on every call (cheap) so tests can switch instruction sets within one process.
   const char* forced = std::getenv("QCS_CPU_ISA");
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
-                                 __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512dq");
+  static const bool has_avx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   static const bool has_avx512 = false, has_avx2 = false;
@@ -90,9 +89,16 @@ void warm_cache(const T* p, int64_t count) {
   asm volatile("" : : "r,m"(sum));  // keeps the loads
 }
 
-template <typename T> const KernelSet<T>& kernel_set(const KernelTable& t);
-template <> const KernelSet<float>& kernel_set<float>(const KernelTable& t) { return t.f32; }
-template <> const KernelSet<double>& kernel_set<double>(const KernelTable& t) { return t.f64; }
+template <typename T>
+const KernelSet<T>& kernel_set(const KernelTable& t);
+template <>
+const KernelSet<float>& kernel_set<float>(const KernelTable& t) {
+  return t.f32;
+}
+template <>
+const KernelSet<double>& kernel_set<double>(const KernelTable& t) {
+  return t.f64;
+}
 
 Mode parse_mode(const std::string& mode) {
   if (mode == "sd") return Mode::SD;
@@ -139,7 +145,8 @@ void check_features(const at::Tensor& qk, int64_t branches) {
   TORCH_CHECK(qk.device().is_cpu(), "qk must be a CPU tensor here, got ", qk.device());
 }
 
-void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at::ScalarType dtype) {
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes,
+                at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
                    t.scalar_type());
@@ -148,8 +155,8 @@ void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at
 
 double read_theta(const at::Tensor& theta, const at::Tensor& qk) {
   TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
-  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ",
-                   theta.scalar_type(), " but qk has ", qk.scalar_type());
+  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ", theta.scalar_type(),
+                   " but qk has ", qk.scalar_type());
   TORCH_CHECK(theta.device().is_cpu(), "theta must be a CPU tensor, got ", theta.device());
   return theta.item<double>();
 }
@@ -215,13 +222,15 @@ void compute_extrema(const Geometry& g, const at::Tensor& distances, at::Tensor&
   const T* dist = distances.data_ptr<T>();
   T* ext = extrema.data_ptr<T>();
   const int64_t tasks = per_sample_done ? 0 : int64_t(g.matrices.size()) * B;
-  if (tasks > 0) at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int32_t m = g.matrices[task / B];
-      const int64_t b = task % B;
-      ext[int64_t(m) * B + b] = kern.extreme(dist + (int64_t(m) * B + b) * NN, NN, is_similarity(m));
-    }
-  });
+  if (tasks > 0)
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int32_t m = g.matrices[task / B];
+        const int64_t b = task % B;
+        ext[int64_t(m) * B + b] =
+            kern.extreme(dist + (int64_t(m) * B + b) * NN, NN, is_similarity(m));
+      }
+    });
   if (g.scope == Scope::Batch) {
     for (int32_t m : g.matrices) {
       T* row = ext + int64_t(m) * B;
@@ -262,9 +271,9 @@ void forward_epilogue(const Geometry& g, const at::Tensor& distances, const at::
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_in,
-                                                           double theta, double gamma, Mode mode,
-                                                           Scope scope, bool pair) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_in, double theta,
+                                                           double gamma, Mode mode, Scope scope,
+                                                           bool pair) {
   const at::Tensor qk = qk_in.contiguous();
   const Geometry g = make_geometry(qk, pair, mode, scope);
   at::Tensor maps = at::empty({g.branches, g.batch, g.tokens}, qk.options());
@@ -273,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& qk_
   at::Tensor distances = at::empty({g.num_matrix_slots, g.batch, g.tokens, g.tokens}, qk.options());
   at::Tensor extrema = at::zeros({g.num_matrix_slots, g.batch}, qk.options());
   for (int64_t m = 0; m < g.num_matrix_slots; ++m)
-    if (std::find(g.matrices.begin(), g.matrices.end(), m) == g.matrices.end()) distances[m].zero_();
+    if (std::find(g.matrices.begin(), g.matrices.end(), m) == g.matrices.end())
+      distances[m].zero_();
   const KernelTable& table = active_kernels();
   AT_DISPATCH_FLOATING_TYPES(qk.scalar_type(), "qcs_ext_forward_cpu", [&] {
     const bool extrema_done =
@@ -340,8 +350,7 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
         const T* gi = gm + (br * B + b) * N;
         double dot = 0;
         for (int64_t i = 0; i < N; ++i) dot += double(mi[i]) * double(gi[i]);
-        for (int64_t i = 0; i < N; ++i)
-          gscore[br * N + i] = double(mi[i]) * (double(gi[i]) - dot);
+        for (int64_t i = 0; i < N; ++i) gscore[br * N + i] = double(mi[i]) * (double(gi[i]) - dot);
       }
       std::fill(dscore.begin(), dscore.end(), 0.0);
       for (int32_t m : g.matrices) {
@@ -351,15 +360,14 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
         st.grad_sum[slot] = kern.backward_weights(
             dist + slot * N * N, ext[slot], sim, N, sim ? ws : wd,
             gscore.data() + col_branch(m) * N, gscore.data() + row_branch(m) * N,
-            dscore.data() + col_branch(m) * N, dscore.data() + row_branch(m) * N,
-            w + slot * N * N, rsum + slot * N, csum + slot * N, &st.ties[slot],
-            &st.first_tie[slot], scratch.data());
+            dscore.data() + col_branch(m) * N, dscore.data() + row_branch(m) * N, w + slot * N * N,
+            rsum + slot * N, csum + slot * N, &st.ties[slot], &st.first_tie[slot], scratch.data());
         // scope="sample" routes the shift's gradient here; "batch" needs the whole
         // batch's sums first (route_batch_extremes).
         if (g.scope == Scope::Sample)
           route_extreme(dist + slot * N * N, ext[slot], -st.grad_sum[slot] / double(st.ties[slot]),
-                        N, st.ties[slot], st.first_tie[slot], w + slot * N * N,
-                        rsum + slot * N, csum + slot * N);
+                        N, st.ties[slot], st.first_tie[slot], w + slot * N * N, rsum + slot * N,
+                        csum + slot * N);
       }
       double tp = 0;
       for (int64_t k = 0; k < g.branches * N; ++k) tp += gscore[k] * dscore[k];
@@ -372,9 +380,8 @@ void backward_aggregations(const Geometry& g, const at::Tensor& grad_maps, const
 // the number of tied extremes, to the elements equal to the batch extreme (usually one
 // element of one sample per matrix).
 template <typename T>
-void route_batch_extremes(const Geometry& g, const at::Tensor& distances,
-                          const at::Tensor& extrema, BackwardState& st, at::Tensor& row_sums,
-                          at::Tensor& col_sums) {
+void route_batch_extremes(const Geometry& g, const at::Tensor& distances, const at::Tensor& extrema,
+                          BackwardState& st, at::Tensor& row_sums, at::Tensor& col_sums) {
   const int64_t B = g.batch, N = g.tokens;
   const T* dist = distances.data_ptr<T>();
   const T* ext = extrema.data_ptr<T>();
@@ -432,8 +439,8 @@ void backward_gemms(const Geometry& g, const at::Tensor& qk, const BackwardState
         const T* sums = (as_row ? rsum : csum) + slot * N;
         for (int64_t i = 0; i < N; ++i) scale[i] += sums[i];
         const int64_t other = as_row ? col_branch(m) : row_branch(m);
-        p.seg[p.num_segments++] = {wm, as_row ? N : 1, as_row ? 1 : N,
-                                   branch_rows(x, g, other, b), C, N};
+        p.seg[p.num_segments++] = {
+            wm, as_row ? N : 1, as_row ? 1 : N, branch_rows(x, g, other, b), C, N};
       }
       p.row_begin = blk * rows_per;
       p.row_end = std::min(N, p.row_begin + rows_per);
@@ -494,9 +501,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
 // Op entry points
 // ---------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_similarity_forward(
-    const at::Tensor& qk, const at::Tensor& theta, double gamma, c10::string_view mode,
-    c10::string_view scope) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_similarity_forward(const at::Tensor& qk,
+                                                                        const at::Tensor& theta,
+                                                                        double gamma,
+                                                                        c10::string_view mode,
+                                                                        c10::string_view scope) {
   check_features(qk, 4);
   TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
   return forward_cpu(qk, read_theta(theta, qk), gamma, parse_mode(std::string(mode)),

@@ -6,9 +6,9 @@
 #define QCS_ISA_NAME "avx2"
 #define QCS_ISA_FN kernels_avx2
 #define QCS_VEC_BYTES 32
-#define QCS_GEMM_MR 4   // 4 x 3 ymm accumulators + 3 B vectors + 1 broadcast = 16 registers
+#define QCS_GEMM_MR 4  // 4 x 3 ymm accumulators + 3 B vectors + 1 broadcast = 16 registers
 #define QCS_GEMM_NV 3
-#define QCS_GRAM_MR 3   // 3 x 3 accumulators + 3 + 3 operand vectors
+#define QCS_GRAM_MR 3  // 3 x 3 accumulators + 3 + 3 operand vectors
 #define QCS_GRAM_NR 3
 #include "kernels_impl.inl"
 #else

@@ -6,9 +6,9 @@
 #define QCS_ISA_NAME "avx512"
 #define QCS_ISA_FN kernels_avx512
 #define QCS_VEC_BYTES 64
-#define QCS_GEMM_MR 6   // 6 x 4 zmm accumulators + 4 B vectors + 1 broadcast <= 32 registers
+#define QCS_GEMM_MR 6  // 6 x 4 zmm accumulators + 4 B vectors + 1 broadcast <= 32 registers
 #define QCS_GEMM_NV 4
-#define QCS_GRAM_MR 4   // 4 x 4 accumulators + 4 + 4 operand vectors
+#define QCS_GRAM_MR 4  // 4 x 4 accumulators + 4 + 4 operand vectors
 #define QCS_GRAM_NR 4
 #include "kernels_impl.inl"
 #else

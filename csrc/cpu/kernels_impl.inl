@@ -130,16 +130,16 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
   // halves of the gradient's K = 2N (a loop exit per segment, mispredicted at these short
   // trip counts, cost a few per cent of a tile).
   auto steps = [&](const GemmSegment<T>& g, const GemmSegment<T>* h, int64_t k0, int64_t k1)
-      __attribute__((always_inline)) {
-    if (h == nullptr) {
-      for (int64_t k = k0; k < k1; ++k) step(g, k);
-    } else {
-      for (int64_t k = k0; k < k1; ++k) {
-        step(g, k);
-        step(*h, k);
-      }
-    }
-  };
+                   __attribute__((always_inline)) {
+                     if (h == nullptr) {
+                       for (int64_t k = k0; k < k1; ++k) step(g, k);
+                     } else {
+                       for (int64_t k = k0; k < k1; ++k) {
+                         step(g, k);
+                         step(*h, k);
+                       }
+                     }
+                   };
   // The epilogue's operands are prefetched a few steps before the k loop ends: earlier, the
   // streaming B panel would evict them from L1 again.
   constexpr int64_t kLead = 16;
@@ -148,7 +148,8 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
     for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
       for (int c = 0; c < NV * W; c += kLine) {
-        if (!epi.stream) __builtin_prefetch(p.out + (row0 + r - p.out_row0) * p.ldo + col0 + c, 1, 3);
+        if (!epi.stream)
+          __builtin_prefetch(p.out + (row0 + r - p.out_row0) * p.ldo + col0 + c, 1, 3);
         if (p.epilogue == GemmEpilogue::kScaleMinus)
           __builtin_prefetch(p.x + (row0 + r) * p.ldx + col0 + c, 0, 3);
       }
@@ -172,11 +173,11 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
     }
   }
   switch (p.epilogue) {  // once per tile, not per vector
-#define QCS_EPILOGUE_CASE(kind)                                              \
-  case kind:                                                                 \
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)                     \
-      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                   \
-        epi.template vec<kind>(row0 + r, col0 + v * W, acc[r][v]);           \
+#define QCS_EPILOGUE_CASE(kind)                                        \
+  case kind:                                                           \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)               \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)           \
+            epi.template vec<kind>(row0 + r, col0 + v * W, acc[r][v]); \
     break;
     QCS_EPILOGUE_CASE(GemmEpilogue::kStore)
     QCS_EPILOGUE_CASE(GemmEpilogue::kScaleMinus)
@@ -232,18 +233,18 @@ inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& 
     --short_tiles;
   }
   for (; row + MR <= full_end; row += MR) micro_tile<T, MR, NV>(p, row, col0, epi);
-  for (; short_tiles > 0; --short_tiles, row += MR - 1) micro_tile<T, MR - 1, NV>(p, row, col0, epi);
+  for (; short_tiles > 0; --short_tiles, row += MR - 1)
+    micro_tile<T, MR - 1, NV>(p, row, col0, epi);
   // Remaining rows, one template per count so every tile keeps its accumulators in registers.
   switch (p.row_end - row) {
-#define QCS_ROW_CASE(n) \
-  case n:               \
+#define QCS_ROW_CASE(n)                                            \
+  case n:                                                          \
     if constexpr (n < MR) micro_tile<T, n, NV>(p, row, col0, epi); \
     break;
-    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
-    QCS_ROW_CASE(6) QCS_ROW_CASE(7)
+    QCS_ROW_CASE(1)
+    QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5) QCS_ROW_CASE(6) QCS_ROW_CASE(7)
 #undef QCS_ROW_CASE
-    default:
-      break;
+        default : break;
   }
 }
 
@@ -290,11 +291,12 @@ void gemm(const GemmProblem<T>& p) {
     for (int s = 0; s < p.num_segments; ++s) {
       const GemmSegment<T>& g = p.seg[s];
       for (int64_t k0 = 0; k0 < g.k; k0 += kBlock) {
-        part.seg[0] = {g.a + k0 * g.a_k_stride, g.a_row_stride, g.a_k_stride, g.b + k0 * g.ldb,
-                       g.ldb, g.k - k0 < kBlock ? g.k - k0 : kBlock};
+        part.seg[0] = {
+            g.a + k0 * g.a_k_stride, g.a_row_stride, g.a_k_stride,
+            g.b + k0 * g.ldb,        g.ldb,          g.k - k0 < kBlock ? g.k - k0 : kBlock};
         part.epilogue = first ? p.epilogue
                               : (p.epilogue == GemmEpilogue::kStore ? GemmEpilogue::kAdd
-                                                                     : GemmEpilogue::kSubtract);
+                                                                    : GemmEpilogue::kSubtract);
         column_range(part, col, col_end, false);
         first = false;
       }
@@ -338,23 +340,22 @@ __attribute__((always_inline)) inline void gram_tile(const T* rows, const T* col
     if constexpr (W == 16 && NR >= 4) {
       // The first four lane sums of a row in one transposing tree (6 shuffles, 4 adds), not four
       // separate trees: at C = 768 the reductions were an eighth of the Gram's time.
-      const vt x = __builtin_shufflevector(acc[r][0], acc[r][1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
-                                           18, 19, 20, 21, 22, 23) +
-                   __builtin_shufflevector(acc[r][0], acc[r][1], 8, 9, 10, 11, 12, 13, 14, 15,
-                                           24, 25, 26, 27, 28, 29, 30, 31);
-      const vt y = __builtin_shufflevector(acc[r][2], acc[r][3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
-                                           18, 19, 20, 21, 22, 23) +
-                   __builtin_shufflevector(acc[r][2], acc[r][3], 8, 9, 10, 11, 12, 13, 14, 15,
-                                           24, 25, 26, 27, 28, 29, 30, 31);
+      const vt x = __builtin_shufflevector(acc[r][0], acc[r][1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                           19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(acc[r][0], acc[r][1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                           25, 26, 27, 28, 29, 30, 31);
+      const vt y = __builtin_shufflevector(acc[r][2], acc[r][3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                           19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(acc[r][2], acc[r][3], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                           25, 26, 27, 28, 29, 30, 31);
       // Lanes 0-3: column 0's partial sums, 4-7: column 2's, 8-11: column 1's, 12-15: column 3's.
-      const vt t = __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25,
-                                           26, 27) +
-                   __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28,
-                                           29, 30, 31);
-      const vt u = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15,
-                                               12, 13);
-      const vt w = u + __builtin_shufflevector(u, u, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12,
-                                               15, 14);
+      const vt t =
+          __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+          __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+      const vt u =
+          t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+      const vt w =
+          u + __builtin_shufflevector(u, u, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
       sums[0] = w[0];
       sums[1] = w[8];
       sums[2] = w[4];
@@ -390,16 +391,17 @@ inline void gram_row_tile(const T* rows, const T* cols, int64_t n_cols, int64_t 
   const int64_t narrow_end = n_cols - wide * (NR + 1);
   int64_t c = 0;
   for (; c + NR <= narrow_end; c += NR) gram_tile<T, MR, NR>(rows, cols + c * n, n, out + c, ldo);
-  for (; wide > 0; --wide, c += NR + 1) gram_tile<T, MR, NR + 1>(rows, cols + c * n, n, out + c, ldo);
+  for (; wide > 0; --wide, c += NR + 1)
+    gram_tile<T, MR, NR + 1>(rows, cols + c * n, n, out + c, ldo);
   switch (n_cols - c) {
-#define QCS_COL_CASE(k) \
-  case k:               \
+#define QCS_COL_CASE(k)                                                             \
+  case k:                                                                           \
     if constexpr (k < NR) gram_tile<T, MR, k>(rows, cols + c * n, n, out + c, ldo); \
     break;
-    QCS_COL_CASE(1) QCS_COL_CASE(2) QCS_COL_CASE(3) QCS_COL_CASE(4) QCS_COL_CASE(5)
+    QCS_COL_CASE(1)
+    QCS_COL_CASE(2) QCS_COL_CASE(3) QCS_COL_CASE(4) QCS_COL_CASE(5)
 #undef QCS_COL_CASE
-    default:
-      break;
+        default : break;
   }
 }
 
@@ -410,18 +412,19 @@ void gram_block(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, in
   int64_t wide = wide_tiles(n_rows, MR);
   const int64_t narrow_end = n_rows - wide * (MR + 1);
   int64_t r = 0;
-  for (; r + MR <= narrow_end; r += MR) gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
+  for (; r + MR <= narrow_end; r += MR)
+    gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
   for (; wide > 0; --wide, r += MR + 1)
     gram_row_tile<T, MR + 1>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
   switch (n_rows - r) {
-#define QCS_ROW_CASE(k) \
-  case k:               \
+#define QCS_ROW_CASE(k)                                                                           \
+  case k:                                                                                         \
     if constexpr (k < MR) gram_row_tile<T, k>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo); \
     break;
-    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
+    QCS_ROW_CASE(1)
+    QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
 #undef QCS_ROW_CASE
-    default:
-      break;
+        default : break;
   }
 }
 
@@ -434,7 +437,8 @@ void gram(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, int64_t 
   int64_t chunk = kChunkBytes / (n * int64_t(sizeof(T)));
   chunk = chunk < QCS_GRAM_NR ? QCS_GRAM_NR : chunk - chunk % QCS_GRAM_NR;
   for (int64_t c = 0; c < n_cols; c += chunk)
-    gram_block(rows, n_rows, cols + c * n, n_cols - c < chunk ? n_cols - c : chunk, n, out + c, ldo);
+    gram_block(rows, n_rows, cols + c * n, n_cols - c < chunk ? n_cols - c : chunk, n, out + c,
+               ldo);
 }
 
 template <typename T>
@@ -482,31 +486,42 @@ double squared_norm(const T* x, int64_t n) {
 // reductions sum their lanes through the stack one by one, and with three or more of them
 // per row that was most of these loops' time.
 
-template <int L> struct Lanes;
+template <int L>
+struct Lanes;
 
 // One lane: the tail of a row.
-template <> struct Lanes<1> {
+template <>
+struct Lanes<1> {
   using real = double;
   using mask = bool;
-  template <typename T> static real load(const T* p) { return double(*p); }
-  template <typename T> static void store(T* p, real v) { *p = T(v); }
+  template <typename T>
+  static real load(const T* p) {
+    return double(*p);
+  }
+  template <typename T>
+  static void store(T* p, real v) {
+    *p = T(v);
+  }
   static real splat(double x) { return x; }
   static real select(mask m, real a, real b) { return m ? a : b; }
   static real sqrt(real x) { return std::sqrt(x); }
 };
 
 // A vector of doubles; float data is widened on load and narrowed on store.
-template <> struct Lanes<Vec<double>::kWidth> {
+template <>
+struct Lanes<Vec<double>::kWidth> {
   using VD = Vec<double>;
   static constexpr int kWidth = VD::kWidth;
   using real = VD::type;
   typedef int64_t mask __attribute__((vector_size(QCS_VEC_BYTES)));
   typedef float narrow __attribute__((vector_size(QCS_VEC_BYTES / 2), aligned(4), may_alias));
-  template <typename T> static real load(const T* p) {
+  template <typename T>
+  static real load(const T* p) {
     if constexpr (sizeof(T) == sizeof(double)) return VD::load(p);
     else return __builtin_convertvector(*reinterpret_cast<const narrow*>(p), real);
   }
-  template <typename T> static void store(T* p, real v) {
+  template <typename T>
+  static void store(T* p, real v) {
     if constexpr (sizeof(T) == sizeof(double)) VD::store(p, v);
     else *reinterpret_cast<narrow*>(p) = __builtin_convertvector(v, narrow);
   }
@@ -591,10 +606,10 @@ T extreme(const T* x, int64_t count, bool largest) {
   // Lane-wise extremes, then the lanes: a scalar max chain waits on every compare.
   T e = x[0];
   if (largest) {
-    #pragma omp simd reduction(max : e)
+#pragma omp simd reduction(max : e)
     for (int64_t k = 1; k < count; ++k) e = x[k] > e ? x[k] : e;
   } else {
-    #pragma omp simd reduction(min : e)
+#pragma omp simd reduction(min : e)
     for (int64_t k = 1; k < count; ++k) e = x[k] < e ? x[k] : e;
   }
   return e;
@@ -644,10 +659,10 @@ void forward_scores(const T* dist, double extreme, bool similarity, int64_t n, d
 // Pass 2 of backward_weights, one row i: dL/dD[i, j], W[i, j] = dL/dD / D (0 where D = 0) and,
 // for distance matrices (kDScores), the d scores' terms.
 template <typename T, bool kDScores>
-inline void weight_row(const T* di, const double* mi, int64_t n, double sign, double wr,
-                       double wur, double ai, double ir, const double* up_col,
-                       const double* inv_c, const double* beta, T* wi, double* col_w,
-                       double* d_col, double* row_total, double* row_w, double* row_d) {
+inline void weight_row(const T* di, const double* mi, int64_t n, double sign, double wr, double wur,
+                       double ai, double ir, const double* up_col, const double* inv_c,
+                       const double* beta, T* wi, double* col_w, double* d_col, double* row_total,
+                       double* row_w, double* row_d) {
   RowSum total, wsum, dsum;
   sweep(n, [&](int64_t j, auto lanes) __attribute__((always_inline)) {
     using Ln = decltype(lanes);
@@ -663,8 +678,8 @@ inline void weight_row(const T* di, const double* mi, int64_t n, double sign, do
     // finite.
     const auto dij = Ln::load(di + j);
     const auto positive = dij > 0.0;
-    const auto w = Ln::select(positive, gd / Ln::select(positive, dij, Ln::splat(1.0)),
-                              Ln::splat(0.0));
+    const auto w =
+        Ln::select(positive, gd / Ln::select(positive, dij, Ln::splat(1.0)), Ln::splat(0.0));
     Ln::store(wi + j, w);
     wsum.add(w);
     Ln::store(col_w + j, Ln::load(col_w + j) + w);
@@ -757,9 +772,11 @@ const KernelTable& QCS_ISA_FN() {
   static const KernelTable table{
       QCS_ISA_NAME,
       {&gemm<float>, &gram<float>, &squared_distance<float>, &squared_norm<float>,
-       &distances_from_gram<float>, &extreme<float>, &forward_scores<float>, &backward_weights<float>},
+       &distances_from_gram<float>, &extreme<float>, &forward_scores<float>,
+       &backward_weights<float>},
       {&gemm<double>, &gram<double>, &squared_distance<double>, &squared_norm<double>,
-       &distances_from_gram<double>, &extreme<double>, &forward_scores<double>, &backward_weights<double>},
+       &distances_from_gram<double>, &extreme<double>, &forward_scores<double>,
+       &backward_weights<double>},
   };
   return table;
 }
