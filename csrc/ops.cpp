@@ -1,8 +1,6 @@
-// Operator schemas of qcs_ext and the Python module stub that loads them.
-//
-// Kernels live in one file per backend (cpu/csa_cpu.cpp, cuda/csa_cuda.cu) and register
-// themselves with TORCH_LIBRARY_IMPL; autograd and fake (meta) kernels are registered
-// from Python (qcs_ext/ops.py), next to the reference they are tested against.
+// The qcs_ext op library: its schemas (schemas.h) and the CPU kernels (cpu/csa_cpu.cpp);
+// the CUDA kernels register themselves in cuda/csa_cuda.cu. Autograd, fake (meta) kernels
+// and the public Python functions: qcs_ext/ops.py.
 //
 // Layout of the tensors shared by the ops (M = 4 matrices for the quadruplet, 1 for the
 // pair; branches a, p, n, n2; matrices D_pa, D_n2n, D_na, D_n2p, see csa_common.h):
@@ -14,6 +12,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/csa_cpu.h"
 #include "schemas.h"
 
 // A bare module: importing qcs_ext._C runs the static registrations below.
@@ -22,4 +21,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(qcs_ext, m) { QCS_DEFINE_SCHEMAS(m); }
+TORCH_LIBRARY(qcs_ext, m) {
+  qcs::define_csa_ops(m);
+  qcs::cpu::define_cpu_isa(m);
+}
+
+TORCH_LIBRARY_IMPL(qcs_ext, CPU, m) { qcs::cpu::register_kernels(m); }

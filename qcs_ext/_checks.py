@@ -43,7 +43,8 @@ def check_theta(theta: object, qk: torch.Tensor) -> torch.Tensor:
     if theta.numel() != 1:
         raise ValueError(f"theta must hold exactly one element, got shape {tuple(theta.shape)}")
     if theta.dtype != qk.dtype:
-        raise TypeError(f"theta has dtype {theta.dtype} but qk has dtype {qk.dtype}; they must match")
+        raise TypeError(
+            f"theta has dtype {theta.dtype} but qk has dtype {qk.dtype}; they must match")
     if theta.device != qk.device:
         raise ValueError(f"theta is on {theta.device} but qk is on {qk.device}; they must match")
     # A reshape of a 0-dim tensor would still add a view node to the autograd graph.

@@ -23,14 +23,49 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
         "(or `QCS_BUILD_EMULATION=1 pip install --no-build-isolation -e .`)"
     ) from exc
 
-from .ops import OpBinding
+import functools
+
+from . import ops as _ops
 
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "ops"]
 
-_binding = OpBinding(
-    "qcs_emulated",
-    {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
+ops = torch.ops.qcs_emulated
+# The emulated kernels take every floating dtype the CUDA kernels take, on the CPU.
+NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+# The same fake kernels and autograd as the qcs_ext library (qcs_ext/ops.py).
+torch.library.register_fake("qcs_emulated::cross_similarity_forward", _ops.cross_forward_fake)
+torch.library.register_fake("qcs_emulated::cross_similarity_backward", _ops.cross_backward_fake)
+torch.library.register_fake("qcs_emulated::pair_similarity_forward", _ops.pair_forward_fake)
+torch.library.register_fake("qcs_emulated::pair_similarity_backward", _ops.pair_backward_fake)
+torch.library.register_autograd(
+    "qcs_emulated::cross_similarity_forward",
+    functools.partial(_ops.cross_backward,
+                      torch.ops.qcs_emulated.cross_similarity_backward.default),
+    setup_context=_ops.cross_setup_context,
 )
-ops = _binding.ops
-cross_similarity_maps = _binding.cross_similarity_maps
-pair_similarity_maps = _binding.pair_similarity_maps
+torch.library.register_autograd(
+    "qcs_emulated::pair_similarity_forward",
+    functools.partial(_ops.pair_backward,
+                      torch.ops.qcs_emulated.pair_similarity_backward.default),
+    setup_context=_ops.pair_setup_context,
+)
+
+
+def cross_similarity_maps(
+    qk: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    mode: str = "sd",
+    scope: str = "batch",
+) -> torch.Tensor:
+    """:func:`qcs_ext.cross_similarity_maps` through the emulated CUDA kernels (CPU tensors)."""
+    return _ops.run_cross(torch.ops.qcs_emulated.cross_similarity_forward.default, NATIVE_DTYPES,
+                          qk, theta, gamma, mode, scope)
+
+
+def pair_similarity_maps(qk2: torch.Tensor, *, scope: str = "batch") -> torch.Tensor:
+    """:func:`qcs_ext.pair_similarity_maps` through the emulated CUDA kernels (CPU tensors)."""
+    return _ops.run_pair(torch.ops.qcs_emulated.pair_similarity_forward.default, NATIVE_DTYPES,
+                         qk2, scope)

@@ -107,7 +107,8 @@ class CrossSimilarity(_SimilarityBlock):
         return fn(qk, self.theta.to(qk.dtype), gamma=self.gamma, mode=self.mode, scope=self.scope)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, gamma={self.gamma}, mode={self.mode!r}, scope={self.scope!r}, backend={self.backend!r}"
+        return (f"dim={self.dim}, gamma={self.gamma}, mode={self.mode!r}, scope={self.scope!r}, "
+                f"backend={self.backend!r}")
 
 
 class PairSimilarity(_SimilarityBlock):

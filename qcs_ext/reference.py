@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of Cross Similarity Attention (CSA).
 
-This module is ``shared/spec/csa.md`` written as code: it is the oracle the fused CPU
+This module is ``docs/csa-spec.md`` written as code: it is the oracle the fused CPU
 and CUDA kernels are tested against, and the ``backend="reference"`` path of the
 ``qcs_ext.nn`` modules. It favours readability over speed; autograd provides its
 backward.
@@ -19,10 +19,16 @@ from ._checks import SCOPES, check_choice, check_cross_args, check_features
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "sdpa_cross_attention"]
 
 
-def _distance(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def distance(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``[B, N, C] x [B, N, C] -> [B, N, N]``: Euclidean distance between every row token
-    of ``rows`` and every column token of ``cols``."""
-    return torch.cdist(rows, cols)
+    of ``rows`` and every column token of ``cols``, computed from the differences.
+
+    Never through the ``|x|^2 + |y|^2 - 2 x.y`` identity (``torch.cdist``'s default above
+    25 tokens): with a large common offset that loses digits even in float64, and
+    duplicated tokens come out ~1e-6 apart instead of 0. The gradient of a zero distance
+    is 0, as the specification writes it.
+    """
+    return torch.cdist(rows, cols, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _extreme(dist: torch.Tensor, scope: str, largest: bool) -> torch.Tensor:
@@ -76,12 +82,18 @@ def cross_similarity_maps(
         ``[4, B, N]`` attention maps, each row a softmax over the ``N`` tokens.
     """
     qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
+    return cross_maps_from(distance, qk, theta, gamma, mode, scope)
 
+
+def cross_maps_from(dist_fn, qk, theta, gamma, mode, scope) -> torch.Tensor:
+    """:func:`cross_similarity_maps` (arguments already checked) with the distances of
+    ``dist_fn(rows, cols)`` (:func:`distance`, or a perturbed one to measure how the maps
+    move with the distance errors a kernel may make)."""
     a, p, n, n2 = qk.unbind(0)
-    s_pa = _similarity(_distance(p, a), scope)
-    s_n2n = _similarity(_distance(n2, n), scope)
-    e_na = _cross_distance(_distance(n, a), scope)
-    e_n2p = _cross_distance(_distance(n2, p), scope)
+    s_pa = _similarity(dist_fn(p, a), scope)
+    s_n2n = _similarity(dist_fn(n2, n), scope)
+    e_na = _cross_distance(dist_fn(n, a), scope)
+    e_n2p = _cross_distance(dist_fn(n2, p), scope)
 
     s = torch.stack([_cols(s_pa), _rows(s_pa), _cols(s_n2n), _rows(s_n2n)])
     d = torch.stack([_cols(e_na), _cols(e_n2p), _rows(e_na), _rows(e_n2p)])
@@ -105,9 +117,14 @@ def pair_similarity_maps(qk2: torch.Tensor, *, scope: str = "batch") -> torch.Te
         ``[2, B, N]``: ``softmax(cols(S_pa))`` for ``a`` and ``softmax(rows(S_pa))`` for ``p``.
     """
     qk2 = check_features(qk2, "qk2", 2)
-    scope = check_choice(scope, "scope", SCOPES)
+    return pair_maps_from(distance, qk2, check_choice(scope, "scope", SCOPES))
+
+
+def pair_maps_from(dist_fn, qk2, scope) -> torch.Tensor:
+    """:func:`pair_similarity_maps` (arguments already checked) with the distances of
+    ``dist_fn``, as in :func:`cross_maps_from`."""
     a, p = qk2.unbind(0)
-    s_pa = _similarity(_distance(p, a), scope)
+    s_pa = _similarity(dist_fn(p, a), scope)
     return torch.softmax(torch.stack([_cols(s_pa), _rows(s_pa)]), dim=-1)
 
 

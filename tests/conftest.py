@@ -64,6 +64,18 @@ def qcs_easy_config(qcs_easy_root):
         "data.image_size=24", "model.backbone_size=32"])
 
 
+# ---- the op suite (tests/test_ops.py) -----------------------------------------------------
+def pytest_collection_modifyitems(items):
+    """The emulated backend of the op suite at N >= 49 tokens is marked slow: each emulated
+    launch runs a block's threads as host threads (~10 s per test there), and
+    tests/test_emulated.py covers N = 49 in its own quick tests."""
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        shape = params.get("shape")
+        if params.get("backend") == "emulated" and shape is not None and shape[1] >= 49:
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- hypothesis profiles (tests/test_properties.py) --------------------------------------
 # "ci": bounded and derandomized, so every CI run draws the same examples (~2 min).
 # "long": fresh examples, >= 10,000 across the property tests; run by hand with

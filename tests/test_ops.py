@@ -1,15 +1,24 @@
-"""The fused CPU ops against the plain-PyTorch reference (shared/spec/csa.md)."""
+"""The fused ops of every backend against the plain-PyTorch reference (docs/csa-spec.md).
+
+One suite for all backends (``backend`` fixture, tests/op_helpers.py): the CPU kernels once
+per instruction set (``QCS_CPU_ISA``), the CUDA kernels under the host emulation
+(``qcs_ext.emulated``, marker ``emulated``) and on a GPU (marker ``cuda``, skipped without
+one), each compared with the reference by one comparator (``assert_matches_reference``).
+Tests of one backend's own machinery (the CPU's streaming stores and thread counts; the
+emulation's epilogues and launch checks in test_emulated.py; the GPU's in test_cuda.py)
+say so in their fixture or file.
+"""
 
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
+from op_helpers import assert_matches_reference, available_isas, backend_params, make_backend
 
 import qcs_ext
-from qcs_ext import reference
+from qcs_ext import _checks, reference
 from qcs_ext.memory import saved_tensor_bytes
 
 MODES = ("sd", "s", "d")
@@ -18,17 +27,13 @@ SCOPES = ("batch", "sample")
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 7, 5), (2, 17, 33), (2, 49, 64), (2, 5, 1000)]
 
 
-def _available_isas() -> list[str]:
-    isas = ["baseline"]
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx2 " in flags and " fma " in flags:
-        isas.append("avx2")
-    if all(f" {f} " in flags for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq")):
-        isas.append("avx512")
-    return isas
+@pytest.fixture(params=backend_params())
+def backend(request, monkeypatch):
+    """Run the test once per backend (CPU per instruction set, emulated, CUDA)."""
+    return make_backend(request.param, monkeypatch)
 
 
-@pytest.fixture(params=_available_isas())
+@pytest.fixture(params=available_isas())
 def cpu_isa(request, monkeypatch):
     """Run the test once per instruction set the CPU kernels were built for."""
     monkeypatch.setenv("QCS_CPU_ISA", request.param)
@@ -36,11 +41,16 @@ def cpu_isa(request, monkeypatch):
     return request.param
 
 
-def _inputs(shape, dtype, seed=0, theta=0.3):
+def _inputs(shape, dtype, seed=0, theta=0.3, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     b, n, c = shape
-    qk = torch.randn(4, b, n, c, generator=gen, dtype=torch.float64).to(dtype)
-    return qk.requires_grad_(True), torch.tensor(theta, dtype=dtype, requires_grad=True)
+    qk = torch.randn(4, b, n, c, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    theta = torch.tensor(theta, dtype=dtype, device=device)
+    return qk.requires_grad_(True), theta.requires_grad_(True)
+
+
+def _upstream(shape, dtype, device, branches=4):
+    return torch.randn(branches, *shape[:2], dtype=dtype).to(device)
 
 
 def _grads(fn, qk, theta, upstream, **kw):
@@ -50,79 +60,80 @@ def _grads(fn, qk, theta, upstream, **kw):
     return out.detach(), grads[0], grad_theta
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / max(scale, 1e-300)
+NAMES = ("maps", "grad qk", "grad theta")
+
+
+def _assert_float64_matches(fused, ref, scale_floor=1e-12):
+    """float64: within 1e-10 of the reference's largest magnitude (at least ``scale_floor``)."""
+    for name, got, want in zip(NAMES, fused, ref):
+        assert_matches_reference(name, got, want, rel=1e-10, scale_floor=scale_floor)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scope", SCOPES)
-def test_float64_matches_reference(shape, mode, scope, cpu_isa):
-    qk, theta = _inputs(shape, torch.float64)
-    upstream = torch.randn(4, *shape[:2], dtype=torch.float64)
-    fused = _grads(qcs_ext.cross_similarity_maps, qk, theta, upstream, mode=mode, scope=scope)
+def test_float64_matches_reference(shape, mode, scope, backend):
+    qk, theta = _inputs(shape, torch.float64, device=backend.device)
+    upstream = _upstream(shape, torch.float64, backend.device)
+    fused = _grads(backend.cross, qk, theta, upstream, mode=mode, scope=scope)
     ref = _grads(reference.cross_similarity_maps, qk, theta, upstream, mode=mode, scope=scope)
-    assert _rel_err(fused[0], ref[0]) < 1e-10
-    assert (fused[1] - ref[1]).abs().max() <= 1e-10 * max(ref[1].abs().max().item(), 1e-12)
-    assert (fused[2] - ref[2]).abs() <= 1e-10 * max(ref[2].abs().item(), 1e-12)
+    _assert_float64_matches(fused, ref)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scope", SCOPES)
-def test_float32_error_within_twice_reference_error(shape, mode, scope, cpu_isa):
-    _assert_float32_error_within_twice_reference_error(shape, mode=mode, scope=scope)
+def test_float32_error_within_twice_reference_error(shape, mode, scope, backend):
+    _assert_float32_error_within_twice_reference_error(backend.cross, shape, backend.device,
+                                                       mode=mode, scope=scope)
 
 
-def _assert_float32_error_within_twice_reference_error(shape, **kw):
+def _assert_float32_error_within_twice_reference_error(fn, shape, device, **kw):
     """Flash-attention style: the kernel's error against a float64 reference is at most
     twice the float32 reference's own error (plus a small floor)."""
-    qk32, theta32 = _inputs(shape, torch.float32)
+    qk32, theta32 = _inputs(shape, torch.float32, device=device)
     qk64 = qk32.detach().double().requires_grad_(True)
     theta64 = theta32.detach().double().requires_grad_(True)
-    upstream = torch.randn(4, *shape[:2], dtype=torch.float32)
-    fused = _grads(qcs_ext.cross_similarity_maps, qk32, theta32, upstream, **kw)
+    upstream = _upstream(shape, torch.float32, device)
+    fused = _grads(fn, qk32, theta32, upstream, **kw)
     ref32 = _grads(reference.cross_similarity_maps, qk32, theta32, upstream, **kw)
     ref64 = _grads(reference.cross_similarity_maps, qk64, theta64, upstream.double(), **kw)
-    for got, low, exact, floor in zip(fused, ref32, ref64, (1e-6, 1e-5, 1e-5)):
-        scale = max(exact.abs().max().item(), 1.0)
-        kernel_err = (got.double() - exact).abs().max().item()
-        ref_err = (low.double() - exact).abs().max().item()
-        assert kernel_err <= 2 * ref_err + floor * scale, (kernel_err, ref_err)
+    for name, got, low, exact, rel in zip(NAMES, fused, ref32, ref64, (1e-6, 1e-5, 1e-5)):
+        assert_matches_reference(name, got, exact, low=low, rel=rel, scale_floor=1.0)
 
 
 # Gradients of 4 MB and more are stored non-temporally where every row is vector-aligned
 # (C = 768); with C = 1001 the rows are not, and the same size takes plain stores.
 @pytest.mark.parametrize("shape", [(4, 49, 768), (4, 40, 1001)])
 def test_large_gradients_match_reference(shape, cpu_isa):
+    """CPU: the non-temporal stores of large gradients."""
     qk, theta = _inputs(shape, torch.float64)
     assert qk.numel() * qk.element_size() >= 4 << 20  # above the streaming threshold
     upstream = torch.randn(4, *shape[:2], dtype=torch.float64)
     fused = _grads(qcs_ext.cross_similarity_maps, qk, theta, upstream)
     ref = _grads(reference.cross_similarity_maps, qk, theta, upstream)
-    for got, want in zip(fused, ref):
-        assert (got - want).abs().max() <= 1e-10 * max(want.abs().max().item(), 1e-12)
+    _assert_float64_matches(fused, ref)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
 def test_paper_shape_float32_error_within_twice_reference_error(scope, cpu_isa):
-    """The paper's shape in float32: a 14 MB gradient, streamed."""
-    _assert_float32_error_within_twice_reference_error((24, 49, 768), scope=scope)
+    """The paper's shape in float32 on the CPU: a 14 MB gradient, streamed."""
+    _assert_float32_error_within_twice_reference_error(qcs_ext.cross_similarity_maps,
+                                                       (24, 49, 768), "cpu", scope=scope)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("shape", [(1, 1, 2), (1, 6, 3), (2, 5, 4), (3, 9, 17)])
-def test_pair_matches_reference(shape, scope, cpu_isa):
+def test_pair_matches_reference(shape, scope, backend):
     gen = torch.Generator().manual_seed(1)
-    qk2 = torch.randn(2, *shape, generator=gen, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(2, *shape[:2], dtype=torch.float64)
-    out = qcs_ext.pair_similarity_maps(qk2, scope=scope)
+    qk2 = torch.randn(2, *shape, generator=gen, dtype=torch.float64).to(backend.device)
+    qk2.requires_grad_(True)
+    upstream = _upstream(shape, torch.float64, backend.device, branches=2)
+    out = backend.pair(qk2, scope=scope)
     (grad,) = torch.autograd.grad(out, qk2, upstream)
     ref = reference.pair_similarity_maps(qk2, scope=scope)
     (ref_grad,) = torch.autograd.grad(ref, qk2, upstream)
-    assert _rel_err(out, ref) < 1e-10
-    assert (grad - ref_grad).abs().max() <= 1e-10 * max(ref_grad.abs().max().item(), 1e-12)
+    _assert_float64_matches((out, grad), (ref, ref_grad))
 
 
 def _special_inputs(kind: str) -> torch.Tensor:
@@ -143,7 +154,10 @@ def _special_inputs(kind: str) -> torch.Tensor:
     return qk.requires_grad_(True)
 
 
-@pytest.mark.parametrize("kind", ["random", "duplicated", "constant", "single_token", "single_sample"])
+KINDS = ["random", "duplicated", "constant", "single_token", "single_sample"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scope", SCOPES)
 def test_gradcheck(kind, mode, scope):
@@ -163,23 +177,23 @@ def test_pair_gradcheck(kind, scope):
 @pytest.mark.parametrize("kind", ["duplicated", "constant"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scope", SCOPES)
-def test_special_inputs_match_reference(kind, mode, scope):
-    qk = _special_inputs(kind)
-    theta = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(4, *qk.shape[1:3], dtype=torch.float64)
-    fused = _grads(qcs_ext.cross_similarity_maps, qk, theta, upstream, mode=mode, scope=scope)
+def test_special_inputs_match_reference(kind, mode, scope, backend):
+    qk = _special_inputs(kind).detach().to(backend.device).requires_grad_(True)
+    theta = torch.tensor(0.2, dtype=torch.float64, device=backend.device, requires_grad=True)
+    upstream = _upstream(qk.shape[1:3], torch.float64, backend.device)
+    fused = _grads(backend.cross, qk, theta, upstream, mode=mode, scope=scope)
     ref = _grads(reference.cross_similarity_maps, qk, theta, upstream, mode=mode, scope=scope)
-    for got, want in zip(fused, ref):
-        assert (got - want).abs().max() <= 1e-10 * max(want.abs().max().item(), 1.0)
+    _assert_float64_matches(fused, ref, scale_floor=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
-def test_rows_sum_to_one_and_finite(dtype, scale):
-    qk, theta = _inputs((3, 11, 9), dtype)
-    maps = qcs_ext.cross_similarity_maps(qk.detach() * scale, theta.detach())
+def test_rows_sum_to_one_and_finite(dtype, scale, backend):
+    qk, theta = _inputs((3, 11, 9), dtype, device=backend.device)
+    maps = backend.cross(qk.detach() * scale, theta.detach())
     assert torch.isfinite(maps).all()
-    assert torch.allclose(maps.sum(-1), torch.ones((), dtype=dtype), atol=1e-5)
+    one = torch.ones((), dtype=dtype, device=backend.device)
+    assert torch.allclose(maps.sum(-1), one, atol=1e-5)
     ref = reference.cross_similarity_maps(qk.detach() * scale, theta.detach())
     assert torch.allclose(maps, ref, rtol=1e-3, atol=1e-5)
 
@@ -199,17 +213,16 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def test_strided_and_expanded_inputs():
-    base = torch.randn(4, 3, 8, 12, dtype=torch.float64)
-    theta = torch.tensor(0.1, dtype=torch.float64)
+def test_strided_and_expanded_inputs(backend):
+    base = torch.randn(4, 3, 8, 12, dtype=torch.float64).to(backend.device)
+    theta = torch.tensor(0.1, dtype=torch.float64, device=backend.device)
     strided = base.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
     assert not strided.is_contiguous()
-    assert torch.allclose(
-        qcs_ext.cross_similarity_maps(strided, theta), reference.cross_similarity_maps(base, theta)
-    )
+    assert torch.allclose(backend.cross(strided, theta),
+                          reference.cross_similarity_maps(base, theta))
     expanded = base[:, :1].expand(4, 3, 8, 12)  # stride 0 over the batch
     leaf = base[:, :1].clone().requires_grad_(True)
-    out = qcs_ext.cross_similarity_maps(leaf.expand(4, 3, 8, 12), theta)
+    out = backend.cross(leaf.expand(4, 3, 8, 12), theta)
     ref = reference.cross_similarity_maps(expanded, theta)
     assert torch.allclose(out, ref)
     out.sum().backward()  # gradient flows back through the expand
@@ -233,7 +246,7 @@ def test_saved_tensors_are_small():
     assert 0 < extra <= 1.1 * input_bytes, (extra, input_bytes)
 
 
-@pytest.mark.parametrize("kind", ["random", "duplicated", "constant", "single_token", "single_sample"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode,scope", list(itertools.product(MODES, SCOPES)))
 def test_opcheck_cross(kind, mode, scope):
     qk = _special_inputs(kind)
@@ -241,7 +254,8 @@ def test_opcheck_cross(kind, mode, scope):
     torch.library.opcheck(
         torch.ops.qcs_ext.cross_similarity_forward.default, (qk, theta, 0.5, mode, scope)
     )
-    maps, dist, ext = torch.ops.qcs_ext.cross_similarity_forward(qk.detach(), theta.detach(), 0.5, mode, scope)
+    maps, dist, ext = torch.ops.qcs_ext.cross_similarity_forward(qk.detach(), theta.detach(), 0.5,
+                                                                 mode, scope)
     torch.library.opcheck(
         torch.ops.qcs_ext.cross_similarity_backward.default,
         (torch.randn_like(maps), maps, qk.detach(), dist, ext, theta.detach(), 0.5, mode, scope),
@@ -284,7 +298,21 @@ GOOD_QK = torch.randn(4, 2, 3, 5)
 GOOD_THETA = torch.zeros(())
 
 
-@pytest.mark.parametrize("fn", [qcs_ext.cross_similarity_maps, reference.cross_similarity_maps])
+@pytest.fixture(params=[pytest.param("reference", id="reference"), *backend_params()])
+def impl(request, monkeypatch):
+    """The reference and every backend:
+    ``(cross_similarity_maps, pair_similarity_maps, device)``."""
+    if request.param == "reference":
+        return reference.cross_similarity_maps, reference.pair_similarity_maps, "cpu"
+    backend = make_backend(request.param, monkeypatch)
+    return backend.cross, backend.pair, backend.device
+
+
+def _on(x, device):
+    """``x`` on ``device`` if it is a tensor on the CPU (meta tensors and non-tensors stay)."""
+    return x.to(device) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+
 @pytest.mark.parametrize(
     "qk,theta,kwargs,error,match",
     [
@@ -306,23 +334,24 @@ GOOD_THETA = torch.zeros(())
         (GOOD_QK, GOOD_THETA, {"gamma": "1.0"}, TypeError, "gamma must be a float"),
     ],
 )
-def test_bad_input_raises_clear_error(fn, qk, theta, kwargs, error, match):
+def test_bad_input_raises_clear_error(impl, qk, theta, kwargs, error, match):
+    cross, _, device = impl
     with pytest.raises(error, match=match):
-        fn(qk, theta, **kwargs)
+        cross(_on(qk, device), _on(theta, device), **kwargs)
 
 
-@pytest.mark.parametrize("fn", [qcs_ext.pair_similarity_maps, reference.pair_similarity_maps])
-def test_pair_bad_input(fn):
+def test_pair_bad_input(impl):
+    _, pair, device = impl
     with pytest.raises(ValueError, match="2 branches"):
-        fn(torch.randn(4, 2, 3, 5))
+        pair(torch.randn(4, 2, 3, 5, device=device))
     with pytest.raises(ValueError, match="scope must be one of"):
-        fn(torch.randn(2, 2, 3, 5), scope="all")
+        pair(torch.randn(2, 2, 3, 5, device=device), scope="all")
 
 
 def test_native_op_checks_direct_calls():
     """The ops check their own arguments too, for callers that skip the Python wrapper."""
     ops = torch.ops.qcs_ext
-    with pytest.raises(ValueError, match="qk must have shape"):
+    with pytest.raises(ValueError, match="qk must hold 4 branches"):
         ops.cross_similarity_forward(torch.randn(3, 2, 3, 5), GOOD_THETA, 1.0, "sd", "batch")
     with pytest.raises(ValueError, match="mode must be"):
         ops.cross_similarity_forward(GOOD_QK, GOOD_THETA, 1.0, "x", "batch")
@@ -330,7 +359,55 @@ def test_native_op_checks_direct_calls():
         ops.cross_similarity_forward(GOOD_QK.half(), GOOD_THETA.half(), 1.0, "sd", "batch")
     maps, dist, ext = ops.cross_similarity_forward(GOOD_QK, GOOD_THETA, 1.0, "sd", "batch")
     with pytest.raises(ValueError, match="distances must have shape"):
-        ops.cross_similarity_backward(maps, maps, GOOD_QK, dist[:2], ext, GOOD_THETA, 1.0, "sd", "batch")
+        ops.cross_similarity_backward(maps, maps, GOOD_QK, dist[:2], ext, GOOD_THETA, 1.0, "sd",
+                                      "batch")
+
+
+# Bad calls the C++ checks (csrc/csa_checks.h) and the Python ones (qcs_ext/_checks.py)
+# both see: (qk, theta, gamma, mode, scope) of cross_similarity_forward.
+NATIVE_BAD_CALLS = {
+    "integer_qk": (torch.ones(4, 2, 3, 5, dtype=torch.int64), GOOD_THETA, 1.0, "sd", "batch"),
+    "three_dims": (torch.randn(2, 3, 5), GOOD_THETA, 1.0, "sd", "batch"),
+    "three_branches": (torch.randn(3, 2, 3, 5), GOOD_THETA, 1.0, "sd", "batch"),
+    "empty_b": (torch.randn(4, 0, 3, 5), GOOD_THETA, 1.0, "sd", "batch"),
+    "empty_n": (torch.randn(4, 2, 0, 5), GOOD_THETA, 1.0, "sd", "batch"),
+    "empty_c": (torch.randn(4, 2, 3, 0), GOOD_THETA, 1.0, "sd", "batch"),
+    "theta_two_elements": (GOOD_QK, torch.zeros(2), 1.0, "sd", "batch"),
+    "theta_dtype": (GOOD_QK, GOOD_THETA.double(), 1.0, "sd", "batch"),
+    "theta_on_meta": (GOOD_QK, torch.zeros((), device="meta"), 1.0, "sd", "batch"),
+    "gamma_nan": (GOOD_QK, GOOD_THETA, float("nan"), "sd", "batch"),
+    "gamma_inf": (GOOD_QK, GOOD_THETA, float("-inf"), "sd", "batch"),
+    "mode": (GOOD_QK, GOOD_THETA, 1.0, "sdx", "batch"),
+    "scope": (GOOD_QK, GOOD_THETA, 1.0, "sd", "global"),
+}
+
+
+def _raised(fn, *args) -> tuple[type, str] | None:
+    """The type and message of what ``fn(*args)`` raises; None if it returns."""
+    try:
+        fn(*args)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+def _check_pair_args(qk, scope):
+    _checks.check_features(qk, "qk", 2)
+    _checks.check_choice(scope, "scope", _checks.SCOPES)
+
+
+@pytest.mark.parametrize("case", list(NATIVE_BAD_CALLS))
+def test_native_checks_match_python_checks(case, backend):
+    """The ops called through torch.ops (no Python wrapper) refuse a bad call with the very
+    exception type and message of qcs_ext/_checks.py."""
+    qk, theta, gamma, mode, scope = (_on(x, backend.device) for x in NATIVE_BAD_CALLS[case])
+    expected = _raised(_checks.check_cross_args, qk, theta, gamma, mode, scope)
+    assert expected is not None
+    assert _raised(backend.ops.cross_similarity_forward, qk, theta, gamma, mode, scope) == expected
+    pair_qk = qk[:2] if qk.dim() == 4 else qk
+    expected = _raised(_check_pair_args, pair_qk, scope)
+    if expected is not None:  # the pair op shares the feature and scope checks
+        assert _raised(backend.ops.pair_similarity_forward, pair_qk, scope) == expected
 
 
 @pytest.mark.slow
@@ -342,20 +419,19 @@ def test_large_token_grids_match_reference(shape, scope):
     upstream = torch.randn(4, *shape[:2], dtype=torch.float64)
     fused = _grads(qcs_ext.cross_similarity_maps, qk, theta, upstream, scope=scope)
     ref = _grads(reference.cross_similarity_maps, qk, theta, upstream, scope=scope)
-    for got, want in zip(fused, ref):
-        assert (got - want).abs().max() <= 1e-10 * max(want.abs().max().item(), 1e-12)
+    _assert_float64_matches(fused, ref)
 
 
 @pytest.mark.parametrize("mode,unused", [("s", (2, 3)), ("d", (0, 1)), ("sd", ())])
-def test_forward_distances_are_cdist_and_unused_slots_zero(mode, unused):
+def test_forward_distances_are_cdist_and_unused_slots_zero(mode, unused, backend):
     """The native forward's saved distances: torch.cdist of each pair the mode uses, and
     zero (not uninitialised memory) for the matrices it does not."""
-    qk, theta = _inputs((3, 6, 5), torch.float64)
+    qk, theta = _inputs((3, 6, 5), torch.float64, device=backend.device)
     qk = qk.detach()
     # Leave NaN in freed memory of the distances' size, so an uncleared slot shows.
-    garbage = torch.full((4, 3, 6, 6), float("nan"), dtype=torch.float64)
+    garbage = torch.full((4, 3, 6, 6), float("nan"), dtype=torch.float64, device=backend.device)
     del garbage
-    _, dist, ext = torch.ops.qcs_ext.cross_similarity_forward(qk, theta.detach(), 1.0, mode, "sample")
+    _, dist, ext = backend.ops.cross_similarity_forward(qk, theta.detach(), 1.0, mode, "sample")
     rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)  # D_pa, D_n2n, D_na, D_n2p
     for m in range(4):
         if m in unused:

@@ -28,17 +28,15 @@ examples, >= 10,000 in all). See the README section "Property-based tests".
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
-from op_helpers import maps_and_grads
+from op_helpers import assert_matches_reference, maps_and_grads
 
 import qcs_ext
 from qcs_ext import reference as ref
@@ -86,31 +84,20 @@ class Case:
     grad_seed: int
 
 
-def _exact_distance(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(rows, cols, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-@contextlib.contextmanager
-def exact_reference(delta: float = 0.0, phase: float = 0.0):
-    """The reference with every distance computed from the differences.
-
-    ``torch.cdist`` switches to the ``|x|^2 + |y|^2 - 2 x.y`` identity above 25 tokens;
-    with a large common offset that loses digits even in float64 (duplicated tokens come
-    out ~1e-6 apart instead of 0), so the oracle computes distances as the spec writes them.
-
-    ``delta > 0`` perturbs every distance by a relative error of at most ``delta``, a smooth
-    function of the distance itself (equal distances stay equal, zeros stay zero): the
-    reference's sensitivity to the distance errors the kernels are allowed.
-    """
+def perturbed_reference(pair: bool, delta: float, phase: float):
+    """The reference with every distance perturbed by a relative error of at most ``delta``,
+    a smooth function of the distance itself (equal distances stay equal, zeros stay zero):
+    the reference's sensitivity to the distance errors the kernels are allowed. Same call
+    signature as the reference function it stands for."""
     def distance(rows, cols):
-        dist = _exact_distance(rows, cols)
-        if delta:
-            top = dist.detach().amax().clamp_min(1e-300)
-            dist = dist * (1 + delta * torch.sin(997.0 * dist.detach() / top + phase))
-        return dist
+        dist = ref.distance(rows, cols)
+        top = dist.detach().amax().clamp_min(1e-300)
+        return dist * (1 + delta * torch.sin(997.0 * dist.detach() / top + phase))
 
-    with mock.patch.object(ref, "_distance", distance):
-        yield
+    if pair:
+        return lambda qk2, *, scope: ref.pair_maps_from(distance, qk2, scope)
+    return lambda qk, theta, *, gamma, mode, scope: ref.cross_maps_from(
+        distance, qk, theta, gamma, mode, scope)
 
 
 def _distance_error_bound(dtype: torch.dtype) -> float:
@@ -145,9 +132,11 @@ def _values(kind: str, shape, dtype, scale_exp: float, seed: int) -> torch.Tenso
             tokens[dst] = tokens[src]
     elif kind == "integers":
         # Small integers times a power of two: every distance exact, many exact ties.
-        x = torch.randint(-2, 3, shape, generator=gen).to(torch.float64) * 2.0 ** round(scale_exp * 3.3)
+        x = torch.randint(-2, 3, shape, generator=gen).to(torch.float64)
+        x = x * 2.0 ** round(scale_exp * 3.3)
     elif kind == "constant":
-        x = torch.full(shape, (torch.rand((), generator=gen).item() * 2 - 1) * scale, dtype=torch.float64)
+        value = (torch.rand((), generator=gen).item() * 2 - 1) * scale
+        x = torch.full(shape, value, dtype=torch.float64)
     else:  # pragma: no cover - the strategy draws from VALUES
         raise ValueError(f"unknown value pattern {kind!r}")
     return x.to(dtype)
@@ -187,7 +176,8 @@ def cases(draw, branches: int, max_b: int, max_n: int, max_c: int, dtypes=DTYPES
     values = draw(st.sampled_from(VALUES))
     lo, hi = SCALE_EXP[dtype]
     # In the domain: max|x| is at most ~5 (Gaussian) or 1e4 (offset) times the scale.
-    hi = min(hi, math.log10(DOMAIN[dtype] / math.sqrt(c * n)) - (4.8 if values == "offset" else 0.8))
+    margin = 4.8 if values == "offset" else 0.8
+    hi = min(hi, math.log10(DOMAIN[dtype] / math.sqrt(c * n)) - margin)
     if values == "offset" and dtype == torch.float16:
         lo = hi - 1.0
     scale_exp = draw(st.floats(min(lo, hi), hi, allow_nan=False))
@@ -214,10 +204,12 @@ def _conditioning(qk64: torch.Tensor, scope: str) -> tuple[float, float]:
     """Smallest row or column norm of the shifted matrices (S and E) of ``qk64``, and the
     smallest non-zero distance relative to the largest input magnitude."""
     a, p = qk64[0], qk64[1]
-    pairs = [(p, a)] if qk64.shape[0] == 2 else [(p, a), (qk64[3], qk64[2]), (qk64[2], a), (qk64[3], p)]
+    pairs = [(p, a)]
+    if qk64.shape[0] == 4:
+        pairs += [(qk64[3], qk64[2]), (qk64[2], a), (qk64[3], p)]
     shifted, nonzero = [], []
     for k, (rows, cols) in enumerate(pairs):
-        dist = _exact_distance(rows, cols)
+        dist = ref.distance(rows, cols)
         nonzero.append(dist[dist > 0])
         shifted.append(ref._similarity(dist, scope) if k < 2 else ref._cross_distance(dist, scope))
     r = min(min(m.norm(dim=1).min().item(), m.norm(dim=2).min().item()) for m in shifted)
@@ -255,16 +247,10 @@ def _compare(name: str, got: torch.Tensor, exp: torch.Tensor, low: torch.Tensor 
     ``floor``: the reference's own sensitivity to the distance errors the kernels are
     allowed, and for ``qk``'s gradient :func:`_gradient_noise_floor`.
     """
-    got, exp = got.double(), exp.double()
-    assert torch.isfinite(got).all(), f"{name}: not finite"
-    scale = exp.abs().max().item()
-    err = (got - exp).abs().max().item()
     if dtype == torch.float64:
-        tol = 1e-9 * scale + floor + 1e-300
+        assert_matches_reference(name, got, exp, rel=1e-9, floor=floor)
     else:
-        ref_err = (low.double() - exp).abs().max().item()
-        tol = 2 * ref_err + 4 * _eps(dtype) * scale + floor + 1e-300
-    assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e} (largest magnitude {scale:.3e})"
+        assert_matches_reference(name, got, exp, low=low, rel=4 * _eps(dtype), floor=floor)
 
 
 def _op_input_gradient_max(ref_fn, case: Case, grad_out: torch.Tensor, kw: dict) -> float:
@@ -272,19 +258,20 @@ def _op_input_gradient_max(ref_fn, case: Case, grad_out: torch.Tensor, kw: dict)
     stride-0 views sum it afterwards, possibly cancelling)."""
     qk = apply_layout(case.layout, case.qk.double()).contiguous()
     theta = None if "mode" not in kw else case.theta.double()
-    with exact_reference():
-        _, grads = maps_and_grads(ref_fn, qk, theta, grad_out, **kw)
+    _, grads = maps_and_grads(ref_fn, qk, theta, grad_out, **kw)
     return max(g.abs().max().item() for g in grads)
 
 
 def check_against_reference(op, case: Case, pair: bool) -> None:
     """Run ``op`` on the case and compare maps, gradients, row sums and finiteness."""
     dtype = case.qk.dtype
-    kw = {"scope": case.scope} if pair else {"gamma": case.gamma, "mode": case.mode, "scope": case.scope}
+    kw = ({"scope": case.scope} if pair
+          else {"gamma": case.gamma, "mode": case.mode, "scope": case.scope})
     ref_fn = ref.pair_similarity_maps if pair else ref.cross_similarity_maps
     theta = None if pair else case.theta
     note(f"shape={tuple(case.qk.shape)} dtype={dtype} values={case.values} layout={case.layout} "
-         f"theta={None if pair else case.theta.item()} {kw} max|x|={case.qk.abs().max().item():.3e}")
+         f"theta={None if pair else case.theta.item()} {kw} "
+         f"max|x|={case.qk.abs().max().item():.3e}")
 
     def with_layout(fn):
         if pair:
@@ -302,21 +289,21 @@ def check_against_reference(op, case: Case, pair: bool) -> None:
     sums = maps.double().sum(-1)
     assert (sums - 1).abs().max().item() <= row_tol, f"rows do not sum to 1: {sums}"
 
-    with exact_reference():
-        maps64, grads64 = maps_and_grads(with_layout(ref_fn), case.qk.double(),
-                                         None if pair else theta.double(), grad_out, **kw)
-        low = None
-        if dtype != torch.float64:  # the reference's own error in float32, the tolerance scale
-            low = maps_and_grads(with_layout(ref_fn), case.qk.float(), None if pair else theta.float(),
-                                 grad_out, **kw)
+    maps64, grads64 = maps_and_grads(with_layout(ref_fn), case.qk.double(),
+                                     None if pair else theta.double(), grad_out, **kw)
+    low = None
+    if dtype != torch.float64:  # the reference's own error in float32, the tolerance scale
+        low = maps_and_grads(with_layout(ref_fn), case.qk.float(), None if pair else theta.float(),
+                             grad_out, **kw)
     assert torch.isfinite(maps64).all() and all(torch.isfinite(g).all() for g in grads64)
     # How far the float64 reference moves under distance errors the kernels may make.
     slack = [torch.zeros((), dtype=torch.float64)] * (1 + len(grads64))
     for phase in (0.0, 1.9):
-        with exact_reference(_distance_error_bound(dtype), phase):
-            m_p, g_p = maps_and_grads(with_layout(ref_fn), case.qk.double(),
-                                      None if pair else theta.double(), grad_out, **kw)
-        slack = [max(a, (b - c).abs().max()) for a, b, c in zip(slack, [m_p, *g_p], [maps64, *grads64])]
+        perturbed = perturbed_reference(pair, _distance_error_bound(dtype), phase)
+        m_p, g_p = maps_and_grads(with_layout(perturbed), case.qk.double(),
+                                  None if pair else theta.double(), grad_out, **kw)
+        slack = [max(a, (b - c).abs().max())
+                 for a, b, c in zip(slack, [m_p, *g_p], [maps64, *grads64])]
     _compare("maps", maps, maps64, low and low[0], dtype, 2 * slack[0].item())
     op_grad = _op_input_gradient_max(ref_fn, case, grad_out, kw)
     if op_grad > torch.finfo(dtype).max / 4:
@@ -408,7 +395,8 @@ def bad_calls(draw):
     dtype = draw(st.sampled_from((torch.float32, torch.float64)))
     shape = [branches, draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 4))]
     theta = torch.zeros((), dtype=dtype)
-    kw = {} if pair else {"gamma": draw(st.floats(-2, 2)), "mode": draw(st.sampled_from(("sd", "s", "d")))}
+    kw = {} if pair else {"gamma": draw(st.floats(-2, 2)),
+                          "mode": draw(st.sampled_from(("sd", "s", "d")))}
     kw["scope"] = draw(st.sampled_from(("batch", "sample")))
     defects = [d for d in DEFECTS if not (pair and d.startswith(("theta", "gamma", "mode")))]
     defect = draw(st.sampled_from(defects))
@@ -482,9 +470,11 @@ def _ops_under_test(pair: bool):
 @settings(max_examples=max(10, CPU_EXAMPLES // 10))
 @given(pair=st.booleans(), dtype=st.sampled_from((torch.float32, torch.float64)),
        b=st.integers(1, 3), n=st.integers(1, 6), c=st.integers(1, 4),
-       bad=st.sampled_from((math.nan, math.inf, -math.inf)), scope=st.sampled_from(("batch", "sample")),
-       mode=st.sampled_from(("sd", "s", "d")), where=st.integers(0, 2**31 - 1), seed=st.integers(0, 2**31 - 1))
-def test_non_finite_input_gives_non_finite_maps(pair, dtype, b, n, c, bad, scope, mode, where, seed):
+       bad=st.sampled_from((math.nan, math.inf, -math.inf)),
+       scope=st.sampled_from(("batch", "sample")), mode=st.sampled_from(("sd", "s", "d")),
+       where=st.integers(0, 2**31 - 1), seed=st.integers(0, 2**31 - 1))
+def test_non_finite_input_gives_non_finite_maps(pair, dtype, b, n, c, bad, scope, mode, where,
+                                                seed):
     """A NaN or Inf in a token never yields a finite-looking answer: the map row of that
     token's own branch and sample is non-finite (as in the reference), whatever else the
     implementation lets it spread to."""
@@ -533,7 +523,8 @@ def test_emulated_gradient_at_large_scale(scale_exp, pair):
     qk = _values("gaussian", (2 if pair else 4, 1, 2, 1), torch.float32, scale_exp, 0)
     theta = None if pair else torch.tensor(0.0)
     kw = {} if pair else {"mode": "s"}
-    grad_out = torch.randn(qk.shape[:3], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(qk.shape[:3], generator=gen, dtype=torch.float64)
     em_fn = em.pair_similarity_maps if pair else em.cross_similarity_maps
     ref_fn = ref.pair_similarity_maps if pair else ref.cross_similarity_maps
     _, got = maps_and_grads(em_fn, qk, theta, grad_out, **kw)
@@ -566,7 +557,8 @@ def test_native_ops_refuse_non_finite_gamma(ops, which, gamma):
         if which == "forward":
             ops.cross_similarity_forward(qk, theta, gamma, "sd", "batch")
         else:
-            ops.cross_similarity_backward(torch.ones_like(maps), maps, qk, dist, ext, theta, gamma, "sd", "batch")
+            ops.cross_similarity_backward(torch.ones_like(maps), maps, qk, dist, ext, theta, gamma,
+                                          "sd", "batch")
 
 
 def _native_namespaces():
@@ -583,7 +575,9 @@ def test_native_ops_refuse_meta_tensor_beside_real_ones(ops):
     with pytest.raises(ValueError, match="theta is on meta but qk is on cpu"):
         ops.cross_similarity_forward(qk, theta.to("meta"), 1.0, "sd", "batch")
     with pytest.raises(ValueError, match="distances is on meta but qk is on cpu"):
-        ops.cross_similarity_backward(maps, maps, qk, dist.to("meta"), ext, theta, 1.0, "sd", "batch")
+        ops.cross_similarity_backward(maps, maps, qk, dist.to("meta"), ext, theta, 1.0, "sd",
+                                      "batch")
     pair_maps, pair_dist, pair_ext = ops.pair_similarity_forward(qk[:2], "batch")
     with pytest.raises(ValueError, match="maps is on meta but qk is on cpu"):
-        ops.pair_similarity_backward(pair_maps, pair_maps.to("meta"), qk[:2], pair_dist, pair_ext, "batch")
+        ops.pair_similarity_backward(pair_maps, pair_maps.to("meta"), qk[:2], pair_dist, pair_ext,
+                                     "batch")

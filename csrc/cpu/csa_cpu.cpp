@@ -1,4 +1,4 @@
-// CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in shared/spec/csa.md).
+// CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in docs/csa-spec.md).
 //
 // Forward, per call:
 //   0. squared norms of every token;
@@ -32,6 +32,8 @@
 #include <vector>
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/csa_cpu.h"
+#include "csa_checks.h"
 #include "csa_common.h"
 
 namespace qcs::cpu {
@@ -100,19 +102,6 @@ const KernelSet<double>& kernel_set<double>(const KernelTable& t) {
   return t.f64;
 }
 
-Mode parse_mode(const std::string& mode) {
-  if (mode == "sd") return Mode::SD;
-  if (mode == "s") return Mode::S;
-  if (mode == "d") return Mode::D;
-  TORCH_CHECK_VALUE(false, "mode must be 'sd', 's' or 'd', got '", mode, "'");
-}
-
-Scope parse_scope(const std::string& scope) {
-  if (scope == "batch") return Scope::Batch;
-  if (scope == "sample") return Scope::Sample;
-  TORCH_CHECK_VALUE(false, "scope must be 'batch' or 'sample', got '", scope, "'");
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The problem's geometry and which matrices it uses.
@@ -135,29 +124,16 @@ Geometry make_geometry(const at::Tensor& qk, bool pair, Mode mode, Scope scope) 
   return g;
 }
 
+// The features' checks shared with the CUDA backend and Python (csa_checks.h), then this
+// backend's device and dtypes.
 void check_features(const at::Tensor& qk, int64_t branches) {
-  TORCH_CHECK_VALUE(qk.dim() == 4 && qk.size(0) == branches, "qk must have shape [", branches,
-                    ", B, N, C], got ", qk.sizes());
-  TORCH_CHECK_VALUE(qk.size(1) > 0 && qk.size(2) > 0 && qk.size(3) > 0,
-                    "qk has an empty dimension: ", qk.sizes());
-  TORCH_CHECK_TYPE(qk.scalar_type() == at::kFloat || qk.scalar_type() == at::kDouble,
-                   "the CPU kernels take float32 or float64 qk, got ", qk.scalar_type());
-  TORCH_CHECK(qk.device().is_cpu(), "qk must be a CPU tensor here, got ", qk.device());
-}
-
-void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes,
-                at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-                   t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  checks::features(qk, "qk", branches);
+  checks::kernel_device(qk, c10::DeviceType::CPU, "CPU");
+  checks::kernel_dtype(qk, {at::kFloat, at::kDouble}, "float32 or float64", "CPU");
 }
 
 double read_theta(const at::Tensor& theta, const at::Tensor& qk) {
-  TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
-  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ", theta.scalar_type(),
-                   " but qk has ", qk.scalar_type());
-  TORCH_CHECK(theta.device().is_cpu(), "theta must be a CPU tensor, got ", theta.device());
+  checks::theta(theta, qk);
   return theta.item<double>();
 }
 
@@ -466,10 +442,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_maps_in,
   const at::Tensor grad_maps = grad_maps_in.contiguous();
   const Geometry g = make_geometry(qk, pair, mode, scope);
   const int64_t B = g.batch, N = g.tokens;
-  check_like(grad_maps, "grad_maps", {g.branches, B, N}, qk.scalar_type());
-  check_like(maps, "maps", {g.branches, B, N}, qk.scalar_type());
-  check_like(distances, "distances", {g.num_matrix_slots, B, N, N}, qk.scalar_type());
-  check_like(extrema, "extrema", {g.num_matrix_slots, B}, qk.scalar_type());
+  checks::saved(grad_maps, "grad_maps", qk, {g.branches, B, N}, qk.scalar_type());
+  checks::saved(maps, "maps", qk, {g.branches, B, N}, qk.scalar_type());
+  checks::saved(distances, "distances", qk, {g.num_matrix_slots, B, N, N}, qk.scalar_type());
+  checks::saved(extrema, "extrema", qk, {g.num_matrix_slots, B}, qk.scalar_type());
   TORCH_CHECK(maps.is_contiguous() && distances.is_contiguous() && extrema.is_contiguous(),
               "maps, distances and extrema must be contiguous (as the forward returns them)");
 
@@ -507,9 +483,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_similarity_forward(const at
                                                                         c10::string_view mode,
                                                                         c10::string_view scope) {
   check_features(qk, 4);
-  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
-  return forward_cpu(qk, read_theta(theta, qk), gamma, parse_mode(std::string(mode)),
-                     parse_scope(std::string(scope)), /*pair=*/false);
+  const double theta_value = read_theta(theta, qk);
+  checks::gamma(gamma);
+  return forward_cpu(qk, theta_value, gamma, checks::mode(mode), checks::scope(scope),
+                     /*pair=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(
@@ -517,15 +494,16 @@ std::tuple<at::Tensor, at::Tensor> cross_similarity_backward(
     const at::Tensor& distances, const at::Tensor& extrema, const at::Tensor& theta, double gamma,
     c10::string_view mode, c10::string_view scope) {
   check_features(qk, 4);
-  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
-  return backward_cpu(grad_maps, maps, qk, distances, extrema, read_theta(theta, qk), gamma,
-                      parse_mode(std::string(mode)), parse_scope(std::string(scope)), false);
+  const double theta_value = read_theta(theta, qk);
+  checks::gamma(gamma);
+  return backward_cpu(grad_maps, maps, qk, distances, extrema, theta_value, gamma,
+                      checks::mode(mode), checks::scope(scope), /*pair=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_similarity_forward(const at::Tensor& qk,
                                                                        c10::string_view scope) {
   check_features(qk, 2);
-  return forward_cpu(qk, 0.0, 1.0, Mode::S, parse_scope(std::string(scope)), /*pair=*/true);
+  return forward_cpu(qk, 0.0, 1.0, Mode::S, checks::scope(scope), /*pair=*/true);
 }
 
 at::Tensor pair_similarity_backward(const at::Tensor& grad_maps, const at::Tensor& maps,
@@ -533,22 +511,20 @@ at::Tensor pair_similarity_backward(const at::Tensor& grad_maps, const at::Tenso
                                     const at::Tensor& extrema, c10::string_view scope) {
   check_features(qk, 2);
   return std::get<0>(backward_cpu(grad_maps, maps, qk, distances, extrema, 0.0, 1.0, Mode::S,
-                                  parse_scope(std::string(scope)), /*pair=*/true));
+                                  checks::scope(scope), /*pair=*/true));
 }
 
 std::string cpu_isa() { return active_kernels().isa; }
 
 }  // namespace
+
+void register_kernels(torch::Library& m) {
+  m.impl("cross_similarity_forward", &cross_similarity_forward);
+  m.impl("cross_similarity_backward", &cross_similarity_backward);
+  m.impl("pair_similarity_forward", &pair_similarity_forward);
+  m.impl("pair_similarity_backward", &pair_similarity_backward);
+}
+
+void define_cpu_isa(torch::Library& m) { m.def("cpu_isa() -> str", &cpu_isa); }
+
 }  // namespace qcs::cpu
-
-TORCH_LIBRARY_FRAGMENT(qcs_ext, m) {
-  // Which instruction set the CPU kernels run with (tests and benchmarks report it).
-  m.def("cpu_isa() -> str", &qcs::cpu::cpu_isa);
-}
-
-TORCH_LIBRARY_IMPL(qcs_ext, CPU, m) {
-  m.impl("cross_similarity_forward", &qcs::cpu::cross_similarity_forward);
-  m.impl("cross_similarity_backward", &qcs::cpu::cross_similarity_backward);
-  m.impl("pair_similarity_forward", &qcs::cpu::pair_similarity_forward);
-  m.impl("pair_similarity_backward", &qcs::cpu::pair_similarity_backward);
-}

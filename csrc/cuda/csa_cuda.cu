@@ -12,4 +12,4 @@
 #define QCS_HOST_DEVICE c10::DeviceType::CUDA
 #include "csa_host.h"
 
-TORCH_LIBRARY_IMPL(qcs_ext, CUDA, m) { QCS_REGISTER_IMPLS(m); }
+TORCH_LIBRARY_IMPL(qcs_ext, CUDA, m) { qcs::host::register_kernels(m); }

@@ -13,49 +13,25 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <string>
 #include <tuple>
 
+#include "csa_checks.h"
 #include "csa_kernels.cuh"
 
 namespace qcs::host {
 
-inline Mode parse_mode(const std::string& s) {
-  if (s == "sd") return Mode::SD;
-  if (s == "s") return Mode::S;
-  if (s == "d") return Mode::D;
-  TORCH_CHECK_VALUE(false, "mode must be one of 'sd', 's', 'd', got '", s, "'");
-}
-inline Scope parse_scope(const std::string& s) {
-  if (s == "batch") return Scope::Batch;
-  if (s == "sample") return Scope::Sample;
-  TORCH_CHECK_VALUE(false, "scope must be one of 'batch', 'sample', got '", s, "'");
-}
-
+// The checks shared with the CPU backend and Python (csa_checks.h), then this backend's.
 inline void check_qk(const at::Tensor& qk, int64_t branches) {
-  TORCH_CHECK(qk.device().type() == QCS_HOST_DEVICE, "qk must be on ", QCS_HOST_DEVICE, ", got ", qk.device());
-  TORCH_CHECK_VALUE(qk.dim() == 4 && qk.size(0) == branches, "qk must have shape [", branches,
-                    ", B, N, C], got ", qk.sizes());
-  TORCH_CHECK_VALUE(qk.size(1) > 0 && qk.size(2) > 0 && qk.size(3) > 0, "qk has an empty dimension: ",
-                    qk.sizes());
+  checks::features(qk, "qk", branches);
+  checks::kernel_device(qk, QCS_HOST_DEVICE, "CUDA");
   TORCH_CHECK_VALUE(qk.size(2) <= (1 << 15) && qk.size(3) <= (1 << 30), "qk too large: ", qk.sizes());
-  const auto st = qk.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   "qk must be float32, float64, float16 or bfloat16, got ", st);
-}
-// A NaN or infinite gamma would turn every map into NaN without a word; the CPU ops refuse it too.
-inline void check_gamma(double gamma) {
-  TORCH_CHECK_VALUE(std::isfinite(gamma), "gamma must be finite, got ", gamma);
-}
-inline void check_like(const at::Tensor& t, const at::Tensor& qk, const char* name) {
-  TORCH_CHECK(t.device() == qk.device(), name, " must be on the device of qk (", qk.device(), "), got ", t.device());
-}
-inline void check_saved(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType st) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == st, name, " must have dtype ", st, ", got ", t.scalar_type());
+  checks::kernel_dtype(qk, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16},
+                       "float32, float64, float16 or bfloat16", "CUDA");
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -184,13 +160,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_forward(const at::Te
                                                                     c10::string_view scope_s) {
   const at::Tensor qk = qk_in.contiguous();
   check_qk(qk, 4);
-  check_like(theta, qk, "theta");
-  TORCH_CHECK_VALUE(theta.numel() == 1, "theta must hold one element, got shape ", theta.sizes());
-  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type(), "theta has dtype ", theta.scalar_type(),
-                   " but qk has dtype ", qk.scalar_type());
-  check_gamma(gamma);
-  const Mode mode = parse_mode(std::string(mode_s));
-  const Scope scope = parse_scope(std::string(scope_s));
+  checks::theta(theta, qk);
+  checks::gamma(gamma);
+  const Mode mode = checks::mode(mode_s);
+  const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
   const at::Tensor th = theta.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
@@ -203,7 +176,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_forward(const at::Te
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward(const at::Tensor& qk_in, c10::string_view scope_s) {
   const at::Tensor qk = qk_in.contiguous();
   check_qk(qk, 2);
-  const Scope scope = parse_scope(std::string(scope_s));
+  const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_forward", [&] {
@@ -217,11 +190,10 @@ inline void check_backward_inputs(const at::Tensor& grad_maps, const at::Tensor&
   const int64_t r = qk.size(0), b = qk.size(1), n = qk.size(2);
   const auto aux = (qk.scalar_type() == at::kHalf || qk.scalar_type() == at::kBFloat16) ? at::kFloat
                                                                                            : qk.scalar_type();
-  for (const at::Tensor* t : {&grad_maps, &maps, &dist, &extrema}) check_like(*t, qk, "saved tensor");
-  check_saved(grad_maps, "grad_maps", {r, b, n}, qk.scalar_type());
-  check_saved(maps, "maps", {r, b, n}, qk.scalar_type());
-  check_saved(dist, "distances", {nmat, b, n, n}, aux);
-  check_saved(extrema, "extrema", {nmat, b}, aux);
+  checks::saved(grad_maps, "grad_maps", qk, {r, b, n}, qk.scalar_type());
+  checks::saved(maps, "maps", qk, {r, b, n}, qk.scalar_type());
+  checks::saved(dist, "distances", qk, {nmat, b, n, n}, aux);
+  checks::saved(extrema, "extrema", qk, {nmat, b}, aux);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_in, const at::Tensor& maps_in,
@@ -232,13 +204,11 @@ inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_
   const at::Tensor grad_maps = grad_in.contiguous(), maps = maps_in.contiguous(), qk = qk_in.contiguous();
   const at::Tensor dist = dist_in.contiguous(), extrema = extrema_in.contiguous();
   check_qk(qk, 4);
-  check_like(theta, qk, "theta");
-  TORCH_CHECK_TYPE(theta.scalar_type() == qk.scalar_type() && theta.numel() == 1,
-                   "theta must be one element of the dtype of qk");
-  check_gamma(gamma);
+  checks::theta(theta, qk);
+  checks::gamma(gamma);
   check_backward_inputs(grad_maps, maps, qk, dist, extrema, 4);
-  const Mode mode = parse_mode(std::string(mode_s));
-  const Scope scope = parse_scope(std::string(scope_s));
+  const Mode mode = checks::mode(mode_s);
+  const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
   const at::Tensor th = theta.contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
@@ -256,7 +226,7 @@ inline at::Tensor pair_backward(const at::Tensor& grad_in, const at::Tensor& map
   const at::Tensor dist = dist_in.contiguous(), extrema = extrema_in.contiguous();
   check_qk(qk, 2);
   check_backward_inputs(grad_maps, maps, qk, dist, extrema, 1);
-  const Scope scope = parse_scope(std::string(scope_s));
+  const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_backward", [&] {
@@ -266,13 +236,12 @@ inline at::Tensor pair_backward(const at::Tensor& grad_in, const at::Tensor& map
   return out;
 }
 
-}  // namespace qcs::host
-
 // Registers the four ops with the kernels above (inside a TORCH_LIBRARY_IMPL block).
-#define QCS_REGISTER_IMPLS(m)                                          \
-  do {                                                                 \
-    (m).impl("cross_similarity_forward", &qcs::host::cross_forward);   \
-    (m).impl("cross_similarity_backward", &qcs::host::cross_backward); \
-    (m).impl("pair_similarity_forward", &qcs::host::pair_forward);     \
-    (m).impl("pair_similarity_backward", &qcs::host::pair_backward);   \
-  } while (0)
+inline void register_kernels(torch::Library& m) {
+  m.impl("cross_similarity_forward", &cross_forward);
+  m.impl("cross_similarity_backward", &cross_backward);
+  m.impl("pair_similarity_forward", &pair_forward);
+  m.impl("pair_similarity_backward", &pair_backward);
+}
+
+}  // namespace qcs::host

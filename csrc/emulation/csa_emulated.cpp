@@ -20,6 +20,6 @@ PyMODINIT_FUNC PyInit__emulated(void) {
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(qcs_emulated, m) { QCS_DEFINE_SCHEMAS(m); }
+TORCH_LIBRARY(qcs_emulated, m) { qcs::define_csa_ops(m); }
 
-TORCH_LIBRARY_IMPL(qcs_emulated, CPU, m) { QCS_REGISTER_IMPLS(m); }
+TORCH_LIBRARY_IMPL(qcs_emulated, CPU, m) { qcs::host::register_kernels(m); }
