@@ -172,12 +172,14 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
       }
     }
   }
+  // A case per macro call, which clang-format cannot lay out:
+  // clang-format off
   switch (p.epilogue) {  // once per tile, not per vector
-#define QCS_EPILOGUE_CASE(kind)                                        \
-  case kind:                                                           \
-    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)               \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)           \
-            epi.template vec<kind>(row0 + r, col0 + v * W, acc[r][v]); \
+#define QCS_EPILOGUE_CASE(kind)                                              \
+  case kind:                                                                 \
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)                     \
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)                   \
+        epi.template vec<kind>(row0 + r, col0 + v * W, acc[r][v]);           \
     break;
     QCS_EPILOGUE_CASE(GemmEpilogue::kStore)
     QCS_EPILOGUE_CASE(GemmEpilogue::kScaleMinus)
@@ -185,6 +187,7 @@ __attribute__((always_inline)) inline void micro_tile(const GemmProblem<T>& p, i
     QCS_EPILOGUE_CASE(GemmEpilogue::kSubtract)
 #undef QCS_EPILOGUE_CASE
   }
+  // clang-format on
 }
 
 // Columns left over after the last full vector: plain scalar accumulation.
@@ -236,16 +239,20 @@ inline void row_sweep(const GemmProblem<T>& p, int64_t col0, const Epilogue<T>& 
   for (; short_tiles > 0; --short_tiles, row += MR - 1)
     micro_tile<T, MR - 1, NV>(p, row, col0, epi);
   // Remaining rows, one template per count so every tile keeps its accumulators in registers.
+  // A case per macro call, which clang-format cannot lay out:
+  // clang-format off
   switch (p.row_end - row) {
-#define QCS_ROW_CASE(n)                                            \
-  case n:                                                          \
+#define QCS_ROW_CASE(n) \
+  case n:               \
     if constexpr (n < MR) micro_tile<T, n, NV>(p, row, col0, epi); \
     break;
-    QCS_ROW_CASE(1)
-    QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5) QCS_ROW_CASE(6) QCS_ROW_CASE(7)
+    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
+    QCS_ROW_CASE(6) QCS_ROW_CASE(7)
 #undef QCS_ROW_CASE
-        default : break;
+    default:
+      break;
   }
+  // clang-format on
 }
 
 // Columns [col_begin, col_end) of p: full panels of NV vectors, single vectors, then scalars.
@@ -393,16 +400,19 @@ inline void gram_row_tile(const T* rows, const T* cols, int64_t n_cols, int64_t 
   for (; c + NR <= narrow_end; c += NR) gram_tile<T, MR, NR>(rows, cols + c * n, n, out + c, ldo);
   for (; wide > 0; --wide, c += NR + 1)
     gram_tile<T, MR, NR + 1>(rows, cols + c * n, n, out + c, ldo);
+  // A case per macro call, which clang-format cannot lay out:
+  // clang-format off
   switch (n_cols - c) {
-#define QCS_COL_CASE(k)                                                             \
-  case k:                                                                           \
+#define QCS_COL_CASE(k) \
+  case k:               \
     if constexpr (k < NR) gram_tile<T, MR, k>(rows, cols + c * n, n, out + c, ldo); \
     break;
-    QCS_COL_CASE(1)
-    QCS_COL_CASE(2) QCS_COL_CASE(3) QCS_COL_CASE(4) QCS_COL_CASE(5)
+    QCS_COL_CASE(1) QCS_COL_CASE(2) QCS_COL_CASE(3) QCS_COL_CASE(4) QCS_COL_CASE(5)
 #undef QCS_COL_CASE
-        default : break;
+    default:
+      break;
   }
+  // clang-format on
 }
 
 template <typename T>
@@ -416,16 +426,19 @@ void gram_block(const T* rows, int64_t n_rows, const T* cols, int64_t n_cols, in
     gram_row_tile<T, MR>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
   for (; wide > 0; --wide, r += MR + 1)
     gram_row_tile<T, MR + 1>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo);
+  // A case per macro call, which clang-format cannot lay out:
+  // clang-format off
   switch (n_rows - r) {
-#define QCS_ROW_CASE(k)                                                                           \
-  case k:                                                                                         \
+#define QCS_ROW_CASE(k) \
+  case k:               \
     if constexpr (k < MR) gram_row_tile<T, k>(rows + r * n, cols, n_cols, n, out + r * ldo, ldo); \
     break;
-    QCS_ROW_CASE(1)
-    QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
+    QCS_ROW_CASE(1) QCS_ROW_CASE(2) QCS_ROW_CASE(3) QCS_ROW_CASE(4) QCS_ROW_CASE(5)
 #undef QCS_ROW_CASE
-        default : break;
+    default:
+      break;
   }
+  // clang-format on
 }
 
 template <typename T>
