@@ -1,6 +1,7 @@
 """pytest-benchmark suite of the CSA ops (not collected by the test run: testpaths=tests).
 
-    .venv/bin/python -m pytest benchmarks/test_bench_ops.py --benchmark-group-by=param:shape,param:backward
+    .venv/bin/python -m pytest benchmarks/test_bench_ops.py \
+        --benchmark-group-by=param:shape,param:backward
 
 Each group holds the fused op and its baselines at one shape, measured in the same run;
 compare within a group, not across machines. python -m qcs_tools.compare prints the ratios.

@@ -50,10 +50,12 @@ def measure_interleaved(fns: dict, min_run_time: float, rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", type=_parse_shape, default=SHAPES,
                         help="B x N x C shapes (default: %(default)s)")
-    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS,
+                        default=list(IMPLEMENTATIONS))
     parser.add_argument("--min-run-time", type=float, default=2.0,
                         help="seconds of timing per cell, over all rounds (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5,
@@ -72,9 +74,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     print(f"# CSA benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, {platform.processor() or platform.machine()}; "
+          f"CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, "
+          f"{platform.processor() or platform.machine()}; "
           f"medians of {args.rounds} interleaved rounds")
-    header = "| B x N x C | pass | " + " | ".join(args.impls) + " | fused speed-up vs eager | vs compiled | vs sdpa | fused / gemms |"
+    header = ("| B x N x C | pass | " + " | ".join(args.impls)
+              + " | fused speed-up vs eager | vs compiled | vs sdpa | fused / gemms |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for shape in args.shapes:
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
 
             gemms = f"{round_ratio('fused', 'gemms'):.2f}" if fused and "gemms" in times else "-"
             print(f"| {'x'.join(map(str, shape))} | {'fwd+bwd' if backward else 'fwd'} | "
-                  + " | ".join(cells) + f" | {ratio('eager')} | {ratio('compiled')} | {ratio('sdpa')} | {gemms} |")
+                  + " | ".join(cells)
+                  + f" | {ratio('eager')} | {ratio('compiled')} | {ratio('sdpa')} | {gemms} |")
     print()
     print("| B x N x C | saved for backward beyond the input: fused | eager reference |")
     print("|---|---|---|")

@@ -82,7 +82,9 @@ def exact_params(row: dict) -> int:
 
 def stats(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    if len(values) < 2:
+        return m, 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
     return m, sd
 
 
@@ -106,7 +108,8 @@ def table(rows: list[dict], args) -> str:
                 f"-s{seed}", "-sS")
             params = f"{exact_params(rs[0]):,}"
             out.append(f"| {'bias' if bias else 'unbiased'} | {model} | {params} | "
-                       f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | {ce0:.2f} -> {ce1:.2f} | "
+                       f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | "
+                       f"{ce0:.2f} -> {ce1:.2f} | "
                        f"{ep:.1f} ({min(r['epoch_s'] for r in rs):.1f}) | "
                        f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
                        f"`{cmd}` |")

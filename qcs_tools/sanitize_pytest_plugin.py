@@ -20,11 +20,12 @@ def _check() -> str:
     name = os.environ.get("QCS_SANITIZER", "")
     site = os.environ.get("QCS_SANITIZED_SITE", "")
     if name not in _RUNTIMES or not site:
-        raise pytest.UsageError("sanitize_pytest_plugin: QCS_SANITIZER / QCS_SANITIZED_SITE not set "
-                                "(run through python -m qcs_tools.sanitize)")
+        raise pytest.UsageError("sanitize_pytest_plugin: QCS_SANITIZER / QCS_SANITIZED_SITE "
+                                "not set (run through python -m qcs_tools.sanitize)")
     maps = Path("/proc/self/maps").read_text()
     if _RUNTIMES[name] not in maps:
-        raise pytest.UsageError(f"sanitize_pytest_plugin: {_RUNTIMES[name]} is not loaded (LD_PRELOAD)")
+        raise pytest.UsageError(
+            f"sanitize_pytest_plugin: {_RUNTIMES[name]} is not loaded (LD_PRELOAD)")
     import qcs_ext._C
     import qcs_ext._emulated
 
@@ -32,8 +33,8 @@ def _check() -> str:
     for mod in (qcs_ext._C, qcs_ext._emulated):
         path = Path(mod.__file__).resolve()
         if root not in path.parents:
-            raise pytest.UsageError(f"sanitize_pytest_plugin: {mod.__name__} was imported from {path}, "
-                                    f"not from the sanitized build {root}")
+            raise pytest.UsageError(f"sanitize_pytest_plugin: {mod.__name__} was imported from "
+                                    f"{path}, not from the sanitized build {root}")
     return f"{name}: qcs_ext._C and qcs_ext._emulated from {root}"
 
 

@@ -35,7 +35,8 @@ def test_table_reports_median_of_per_round_ratios(compare, monkeypatch, capsys):
     monkeypatch.setattr(compare, "saved_bytes_ratio", lambda impl, shape: 0.5)
     assert compare.main(["--shapes", "2x3x4", "--impls", "fused", "eager", "gemms",
                          "--rounds", "3"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2x3x4 | fwd")]
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 2x3x4 | fwd")]
     assert len(rows) == 2
     cells = [c.strip() for c in rows[1].split("|")[1:-1]]
     assert cells[2] == f"{statistics.median(fake['fused']) * 1e3:.2f} ms"

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "tests/cpp/test_cpu_kernels.cpp"] + sorted((ROOT / "csrc/cpu").glob("kernels_*.cpp"))
+SOURCES = ([ROOT / "tests/cpp/test_cpu_kernels.cpp"]
+           + sorted((ROOT / "csrc/cpu").glob("kernels_*.cpp")))
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 def _build_and_run(tmp_path: Path, extra_flags: list[str]) -> str:
     binary = tmp_path / "test_cpu_kernels"
-    cmd = ["g++", "-std=c++20", "-O2", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", f"-I{ROOT / 'csrc'}", *extra_flags,
+    cmd = ["g++", "-std=c++20", "-O2", "-ffp-contract=fast", "-fno-math-errno",
+           "-fno-trapping-math", f"-I{ROOT / 'csrc'}", *extra_flags,
            *map(str, SOURCES), "-o", str(binary)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)

@@ -62,7 +62,8 @@ def test_op_tests_under_sanitizer(name):
     _require_toolchain(name)
     res = sanitize.run_tests(name, PROFILE, echo=False)
     tail = res.output[-8000:]
-    assert not res.reports, f"{name}: sanitizer reports:\n" + "\n".join(res.reports[:20]) + f"\n{tail}"
+    reports = "\n".join(res.reports[:20])
+    assert not res.reports, f"{name}: sanitizer reports:\n{reports}\n{tail}"
     assert res.returncode == 0, f"{name}: pytest exited with {res.returncode}\n{tail}"
     assert res.failed == 0 and res.passed >= MIN_PASSED[PROFILE], (res.passed, res.failed, tail)
     print(f"{name} ({PROFILE}): {res.passed} passed, {res.skipped} skipped in {res.seconds:.0f} s")
@@ -70,9 +71,11 @@ def test_op_tests_under_sanitizer(name):
 
 def _build_control(tmp_path: Path, with_shim: bool) -> Path:
     exe = tmp_path / ("control_shim" if with_shim else "control_plain")
-    sources = [ROOT / "tests" / "cpp" / "tsan_openmp_control.cpp"] + ([SANITIZE_DIR / "tsan_openmp.cpp"] if with_shim else [])
-    cmd = [sanitize._cxx(), "-std=c++20", "-O1", "-g", "-fopenmp", "-fsanitize=thread", *map(str, sources),
-           "-ldl", "-o", str(exe)]
+    sources = [ROOT / "tests" / "cpp" / "tsan_openmp_control.cpp"]
+    if with_shim:
+        sources.append(SANITIZE_DIR / "tsan_openmp.cpp")
+    cmd = [sanitize._cxx(), "-std=c++20", "-O1", "-g", "-fopenmp", "-fsanitize=thread",
+           *map(str, sources), "-ldl", "-o", str(exe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
@@ -93,11 +96,12 @@ def test_tsan_openmp_annotations_are_needed_and_hide_no_races(tmp_path):
     clean = _run_control(shim)
     assert clean.returncode == 0 and "ThreadSanitizer" not in clean.stderr, clean.stderr[-4000:]
     racy = _run_control(shim, "race")
-    assert racy.returncode == 66 and "WARNING: ThreadSanitizer: data race" in racy.stderr, racy.stderr[-4000:]
+    race = "WARNING: ThreadSanitizer: data race"
+    assert racy.returncode == 66 and race in racy.stderr, racy.stderr[-4000:]
     # reported inside the region's outlined body (the unsynchronised `counter += 1`)
     assert "SUMMARY: ThreadSanitizer: data race" in racy.stderr and "_omp_fn" in racy.stderr
     plain = _run_control(_build_control(tmp_path, with_shim=False))
-    assert plain.returncode == 66 and "WARNING: ThreadSanitizer: data race" in plain.stderr, plain.stderr[-4000:]
+    assert plain.returncode == 66 and race in plain.stderr, plain.stderr[-4000:]
 
 
 def test_tsan_sees_the_ops_parallel_for_threads():
@@ -105,9 +109,11 @@ def test_tsan_sees_the_ops_parallel_for_threads():
     TSan must report the at::parallel_for of the CPU op (so the clean run above checked
     multithreaded code that TSan watches, not a single-threaded or unwatched one)."""
     _require_toolchain("tsan")
-    res = sanitize.run_tests("tsan", "full", ["-k", "test_results_do_not_depend_on_thread_count"], echo=False,
-                             env_extra={"QCS_TSAN_OPENMP_ANNOTATIONS": "0"}, tag="control")
-    summaries = [line for line in res.reports if line.startswith("SUMMARY: ThreadSanitizer: data race")]
+    res = sanitize.run_tests("tsan", "full", ["-k", "test_results_do_not_depend_on_thread_count"],
+                             echo=False, env_extra={"QCS_TSAN_OPENMP_ANNOTATIONS": "0"},
+                             tag="control")
+    summaries = [line for line in res.reports
+                 if line.startswith("SUMMARY: ThreadSanitizer: data race")]
     assert summaries and "csrc/cpu/" in summaries[0], res.output[-6000:]
     assert res.returncode == 66, res.returncode
 
@@ -118,9 +124,11 @@ def test_asan_environment_reports_and_exits():
     the process with exit code 86, which run_tests() treats as a failure."""
     _require_toolchain("asan")
     env = sanitize.run_env("asan", sanitize.build("asan", verbose=False))
-    code = ("import ctypes; buf = ctypes.create_string_buffer(4096); "  # > 512 bytes: malloc, not pymalloc
+    # 4096 bytes (> 512): malloc, not pymalloc
+    code = ("import ctypes; buf = ctypes.create_string_buffer(4096); "
             "ctypes.memset(ctypes.addressof(buf), 0, 4096 + 64)")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 86, (proc.returncode, proc.stderr[-3000:])
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in proc.stderr
     assert any(m in proc.stderr for m in sanitize.REPORT_MARKERS)
