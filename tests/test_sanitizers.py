@@ -30,8 +30,6 @@ PROFILE = os.environ.get("QCS_SANITIZE_PROFILE", "fast")
 SANITIZE_DIR = ROOT / "csrc" / "emulation" / "sanitize"
 
 
-
-
 def _require_toolchain(name: str) -> None:
     problem = None
     if not sys.platform.startswith("linux"):

@@ -1,5 +1,5 @@
 // OpenMP fork/join made visible to ThreadSanitizer, for the TSan build of qcs_ext._C
-// (scripts/sanitize.py links this file into that build only).
+// (qcs_tools/sanitize.py links this file into that build only).
 //
 // at::parallel_for is an inline OpenMP template: our code calls libgomp's GOMP_parallel,
 // and libgomp (torch's copy, not instrumented) hands the outlined body to its pool
@@ -15,7 +15,7 @@
 // Members are NOT ordered with one another (each acquires only `fork`, which only the
 // caller releases), so races between the threads of one region are still reported. The
 // sync addresses live in a per-call frame, so concurrent regions from different callers do
-// not order each other either. scripts/sanitize.py checks that GOMP_parallel is the only
+// not order each other either. qcs_tools/sanitize.py checks that GOMP_parallel is the only
 // libgomp synchronisation entry the build imports (barriers, critical sections, loops
 // would need their own annotations).
 //
