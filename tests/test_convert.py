@@ -19,12 +19,12 @@ from qcs.checkpoint import CheckpointError, load_state, load_weights, read_metad
 from qcs.cli import main
 from qcs.config import apply_overrides, load_config
 from qcs.convert import ConvertError, InertStandIn, convert_official, load_untrusted, official_key
-from qcs.models import build_model
+from qcs.families import build_model
 from qcs.models.ir50 import IR50, load_backbone_weights
 
 
 def _micro_cfg(variant: str = "qcs"):
-    cfg = apply_overrides(load_config("tiny"), QCS_MICRO_SET + [f"model.variant={variant}"])
+    cfg = apply_overrides(load_config("tiny"), QCS_MICRO_SET + [f"qcs.variant={variant}"])
     cfg.model.num_classes = 7
     return cfg
 
@@ -79,7 +79,7 @@ def _official_file(tmp_path, monkeypatch, *, variant="qcs", old_names=True, extr
     """Write a checkpoint in the official format; return (path, our original weights)."""
     torch.manual_seed(0)
     cfg = _micro_cfg(variant)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     with torch.no_grad():  # distinct values everywhere (BN statistics and theta included)
         for k, t in model.state_dict().items():
             if t.is_floating_point():
@@ -165,7 +165,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path, monkeypatch):
     assert not torch.equal(weights["vit_base.norm.weight"], ours["vit_base.norm.weight"])
     # a wider network than the file's: shapes differ, refused even with --no-strict
     wide = _micro_cfg()
-    wide.model.embed_dim = 32
+    wide.net.embed_dim = 32
     with pytest.raises(ConvertError, match=r"shape-mismatched: .*vs ours"):
         convert_official(src, tmp_path / "w", config=wide, strict=False)
     with pytest.raises(ConvertError, match="has 7 classes but ferplus has 8"):
@@ -176,7 +176,7 @@ def test_official_names_at_paper_geometry():
     cfg = load_config("paper-qcs")
     cfg.model.num_classes = 7
     with torch.device("meta"):  # shapes only, no memory
-        own = build_model(cfg.model).state_dict()
+        own = build_model(cfg).state_dict()
     starts = (0, 3, 7)
     shapes = {  # official name (QCS_7cls_raf_db.py, POSTER++ ir50 / vit_model) -> shape
         "embed_q.1.weight": (768, 768, 3, 3), "embed_2.0.weight": (768, 128, 3, 3),

@@ -32,15 +32,13 @@ from typing import Any
 import torch
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # what unpicklers apply to protocol 2
 
+from .errors import ConvertError
+
 __all__ = ["ConvertError", "InertStandIn", "ConvertReport", "load_untrusted", "official_key",
            "convert_official", "pickle_globals"]
 
 # modules no checkpoint needs; torch's weights_only unpickler refuses them as well
 _REFUSED_MODULES = ("os", "sys", "posix", "nt", "subprocess")
-
-
-class ConvertError(RuntimeError):
-    """The file cannot be imported (the message names it and says why)."""
 
 
 class InertStandIn:
@@ -241,7 +239,7 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
     from .checkpoint import save_checkpoint
     from .config import load_config
     from .data.datasets import AFFECTNET_CLASSES, FERPLUS_CLASSES, RAF_DB_CLASSES
-    from .models import build_model
+    from .families import build_model
 
     src = Path(src)
     obj, stand_ins = load_untrusted(src)
@@ -273,13 +271,16 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
                            f"{len(classes)}")
 
     cfg = config if config is not None else load_config("paper-qcs")
-    cfg.model.family, cfg.model.variant = "qcs", _variant_of(state)
+    if cfg.model.family != "qcs":
+        raise ConvertError(f"official checkpoints are QCS-family networks; the config's "
+                           f"model.family is {cfg.model.family!r}")
+    cfg.net.variant = _variant_of(state)
     cfg.model.num_classes = num_classes
     cfg.data.format = data_format
     cfg.validate()
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     starts = (0, *model.ir_back.stage_ends[:-1])
-    report = ConvertReport(str(src), cfg.model.variant, num_classes,
+    report = ConvertReport(str(src), cfg.net.variant, num_classes,
                            _plain_int(obj.get("epoch", 0)) if isinstance(obj, dict) else 0,
                            stand_ins=stand_ins)
     if isinstance(obj, dict):
@@ -298,7 +299,7 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
                          for k, v in own.items() if k in mapped and mapped[k].shape != v.shape]
     if report.mismatched or (strict and (report.missing or report.unexpected)):
         hint = "" if report.mismatched else "; --no-strict converts anyway"
-        raise ConvertError(f"{src} does not fit the {cfg.model.variant} network of this config "
+        raise ConvertError(f"{src} does not fit the {cfg.net.variant} network of this config "
                            f"(choose it with --config / --set{hint}):\n{report}")
     load = {k: v for k, v in mapped.items() if k in own}
     model.load_state_dict(load, strict=False)

@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
@@ -34,7 +33,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .data.datasets import IMAGE_SUFFIXES
 from .data.transforms import test_transform
-from .cli_use import MissingDependency, UsageError
+from .errors import MissingDependency, UsageError
 from .inference import LoadedModel
 
 __all__ = ["collect_inputs", "read_rgb", "FaceDetector", "square_crop", "Predictor",
@@ -401,42 +400,3 @@ def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
         out.write(buf.getvalue())
     else:
         raise ValueError(f"--format must be json, jsonl or csv, got {fmt!r}")
-
-
-def run_cli(args) -> int:
-    """``qcs predict``: exit 0 when every input was read, 1 when some could not be (they
-    are in the output with ``status: error``), 2 on usage errors."""
-    from .inference import load_model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    paths, problems = collect_inputs(args.inputs)
-    if not paths and problems:
-        for arg, why in problems:
-            print(f"qcs predict: {arg}: {why}", file=sys.stderr)
-        return 2
-    loaded = load_model(args.checkpoint, device=args.device)
-    predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
-                          batch_size=args.batch_size, annotate_dir=args.annotate,
-                          align=not args.no_align, device=args.device)
-    records = [{"file": arg, "status": "error", "face": None, "box": None, "label": None,
-                "confidence": None, "probabilities": None, "notes": [], "message": why}
-               for arg, why in problems]
-    records += list(predictor.run(paths))
-    fmt = args.format or ("csv" if args.output and args.output.endswith(".csv") else
-                          "jsonl" if args.output and args.output.endswith(".jsonl") else "json")
-    if args.output and args.output != "-":
-        with open(args.output, "w", newline="") as fh:
-            write_records(records, loaded.classes, fmt, fh)
-    else:
-        write_records(records, loaded.classes, fmt, sys.stdout)
-    files = {r["file"] for r in records}
-    faces = sum(r["status"] == "ok" for r in records)
-    bad = sorted({r["file"] for r in records if r["status"] == "error"})
-    nofa = len({r["file"] for r in records if r["status"] == "no_face"})
-    print(f"qcs predict: {len(files)} inputs, {faces} faces classified, {nofa} without a face, "
-          f"{len(bad)} unreadable" + (f"; written to {args.output}" if args.output
-                                      and args.output != "-" else ""), file=sys.stderr)
-    for r in records:
-        if r["status"] == "error":
-            print(f"qcs predict: {r['file']}: {r['message']}", file=sys.stderr)
-    return 1 if bad else 0

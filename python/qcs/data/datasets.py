@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
+
 __all__ = [
     "DataError", "ImageList", "ImageDataset", "raf_db", "ferplus", "affectnet", "folder",
     "RAF_DB_CLASSES", "FERPLUS_CLASSES", "AFFECTNET_CLASSES", "load_split", "check_images",
@@ -41,10 +43,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # why an item was skipped under skip_bad, in the order summaries print them
 SKIP_REASONS = ("malformed line", "label out of range", "missing image", "unreadable image",
                 "single-image class", "empty class")
-
-
-class DataError(RuntimeError):
-    """A dataset file is missing, malformed or unreadable (the message names it)."""
 
 
 @dataclass
