@@ -128,7 +128,7 @@ def test_convert_official_checkpoint(tmp_path, monkeypatch, old_names, legacy, c
         assert torch.equal(weights[k], v), k
     meta = read_metadata(tmp_path / "conv")
     assert meta["classes"][0] == "surprise" and meta["best_acc"] == pytest.approx(0.925)
-    model = build_model(_micro_cfg("qcs").model)
+    model = build_model(_micro_cfg("qcs"))
     model.load_state_dict(weights)  # strict: every tensor of our network is there
     assert torch.isfinite(model.eval()(torch.rand(2, 3, 32, 32))).all()
     if legacy:
@@ -147,7 +147,7 @@ def test_convert_detects_dcs_and_baseline(tmp_path, monkeypatch):
         assert report.variant == variant and report.loaded == len(ours)
         weights = load_weights(tmp_path / variant)
         assert all(torch.equal(weights[k], v) for k, v in ours.items())
-        assert read_metadata(tmp_path / variant)["config"]["model"]["variant"] == variant
+        assert read_metadata(tmp_path / variant)["config"]["qcs"]["variant"] == variant
 
 
 def test_missing_unexpected_and_mismatched_keys(tmp_path, monkeypatch):

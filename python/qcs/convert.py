@@ -238,7 +238,6 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
     """
     from .checkpoint import save_checkpoint
     from .config import load_config
-    from .data.datasets import AFFECTNET_CLASSES, FERPLUS_CLASSES, RAF_DB_CLASSES
     from .families import build_model
 
     src = Path(src)
@@ -255,20 +254,7 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
                            "POSTER++-style checkpoint (keys start with "
                            f"{sorted({k.split('.')[0] for k in state})})")
     num_classes = int(head.shape[0])
-    classes_by_format = {"raf-db": RAF_DB_CLASSES, "ferplus": FERPLUS_CLASSES,
-                         "affectnet7": AFFECTNET_CLASSES[:7], "affectnet8": AFFECTNET_CLASSES}
-    if data_format is None:
-        if num_classes != 7:
-            raise ConvertError(f"{src} has {num_classes} classes: pass --data ferplus or --data "
-                               "affectnet8 (their class orders differ)")
-        data_format = "raf-db"
-    if data_format not in classes_by_format:
-        raise ConvertError(f"--data must be one of {sorted(classes_by_format)}, got "
-                           f"{data_format!r}")
-    classes = classes_by_format[data_format]
-    if len(classes) != num_classes:
-        raise ConvertError(f"{src} has {num_classes} classes but {data_format} has "
-                           f"{len(classes)}")
+    data_format, classes = _classes_of(src, num_classes, data_format)
 
     cfg = config if config is not None else load_config("paper-qcs")
     if cfg.model.family != "qcs":
@@ -304,18 +290,43 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
     load = {k: v for k, v in mapped.items() if k in own}
     model.load_state_dict(load, strict=False)
     report.loaded = len(load)
+    save_checkpoint(out_base, model, _metadata(obj, cfg, classes, report, src))
+    return report
+
+
+def _classes_of(src: Path, num_classes: int, data_format: str | None
+                ) -> tuple[str, tuple[str, ...]]:
+    """The dataset format whose class order the file's labels follow, and its classes."""
+    from .data.datasets import AFFECTNET_CLASSES, FERPLUS_CLASSES, RAF_DB_CLASSES
+    classes_by_format = {"raf-db": RAF_DB_CLASSES, "ferplus": FERPLUS_CLASSES,
+                         "affectnet7": AFFECTNET_CLASSES[:7], "affectnet8": AFFECTNET_CLASSES}
+    if data_format is None:
+        if num_classes != 7:
+            raise ConvertError(f"{src} has {num_classes} classes: pass --data ferplus or --data "
+                               "affectnet8 (their class orders differ)")
+        data_format = "raf-db"
+    if data_format not in classes_by_format:
+        raise ConvertError(f"--data must be one of {sorted(classes_by_format)}, got "
+                           f"{data_format!r}")
+    classes = classes_by_format[data_format]
+    if len(classes) != num_classes:
+        raise ConvertError(f"{src} has {num_classes} classes but {data_format} has "
+                           f"{len(classes)}")
+    return data_format, classes
+
+
+def _metadata(obj: Any, cfg, classes, report: ConvertReport, src: Path) -> dict[str, Any]:
+    """Our checkpoint metadata for a converted file (its best accuracy, if recorded)."""
     best = obj.get("best_acc") if isinstance(obj, dict) else None
     best_pct = float(best) if isinstance(best, (int, float, torch.Tensor)) and (
         not isinstance(best, torch.Tensor) or best.numel() == 1) else None
-    meta = {"config": cfg.to_dict(), "classes": list(classes), "epoch": report.epoch,
+    return {"config": cfg.to_dict(), "classes": list(classes), "epoch": report.epoch,
             "metrics": {}, "best_acc": best_pct / 100 if best_pct is not None else 0.0,
             "best_epoch": report.epoch, "data_root": "",
             "converted_from": {"file": str(src), "format": "official QCS (torch.save)",
                                "best_acc_percent": best_pct, "dropped": report.dropped,
                                "missing": report.missing, "unexpected": report.unexpected,
-                               "stand_ins": stand_ins}}
-    save_checkpoint(out_base, model, meta)
-    return report
+                               "stand_ins": report.stand_ins}}
 
 
 def _plain_int(value: Any) -> int:
