@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import QCS_MICRO_SET
 from qcs.cli import build_parser, main
 

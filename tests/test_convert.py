@@ -13,7 +13,6 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-
 from conftest import QCS_MICRO_SET
 from qcs.checkpoint import CheckpointError, load_state, load_weights, read_metadata
 from qcs.cli import main
@@ -55,7 +54,7 @@ def _official_name(key: str, stage_starts: list[int], old_names: bool) -> str:
     return key
 
 
-class RecorderMeter_loss:  # noqa: N801 -- the authors' class name, pickled from __main__
+class RecorderMeter_loss:
     """Like the authors' recorder: numpy arrays in a plain object."""
 
     def __init__(self, epochs: int) -> None:

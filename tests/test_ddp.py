@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 import torch
-
 from qcs.data import TupleSampler
 from qcs.distributed import ShardedIndices, ShardedTupleSampler
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from qcs.cli import main
 from qcs.data import transforms
 from qcs.inference import load_model
-from qcs.predict import (CSV_FIXED, Predictor, collect_inputs, read_rgb, square_crop)
+from qcs.predict import CSV_FIXED, Predictor, collect_inputs, read_rgb, square_crop
 from use_helpers import CLASSES, draw_face, face_centre, make_checkpoint
 
 

@@ -6,11 +6,15 @@ import json
 
 import pytest
 import torch
-
-from qcs.checkpoint import (CheckpointError, checkpoint_base, load_state, load_weights,
-                            read_metadata, save_checkpoint)
-from qcs.config import (PRESETS, ConfigError, apply_overrides, config_from_dict, load_config,
-                        to_toml)
+from qcs.checkpoint import (
+    CheckpointError,
+    checkpoint_base,
+    load_state,
+    load_weights,
+    read_metadata,
+    save_checkpoint,
+)
+from qcs.config import PRESETS, ConfigError, apply_overrides, config_from_dict, load_config, to_toml
 
 
 def test_paper_presets_follow_the_spec():

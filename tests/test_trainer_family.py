@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import qcs.families as families
+from qcs import families
 from qcs.config import ConfigError, config_from_dict, to_toml
 from qcs.inference import load_model
 from qcs.training import Callback, train
@@ -22,7 +21,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 def _example_source() -> str:
     section = DOC.read_text().split("## Adding a family", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 @pytest.fixture

@@ -160,3 +160,17 @@ def test_long_function_finder_counts_lines(tmp_path):
 @pytest.mark.parametrize("folder", ["python"])
 def test_no_function_over_80_lines(folder):
     assert long_functions(ROOT / folder) == []
+
+
+def test_config_and_parser_import_without_torch():
+    """``qcs config show`` and ``qcs --help`` stay light: the config and the parser import
+    neither torch nor the kernels (families import their networks when first built)."""
+    import subprocess
+    import sys
+    code = ("import sys; import qcs.cli, qcs.cli.commands, qcs.cli.use, qcs.config as c; "
+            "[c.to_toml(c.load_config(p)) for p in c.PRESETS + c.FAMILY_PRESETS]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'qcs_ext')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from qcs.checkpoint import read_metadata, save_checkpoint
 from qcs.config import ConfigError, config_from_dict, upgrade_legacy
 from qcs.families import build_model

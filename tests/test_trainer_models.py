@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from qcs.config import Config, ModelConfig, load_config
 from qcs.families import build_model
 from qcs.families.qcs import QCSConfig

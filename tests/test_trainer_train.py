@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from qcs.checkpoint import load_weights, read_metadata
 from qcs.training import evaluate, train
 

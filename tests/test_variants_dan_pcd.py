@@ -10,16 +10,22 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchvision.models import resnet18
-
-from qcs.config import load_config, apply_overrides
+from qcs.config import apply_overrides, load_config
 from qcs.data import DataError, SynthParams, generate, load_split
-from qcs.data.landmarks import (HeatmapDataset, HeatmapTransform, ensure_heatmaps, heatmap_path,
-                                read_heatmap, render_heatmaps, write_synth_heatmaps)
+from qcs.data.landmarks import (
+    HeatmapDataset,
+    HeatmapTransform,
+    ensure_heatmaps,
+    heatmap_path,
+    read_heatmap,
+    render_heatmaps,
+    write_synth_heatmaps,
+)
 from qcs.families import build_model, get_family
 from qcs.models.dan import DAN, ResNetFeatures
 from qcs.models.fer_losses import affinity_loss, neaa_loss, partition_loss
 from qcs.models.pcd import PCD
+from torchvision.models import resnet18
 
 # micro sizes of both families (own settings: seconds on one CPU thread)
 DAN_MICRO = ["dan.resnet_layers=[1, 1, 1, 1]", "dan.resnet_widths=[8, 8, 16, 16]",

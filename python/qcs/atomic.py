@@ -5,10 +5,10 @@ the old content or the new one, never a torn file."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-__all__ = ["atomic_write", "write_text_atomic", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "write_text_atomic"]
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -33,8 +33,9 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -44,8 +45,16 @@ from .atomic import fsync_dir as _fsync_dir
 from .atomic import write_text_atomic
 from .errors import CheckpointError
 
-__all__ = ["save_checkpoint", "read_metadata", "load_weights", "load_state", "checkpoint_base",
-           "recover_checkpoint", "write_text_atomic", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_base",
+    "load_state",
+    "load_weights",
+    "read_metadata",
+    "recover_checkpoint",
+    "save_checkpoint",
+    "write_text_atomic",
+]
 
 FORMAT = "qcs-checkpoint-v1"
 _SUFFIXES = (".safetensors", ".state.pt", ".json")  # rename order: the JSON last

@@ -19,19 +19,32 @@ Checkpoints written before the per-family sections hold one flat ``[model]`` sec
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomllib
+
 from .errors import CheckpointError, ConfigError
 from .families import family_names, get_family
 
 __all__ = [
-    "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "Config", "ConfigError",
-    "PRESETS", "FAMILY_PRESETS", "load_config", "apply_overrides", "config_from_dict",
-    "to_toml", "upgrade_legacy", "check_fields", "config_of_checkpoint",
+    "FAMILY_PRESETS",
+    "PRESETS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_fields",
+    "config_from_dict",
+    "config_of_checkpoint",
+    "load_config",
+    "to_toml",
+    "upgrade_legacy",
 ]
 
 PRESETS = ("tiny", "paper-qcs", "paper-dcs", "paper-baseline")
@@ -130,7 +143,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(obj) for name, obj in self.sections().items()}
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check choices and ranges; raise :class:`ConfigError` naming the field."""
         if self.model.family not in family_names():
             raise ConfigError(f"model.family must be one of {family_names()}, got "

@@ -25,17 +25,24 @@ import io
 import pickletools
 import re
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # what unpicklers apply to protocol 2
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # what unpicklers apply to protocol 2
 
 from .errors import ConvertError
 
-__all__ = ["ConvertError", "InertStandIn", "ConvertReport", "load_untrusted", "official_key",
-           "convert_official", "pickle_globals"]
+__all__ = [
+    "ConvertError",
+    "ConvertReport",
+    "InertStandIn",
+    "convert_official",
+    "load_untrusted",
+    "official_key",
+    "pickle_globals",
+]
 
 # modules no checkpoint needs; torch's weights_only unpickler refuses them as well
 _REFUSED_MODULES = ("os", "sys", "posix", "nt", "subprocess")
@@ -49,7 +56,7 @@ class InertStandIn:
 
     _qcs_global = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "InertStandIn":
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertStandIn:
         obj = object.__new__(cls)
         obj.__dict__["args"] = args
         return obj

@@ -47,7 +47,7 @@ from torch import nn
 
 from .data.sampling import TupleSampler
 
-__all__ = ["DistContext", "init_distributed", "ShardedTupleSampler", "ShardedIndices"]
+__all__ = ["DistContext", "ShardedIndices", "ShardedTupleSampler", "init_distributed"]
 
 
 @dataclass

@@ -7,8 +7,17 @@ Each subclass also derives from the built-in type it refines, so ``except ValueE
 
 from __future__ import annotations
 
-__all__ = ["QCSError", "ConfigError", "CheckpointError", "WeightsError", "DataError", "ConvertError",
-           "UsageError", "MissingDependency", "ExportError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ConvertError",
+    "DataError",
+    "ExportError",
+    "MissingDependency",
+    "QCSError",
+    "UsageError",
+    "WeightsError",
+]
 
 
 class QCSError(Exception):

@@ -26,8 +26,14 @@ import torch
 from .errors import ExportError, MissingDependency
 from .inference import LoadedModel
 
-__all__ = ["export_onnx", "verify_onnx", "export_program", "ExportReport", "ExportError",
-           "need"]
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "export_onnx",
+    "export_program",
+    "need",
+    "verify_onnx",
+]
 
 
 @dataclass

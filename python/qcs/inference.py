@@ -47,6 +47,11 @@ class LoadedModel:
         return self.config.data.image_size
 
     @property
+    def branches(self) -> int:
+        """Images per training tuple (QCS 4, DCS 2, others 1)."""
+        return self.family.data_needs(self.config.net).branches
+
+    @property
     def channels(self) -> int:
         """Input channels: 3 (RGB), plus landmark heat maps for a network that reads them
         from beside the images (PCD with ``pcd.landmarks = "heatmap"``)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .atomic import atomic_write
 
-__all__ = ["plot_losses", "plot_accuracy", "plot_confusion"]
+__all__ = ["plot_accuracy", "plot_confusion", "plot_losses"]
 
 
 def _save(fig, path: Path) -> None:

@@ -23,9 +23,10 @@ import glob
 import io
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -36,8 +37,15 @@ from .data.transforms import test_transform
 from .errors import MissingDependency, UsageError
 from .inference import LoadedModel
 
-__all__ = ["collect_inputs", "read_rgb", "FaceDetector", "square_crop", "Predictor",
-           "write_records", "CSV_FIXED"]
+__all__ = [
+    "CSV_FIXED",
+    "FaceDetector",
+    "Predictor",
+    "collect_inputs",
+    "read_rgb",
+    "square_crop",
+    "write_records",
+]
 
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels of the original image
 
@@ -250,11 +258,9 @@ class Predictor:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        if loaded.channels != 3:
-            raise UsageError(f"{loaded.base}: this network reads {loaded.channels} input "
-                             "channels (RGB + landmark heat maps stored beside the training "
-                             "images), which qcs predict cannot make for new photos; train PCD "
-                             "with model.landmarks=\"mobilefacenet\" to predict from images")
+        refusal = loaded.family.input_error(loaded.channels, loaded.base)
+        if refusal is not None:  # e.g. PCD reading heat maps stored beside the images
+            raise refusal
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
         self.transform = test_transform(self.size)
@@ -384,8 +390,7 @@ def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
         json.dump(records, out, indent=2)
         out.write("\n")
     elif fmt == "jsonl":
-        for rec in records:
-            out.write(json.dumps(rec) + "\n")
+        out.writelines(json.dumps(rec) + "\n" for rec in records)
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

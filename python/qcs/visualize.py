@@ -15,20 +15,29 @@ map stretched to its own min..max (the raw range is printed under the tile).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import UsageError
 from .data.datasets import DataError, ImageList, load_split, read_image
 from .data.transforms import test_transform
+from .errors import UsageError
 from .inference import LoadedModel
 from .models import QCSNet
 
-__all__ = ["csa_maps", "quadruplet_figure", "class_pair_grid", "quadruplet_size",
-           "grid_size", "BRANCH_NAMES", "overlay", "load_split_for", "sample_tuple", "tuple_maps",
-           "class_grid_cells"]
+__all__ = [
+    "BRANCH_NAMES",
+    "class_grid_cells",
+    "class_pair_grid",
+    "csa_maps",
+    "grid_size",
+    "load_split_for",
+    "overlay",
+    "quadruplet_figure",
+    "quadruplet_size",
+    "sample_tuple",
+    "tuple_maps",
+]
 
 BRANCH_NAMES = {4: ("anchor", "positive", "negative", "negative 2"), 2: ("anchor", "partner")}
 CAPTION, HEADER, PAD, LEFT = 14, 18, 4, 96
@@ -207,11 +216,11 @@ def tuple_maps(model: QCSNet, images: list[Image.Image], size: int
 
 
 def class_grid_cells(model: QCSNet, lst: ImageList, classes: list[str], size: int,
-                     rng: np.random.Generator, level: int | None
+                     rng: np.random.Generator, level: int | None, branches: int
                      ) -> list[list[tuple[Image.Image, np.ndarray]]]:
     """For every anchor class x negative (DCS: partner) class, the anchor image and its
     map at ``level`` (None: the mean of the levels), for :func:`class_pair_grid`."""
-    members, k, r = _by_class(lst), len(classes), model.branches
+    members, k, r = _by_class(lst), len(classes), branches
     rows = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # anchor, positive
     cols = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # the two negatives
     cells = []

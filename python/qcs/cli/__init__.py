@@ -12,7 +12,7 @@ import sys
 
 from .parser import build_parser
 
-__all__ = ["main", "build_parser", "apply_args"]
+__all__ = ["apply_args", "build_parser", "main"]
 
 
 def apply_args(cfg, args) -> None:

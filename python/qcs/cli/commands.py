@@ -15,8 +15,15 @@ from pathlib import Path
 from ..config import Config, apply_overrides, config_from_dict, load_config, to_toml
 from ..errors import DataError, UsageError
 
-__all__ = ["apply_args", "cmd_train", "cmd_eval", "cmd_data", "cmd_convert", "cmd_config",
-           "setup_logging"]
+__all__ = [
+    "apply_args",
+    "cmd_config",
+    "cmd_convert",
+    "cmd_data",
+    "cmd_eval",
+    "cmd_train",
+    "setup_logging",
+]
 
 log = logging.getLogger("qcs")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["cmd_predict", "cmd_visualize", "cmd_export"]
+__all__ = ["cmd_export", "cmd_predict", "cmd_visualize"]
 
 
 def _threads(args) -> None:
@@ -67,8 +67,9 @@ def cmd_predict(args) -> int:
 def _visualize_grid(args, loaded, lst, rng, out: Path) -> None:
     from ..visualize import class_grid_cells, class_pair_grid
     level = None if args.level == "mean" else int(args.level) - 1
-    r, k = loaded.model.branches, len(loaded.classes)
-    cells = class_grid_cells(loaded.model, lst, loaded.classes, loaded.image_size, rng, level)
+    r, k = loaded.branches, len(loaded.classes)
+    cells = class_grid_cells(loaded.model, lst, loaded.classes, loaded.image_size, rng, level,
+                             r)
     grid = class_pair_grid(cells, loaded.classes, args.grid_tile,
                            "negative class" if r == 4 else "partner class")
     grid_path = out / "csa_class_grid.png"
@@ -85,12 +86,18 @@ def cmd_visualize(args) -> int:
     from ..data.datasets import read_image
     from ..errors import UsageError
     from ..inference import load_model
-    from ..visualize import BRANCH_NAMES, load_split_for, quadruplet_figure, sample_tuple, tuple_maps
+    from ..visualize import (
+        BRANCH_NAMES,
+        load_split_for,
+        quadruplet_figure,
+        sample_tuple,
+        tuple_maps,
+    )
     _threads(args)
     if args.tile < 16:
         raise UsageError(f"--tile must be >= 16 pixels, got {args.tile}")
     loaded = load_model(args.checkpoint, full=True)
-    model, classes, r = loaded.model, loaded.classes, loaded.model.branches
+    model, classes, r = loaded.model, loaded.classes, loaded.branches
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -99,7 +106,8 @@ def cmd_visualize(args) -> int:
         lst = load_split_for(loaded, args.data, args.data_root, args.split)
     if args.images:
         if len(args.images) != r:
-            raise UsageError(f"--images: the {model.variant} network takes {r} images "
+            raise UsageError(f"--images: the {loaded.family.run_name(loaded.config.net)} "
+                             f"network takes {r} images "
                              f"({', '.join(BRANCH_NAMES[r])}), got {len(args.images)}")
         pics = [read_image(Path(p)) for p in args.images]
         captions = [Path(p).name for p in args.images]

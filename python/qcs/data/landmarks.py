@@ -17,8 +17,8 @@ the image only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,8 +29,15 @@ from ..atomic import atomic_write
 from .datasets import DataError, ImageDataset, ImageList, TransformedItems
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["heatmap_path", "render_heatmaps", "write_synth_heatmaps", "read_heatmap",
-           "HeatmapDataset", "HeatmapTransform", "ensure_heatmaps"]
+__all__ = [
+    "HeatmapDataset",
+    "HeatmapTransform",
+    "ensure_heatmaps",
+    "heatmap_path",
+    "read_heatmap",
+    "render_heatmaps",
+    "write_synth_heatmaps",
+]
 
 HEATMAP_DIR = "landmarks"
 

@@ -26,14 +26,14 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SynthParams", "CLASSES", "BACKGROUNDS", "draw_face", "generate", "ensure_synth"]
+__all__ = ["BACKGROUNDS", "CLASSES", "SynthParams", "draw_face", "ensure_synth", "generate"]
 
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 

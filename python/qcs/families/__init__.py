@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import BranchOutput, DataNeeds, Family, Losses
+from .base import DataNeeds, Family, Losses
 
-__all__ = ["Family", "BranchOutput", "DataNeeds", "Losses", "get_family", "register_family",
-           "family_names", "build_model"]
+__all__ = ["DataNeeds", "Family", "Losses", "build_model", "family_names", "get_family",
+           "register_family"]
 
 # family name -> module defining FAMILY (imported on first use: the CLI's parser stays light)
 _BUILTIN = {

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CheckpointError, UsageError
-from ..models.outputs import BranchOutput
-from ..models.weights import LoadReport
 
-__all__ = ["Family", "BranchOutput", "Losses", "DataNeeds"]
+if TYPE_CHECKING:  # annotations only: importing a family's config is torch-free
+    import torch
+    from torch import nn
+
+    from ..models.outputs import BranchOutput
+    from ..models.weights import LoadReport
+
+__all__ = ["DataNeeds", "Family", "Losses"]
 
 
 @dataclass

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ..models.dan import DAN
-from ..models.fer_losses import affinity_loss, partition_loss
-from ..models.outputs import BranchOutput
-from ..models.weights import LoadReport, load_matching
 from .base import Family, Losses
 
-__all__ = ["DANConfig", "DANFamily", "FAMILY"]
+if TYPE_CHECKING:  # the network is imported when first built: the config stays light
+    import torch
+
+    from ..models.dan import DAN
+    from ..models.outputs import BranchOutput
+    from ..models.weights import LoadReport
+
+__all__ = ["FAMILY", "DANConfig", "DANFamily"]
 
 
 @dataclass
@@ -55,12 +55,16 @@ class DANFamily(Family):
         return out
 
     def build(self, sec: DANConfig, num_classes: int) -> DAN:
+        from ..models.dan import DAN
         return DAN(sec, num_classes)
 
     def loss(self, out: BranchOutput, labels: torch.Tensor, sec: DANConfig) -> Losses:
+        import torch.nn.functional as F
+
+        from ..models.fer_losses import affinity_loss, partition_loss
         y = labels.reshape(-1)
         logits = out.logits.float().reshape(len(y), -1)
-        ce = nn.functional.cross_entropy(logits, y)
+        ce = F.cross_entropy(logits, y)
         af = affinity_loss(out.features.float(), y, out.extras["centers"].float())
         pt = partition_loss(out.extras["heads"].float())
         total = ce + sec.affinity_weight * af + sec.partition_weight * pt
@@ -70,6 +74,7 @@ class DANFamily(Family):
     def load_pretrained(self, model: DAN, path: str | Path) -> LoadReport:
         """ResNet-18 weights (torchvision naming; a ``fc.*`` head is left unused and
         ``module.`` / ``features.`` / ``backbone.`` prefixes are dropped) into the FCN."""
+        from ..models.weights import load_matching
         return load_matching(model.features, path, prefixes=("module.", "features.", "backbone."),
                              what="ResNet trunk", require_match=True)
 

@@ -6,20 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, UsageError
-from ..models.fer_losses import neaa_loss
-from ..models.ir50 import load_backbone_weights
-from ..models.outputs import BranchOutput
-from ..models.pcd import PCD
-from ..models.weights import LoadReport, load_matching
 from .base import DataNeeds, Family, Losses
 from .qcs import ir50_checks
 
-__all__ = ["PCDConfig", "PCDFamily", "FAMILY"]
+if TYPE_CHECKING:  # the network is imported when first built: the config stays light
+    import torch
+
+    from ..models.outputs import BranchOutput
+    from ..models.pcd import PCD
+    from ..models.weights import LoadReport
+
+__all__ = ["FAMILY", "PCDConfig", "PCDFamily"]
 
 LANDMARK_SOURCES = ("heatmap", "mobilefacenet")
 
@@ -72,9 +72,13 @@ class PCDFamily(Family):
                          if sec.landmarks == "heatmap" else 0)
 
     def build(self, sec: PCDConfig, num_classes: int) -> PCD:
+        from ..models.pcd import PCD
         return PCD(sec, num_classes)
 
     def loss(self, out: BranchOutput, labels: torch.Tensor, sec: PCDConfig) -> Losses:
+        import torch.nn.functional as F
+
+        from ..models.fer_losses import neaa_loss
         y = labels.reshape(-1)
         logits = out.logits.float().reshape(len(y), -1)
         ce = F.cross_entropy(logits, y)
@@ -83,12 +87,15 @@ class PCDFamily(Family):
                       {"base": float(ce.detach()), "neaa": float(ne.detach())})
 
     def load_pretrained(self, model: PCD, path: str | Path) -> LoadReport:
-        """IR50 weights into the image backbone (see :func:`load_backbone_weights`)."""
+        """IR50 weights into the image backbone (see
+        :func:`qcs.models.ir50.load_backbone_weights`)."""
+        from ..models.ir50 import load_backbone_weights
         return load_backbone_weights(model.ir_back, path)
 
     def load_extra_weights(self, model: PCD, sec: PCDConfig) -> list[LoadReport]:
         """``pcd.landmark_weights`` into the frozen landmark trunk (names as in
         :class:`qcs.models.pcd.LandmarkNet`; ``module.`` / ``landmark_net.`` dropped)."""
+        from ..models.weights import load_matching
         if not sec.landmark_weights:
             return []
         if model.landmark_net is None:

@@ -6,19 +6,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ..models.ir50 import load_backbone_weights
-from ..models.losses import qcs_loss
-from ..models.network import BRANCHES, QCSNet
-from ..models.outputs import BranchOutput
-from ..models.weights import LoadReport
+from ..models.variants import BRANCHES
 from .base import DataNeeds, Family, Losses
 
-__all__ = ["QCSConfig", "QCSFamily", "FAMILY"]
+if TYPE_CHECKING:  # the networks are imported when first built: the config stays light
+    import torch
+    from torch import nn
+
+    from ..models.network import QCSNet
+    from ..models.outputs import BranchOutput
+    from ..models.weights import LoadReport
+
+__all__ = ["FAMILY", "QCSConfig", "QCSFamily"]
 
 _CROSS_PREFIXES = ("cross.", "vit_cross.")
 
@@ -95,9 +96,11 @@ class QCSFamily(Family):
                          min_per_class=2 if sec.variant in ("qcs", "dcs") else 1)
 
     def build(self, sec: QCSConfig, num_classes: int) -> QCSNet:
+        from ..models.network import QCSNet
         return QCSNet(sec, num_classes)
 
     def loss(self, out: BranchOutput, labels: torch.Tensor, sec: QCSConfig) -> Losses:
+        from ..models.losses import qcs_loss
         cross = None if out.cross is None else out.cross.float()
         total, parts = qcs_loss(out.logits.float(), cross, labels, sec)
         return Losses(total, parts)
@@ -106,6 +109,7 @@ class QCSFamily(Family):
         return f"{super().describe(model, sec, device)} ({_csa_kind(model, device)})"
 
     def load_pretrained(self, model: QCSNet, path: str | Path) -> LoadReport:
+        from ..models.ir50 import load_backbone_weights
         return load_backbone_weights(model.ir_back, path)
 
     def inference_section(self, sec: QCSConfig) -> QCSConfig:
@@ -120,6 +124,7 @@ class QCSFamily(Family):
 
 def _csa_kind(model: QCSNet, device: torch.device) -> str:
     """``fused CSA`` when the cross modules run the qcs_ext kernels on ``device``."""
+    import torch
     if model.cross is None:
         return "reference CSA"
     try:

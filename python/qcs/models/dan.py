@@ -26,7 +26,7 @@ from .outputs import BranchOutput
 if TYPE_CHECKING:
     from ..families.dan import DANConfig
 
-__all__ = ["DAN", "ResNetFeatures", "SpatialAttention", "ChannelAttention", "CrossAttentionHead"]
+__all__ = ["DAN", "ChannelAttention", "CrossAttentionHead", "ResNetFeatures", "SpatialAttention"]
 
 
 class ResNetFeatures(nn.Module):
@@ -124,7 +124,7 @@ class DAN(nn.Module):
     are loaded here.
     """
 
-    def __init__(self, cfg: "DANConfig", num_classes: int) -> None:
+    def __init__(self, cfg: DANConfig, num_classes: int) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")

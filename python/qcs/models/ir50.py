@@ -16,7 +16,7 @@ from torch import nn
 
 from .weights import LoadReport, load_matching
 
-__all__ = ["IR50", "load_backbone_weights", "LoadReport"]
+__all__ = ["IR50", "LoadReport", "load_backbone_weights"]
 
 
 class BottleneckIR(nn.Module):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-
-from typing import Any
 
 __all__ = ["qcs_loss"]
 

@@ -17,13 +17,13 @@ from qcs_ext.nn import CrossSimilarity, PairSimilarity
 
 from .ir50 import IR50
 from .outputs import BranchOutput
+from .variants import BRANCHES
 
 if TYPE_CHECKING:
     from ..families.qcs import QCSConfig
 
-__all__ = ["QCSNet", "BRANCHES", "count_parameters"]
+__all__ = ["BRANCHES", "QCSNet", "count_parameters"]
 
-BRANCHES = {"qcs": 4, "dcs": 2, "baseline": 1}
 
 
 class Attention(nn.Module):
@@ -125,7 +125,7 @@ class QCSNet(nn.Module):
     No weights are loaded here; see :func:`qcs.models.load_backbone_weights`.
     """
 
-    def __init__(self, cfg: "QCSConfig", num_classes: int) -> None:
+    def __init__(self, cfg: QCSConfig, num_classes: int) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
@@ -184,7 +184,7 @@ class QCSNet(nn.Module):
                 if not k.startswith(("cross.", "vit_cross."))}
 
 
-def _cross_module(cfg: "QCSConfig", dim: int) -> nn.Module:
+def _cross_module(cfg: QCSConfig, dim: int) -> nn.Module:
     """One level's cross module: CSA over quadruplets (QCS) or pairs (DCS)."""
     common = dict(scope=cfg.csa_scope, backend=cfg.backend, mlp_ratio=cfg.mlp_ratio,
                   dropout=cfg.dropout)

@@ -32,7 +32,7 @@ from .outputs import BranchOutput
 if TYPE_CHECKING:
     from ..families.pcd import PCDConfig
 
-__all__ = ["PCD", "LandmarkNet", "CrossFeatureBlock"]
+__all__ = ["PCD", "CrossFeatureBlock", "LandmarkNet"]
 
 
 def _conv_bn(cin: int, cout: int, k: int, s: int, groups: int = 1, act: bool = True):
@@ -75,7 +75,7 @@ class LandmarkNet(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "LandmarkNet":
+    def train(self, mode: bool = True) -> LandmarkNet:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class PCD(nn.Module):
     loss is ``CE + neaa_weight * NeAA``.
     """
 
-    def __init__(self, cfg: "PCDConfig", num_classes: int) -> None:
+    def __init__(self, cfg: PCDConfig, num_classes: int) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")

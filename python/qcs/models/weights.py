@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import CheckpointError, WeightsError
 
-__all__ = ["LoadReport", "read_state", "strip_prefixes", "load_matching"]
+__all__ = ["LoadReport", "load_matching", "read_state", "strip_prefixes"]
 
 
 @dataclass

@@ -17,6 +17,18 @@ from .evaluation import evaluate
 from .loop import RunResult, fit, train
 from .runstate import TrainingInterrupted, resolve_device, seed_everything
 
-__all__ = ["train", "fit", "RunResult", "Callback", "StepInfo", "Run", "train_one_epoch",
-           "evaluate", "prepare_data", "Data", "TrainingInterrupted", "resolve_device",
-           "seed_everything"]
+__all__ = [
+           "Callback",
+           "Data",
+           "Run",
+           "RunResult",
+           "StepInfo",
+           "TrainingInterrupted",
+           "evaluate",
+           "fit",
+           "prepare_data",
+           "resolve_device",
+           "seed_everything",
+           "train",
+           "train_one_epoch",
+]

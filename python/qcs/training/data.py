@@ -11,13 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Config
-from ..data import (DataError, ImageDataset, ImageList, SynthParams, TupleSampler, ensure_synth,
-                    load_split, screen_data, test_transform, train_transform)
+from ..data import (
+    DataError,
+    ImageDataset,
+    ImageList,
+    SynthParams,
+    TupleSampler,
+    ensure_synth,
+    load_split,
+    screen_data,
+    test_transform,
+    train_transform,
+)
 from ..distributed import DistContext, ShardedIndices, ShardedTupleSampler
 from ..families import DataNeeds
 from ..progress import Progress
 
-__all__ = ["Data", "prepare_data", "Loaders", "build_loaders", "ResumableSampler"]
+__all__ = ["Data", "Loaders", "ResumableSampler", "build_loaders", "prepare_data"]
 
 log = logging.getLogger("qcs")
 

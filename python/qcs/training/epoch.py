@@ -19,13 +19,26 @@ from ..distributed import DistContext
 from ..progress import Progress
 from . import saving
 from .data import Loaders
-from .runstate import (StopSignals, TrainingInterrupted, epoch_seed, rng_state, seed_everything,
-                       set_rng_state)
+from .runstate import (
+    StopSignals,
+    TrainingInterrupted,
+    epoch_seed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from .saving import RunRecord
 from .step import Optimization, TrainStep
 
-__all__ = ["Callback", "StepInfo", "Run", "EpochStats", "train_one_epoch", "stop_requested",
-           "interrupted"]
+__all__ = [
+    "Callback",
+    "EpochStats",
+    "Run",
+    "StepInfo",
+    "interrupted",
+    "stop_requested",
+    "train_one_epoch",
+]
 
 log = logging.getLogger("qcs")
 

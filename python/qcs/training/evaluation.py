@@ -4,14 +4,15 @@ confusion matrix; per-rank shards combined under DDP."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..progress import Progress
 
-__all__ = ["evaluate", "autocast", "metrics_from_confusion"]
+__all__ = ["autocast", "evaluate", "metrics_from_confusion"]
 
 
 def autocast(device: torch.device, amp: str):

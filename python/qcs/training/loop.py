@@ -31,9 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -45,12 +46,20 @@ from . import saving
 from .data import Data, build_loaders, prepare_data
 from .epoch import Callback, EpochStats, Run, interrupted, stop_requested, train_one_epoch
 from .evaluation import evaluate
-from .runstate import (ResumePoint, StopSignals, TrainingInterrupted, lock_run_dir,
-                       process_settings, resolve_device, resolve_resume, seed_everything)
+from .runstate import (
+    ResumePoint,
+    StopSignals,
+    TrainingInterrupted,
+    lock_run_dir,
+    process_settings,
+    resolve_device,
+    resolve_resume,
+    seed_everything,
+)
 from .saving import RunRecord
 from .step import Optimization, TrainForward, TrainStep
 
-__all__ = ["train", "RunResult", "evaluate", "Callback"]
+__all__ = ["Callback", "RunResult", "evaluate", "train"]
 
 log = logging.getLogger("qcs")
 

@@ -9,9 +9,10 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +21,19 @@ from ..checkpoint import checkpoint_base, read_metadata, recover_checkpoint
 from ..config import Config, TrainConfig, config_of_checkpoint, load_config
 from ..errors import CheckpointError
 
-__all__ = ["resolve_device", "seed_everything", "epoch_seed", "process_settings",
-           "TrainingInterrupted", "StopSignals", "lock_run_dir", "rng_state", "set_rng_state",
-           "ResumePoint", "resolve_resume"]
+__all__ = [
+    "ResumePoint",
+    "StopSignals",
+    "TrainingInterrupted",
+    "epoch_seed",
+    "lock_run_dir",
+    "process_settings",
+    "resolve_device",
+    "resolve_resume",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,7 +106,7 @@ class StopSignals:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 previous = signal.signal(sig, self._handle)

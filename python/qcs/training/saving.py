@@ -19,8 +19,15 @@ from ..config import Config
 from ..errors import CheckpointError
 from .step import Optimization
 
-__all__ = ["RunRecord", "read_history", "write_history", "restore", "save_epoch",
-           "repair_best", "plot_best_confusion"]
+__all__ = [
+    "RunRecord",
+    "plot_best_confusion",
+    "read_history",
+    "repair_best",
+    "restore",
+    "save_epoch",
+    "write_history",
+]
 
 log = logging.getLogger("qcs")
 

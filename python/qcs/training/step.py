@@ -16,7 +16,7 @@ from ..families import Family, Losses
 from ..optim import SAM, build_optimizer, build_scheduler
 from .evaluation import autocast
 
-__all__ = ["TrainForward", "Optimization", "TrainStep", "frozen_bn_stats"]
+__all__ = ["Optimization", "TrainForward", "TrainStep", "frozen_bn_stats"]
 
 
 class TrainForward(nn.Module):
@@ -62,7 +62,7 @@ class Optimization:
     scaler: Any
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> "Optimization":
+    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> Optimization:
         """From ``[optim]`` and ``train.amp`` (fp16 gets a gradient scaler)."""
         opt = build_optimizer(model, cfg.optim)
         sam = SAM(opt, cfg.optim.sam_rho, cfg.optim.sam_adaptive) if cfg.optim.sam else None
