@@ -331,7 +331,7 @@ def test_missing_heatmaps_are_named(tmp_path):
 # ---------------------------------------------------------------- CLI and training
 
 def test_cli_model_option_selects_family_and_keeps_variant():
-    from qcs.cli import _apply_args, build_parser
+    from qcs.cli import apply_args, build_parser
     parser = build_parser()
     for argv, family, variant in [(["--model", "dan"], "dan", "dan"),
                                   (["--model", "pcd"], "pcd", "pcd"),
@@ -339,7 +339,7 @@ def test_cli_model_option_selects_family_and_keeps_variant():
                                   (["--variant", "baseline"], "qcs", "baseline")]:
         args = parser.parse_args(["train", *argv])
         cfg = load_config("tiny")
-        _apply_args(cfg, args)
+        apply_args(cfg, args)
         assert (cfg.model.family, cfg.family.run_name(cfg.net)) == (family, variant), argv
     assert load_config("tiny-dan").model.family == "dan"
     assert load_config("tiny-pcd").data.format == "synth"

@@ -141,6 +141,7 @@ class Config:
                 "optim": self.optim, "train": self.train}
 
     def to_dict(self) -> dict[str, Any]:
+        """``{section: {key: value}}``, the layout of TOML files and checkpoint metadata."""
         return {name: dataclasses.asdict(obj) for name, obj in self.sections().items()}
 
     def validate(self) -> Config:
@@ -266,9 +267,6 @@ def copy_config(cfg: Config) -> Config:
     """Deep copy (sections are mutable dataclasses)."""
     return Config(**{f.name: dataclasses.replace(getattr(cfg, f.name))
                      for f in dataclasses.fields(Config)})
-
-
-config_from_dict_copy = copy_config  # the name before the per-family sections
 
 
 def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:

@@ -40,10 +40,12 @@ class LoadedModel:
 
     @property
     def family(self) -> Family:
+        """The model family of the checkpoint's config."""
         return self.config.family
 
     @property
     def image_size(self) -> int:
+        """The side of the network's square input, in pixels."""
         return self.config.data.image_size
 
     @property

@@ -22,9 +22,6 @@ def apply_args(cfg, args) -> None:
     apply(cfg, args)
 
 
-_apply_args = apply_args  # the name before the CLI became a package
-
-
 def _command(name: str):
     from . import commands, use
     return {"train": commands.cmd_train, "eval": commands.cmd_eval, "data": commands.cmd_data,

@@ -31,6 +31,7 @@ class TrainForward(nn.Module):
         self.device, self.amp = device, amp
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor) -> Losses:
+        """The losses of one batch of tuples (see the class doc)."""
         with autocast(self.device, self.amp):
             out = self.model.forward_branches(xs)
         return self.family.loss(out, ys, self.section)
@@ -75,6 +76,7 @@ class Optimization:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scheduler (and scaler) state for ``*.state.pt``."""
         state = {"optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
@@ -82,6 +84,7 @@ class Optimization:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
