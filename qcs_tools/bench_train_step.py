@@ -19,18 +19,23 @@ import time
 
 import torch
 
-from qcs.config import LossConfig, load_config
-from qcs.models import build_model, qcs_loss
+from qcs.config import load_config
+from qcs.families import build_model
+from qcs.families.qcs import QCSConfig
+from qcs.models import qcs_loss
 from qcs.optim import SAM, build_optimizer
 
 
+_LOSS = QCSConfig()  # plain cross-entropy (no distillation)
+
+
 def _step(model, sam, xs, ys):
-    base, cross = model.forward_branches(xs)
-    loss, _ = qcs_loss(base, cross, ys, LossConfig())
+    out = model.forward_branches(xs)
+    loss, _ = qcs_loss(out.logits, out.cross, ys, _LOSS)
     loss.backward()
     sam.first_step()
-    base, cross = model.forward_branches(xs)
-    loss, _ = qcs_loss(base, cross, ys, LossConfig())
+    out = model.forward_branches(xs)
+    loss, _ = qcs_loss(out.logits, out.cross, ys, _LOSS)
     loss.backward()
     sam.second_step()
 
@@ -42,9 +47,9 @@ def _uniform_maps(self, qk, fused):  # CSA ablated: every token weighted 1/N
 def bench(preset: str, batch: int, repeats: int, backend: str) -> dict:
     cfg = load_config(preset)
     cfg.model.num_classes = 7
-    cfg.model.backend = backend
+    cfg.net.backend = backend
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     sam = SAM(build_optimizer(model, cfg.optim), cfg.optim.sam_rho)
     size = cfg.data.image_size
     xs = torch.randn(model.branches, batch, 3, size, size)

@@ -74,10 +74,10 @@ def run_one(job) -> dict:
 def exact_params(row: dict) -> int:
     """Trainable + frozen parameters of the run's network, rebuilt from its config.toml."""
     from qcs.config import load_config
-    from qcs.models import build_model
+    from qcs.families import build_model
     run_dir = Path(row["command"].split("--out ", 1)[1].split()[0])
-    cfg = load_config(run_dir / "config.toml")
-    return sum(p.numel() for p in build_model(cfg.model).parameters())
+    cfg = load_config(run_dir / "config.toml", legacy=True)
+    return sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def stats(values: list[float]) -> tuple[float, float]:

@@ -54,9 +54,9 @@ from typing import Any
 # A micro QCS network (same structure as the tiny preset) on 16 + 4 images per class at
 # 32 px: start-up dominates, training takes a few seconds.
 MICRO = [
-    "model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-    "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16", "model.heads=2",
-    "model.vit_depth=1", "data.image_size=32", "data.synth_size=32",
+    "qcs.backbone_depths=[1, 1, 1]", "qcs.backbone_widths=[8, 8, 16]",
+    "qcs.backbone_size=32", "qcs.tokens_side=4", "qcs.embed_dim=16", "qcs.heads=2",
+    "qcs.vit_depth=1", "data.image_size=32", "data.synth_size=32",
     "data.synth_train_per_class=16", "data.synth_test_per_class=4", "train.batch_size=4",
     "optim.lr=3e-3",
 ]

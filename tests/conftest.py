@@ -10,9 +10,9 @@ from hypothesis import settings
 # A micro network with the real structure (IR units, three token levels, ViT_base, cross
 # modules, ViT_cross) that trains in seconds on 32 px images: 4x4 tokens per level.
 QCS_MICRO_SET = [
-    "model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-    "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16", "model.heads=2",
-    "model.vit_depth=1", "model.mlp_ratio=2.0", "data.image_size=32", "data.synth_size=32",
+    "qcs.backbone_depths=[1, 1, 1]", "qcs.backbone_widths=[8, 8, 16]",
+    "qcs.backbone_size=32", "qcs.tokens_side=4", "qcs.embed_dim=16", "qcs.heads=2",
+    "qcs.vit_depth=1", "qcs.mlp_ratio=2.0", "data.image_size=32", "data.synth_size=32",
     "data.cache_in_memory=true", "optim.lr=3e-3", "train.batch_size=16", "train.threads=1",
 ]
 
@@ -61,7 +61,7 @@ def qcs_easy_config(qcs_easy_root):
     from qcs.config import apply_overrides, load_config
     return apply_overrides(load_config("tiny"), QCS_MICRO_SET + [
         "data.format=folder", f"data.root={qcs_easy_root}", "train.epochs=2",
-        "data.image_size=24", "model.backbone_size=32"])
+        "data.image_size=24", "qcs.backbone_size=32"])
 
 
 # ---- the op suite (tests/test_ops.py) -----------------------------------------------------

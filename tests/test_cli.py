@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import QCS_MICRO_SET
 from qcs.cli import build_parser, main
 
@@ -51,8 +50,8 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["train", "--data", "raf-db", "--data-root", str(tmp_path / "none"),
                  "--out", str(tmp_path / "r")]) == 2
     assert "RAF-DB label list not found" in capsys.readouterr().err
-    assert main(["train", "--set", "model.widht=3"]) == 2
-    assert "unknown key model.widht" in capsys.readouterr().err
+    assert main(["train", "--set", "qcs.widht=3"]) == 2
+    assert "unknown key qcs.widht" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
 

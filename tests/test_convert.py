@@ -13,18 +13,17 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-
 from conftest import QCS_MICRO_SET
 from qcs.checkpoint import CheckpointError, load_state, load_weights, read_metadata
 from qcs.cli import main
 from qcs.config import apply_overrides, load_config
 from qcs.convert import ConvertError, InertStandIn, convert_official, load_untrusted, official_key
-from qcs.models import build_model
+from qcs.families import build_model
 from qcs.models.ir50 import IR50, load_backbone_weights
 
 
 def _micro_cfg(variant: str = "qcs"):
-    cfg = apply_overrides(load_config("tiny"), QCS_MICRO_SET + [f"model.variant={variant}"])
+    cfg = apply_overrides(load_config("tiny"), QCS_MICRO_SET + [f"qcs.variant={variant}"])
     cfg.model.num_classes = 7
     return cfg
 
@@ -55,7 +54,7 @@ def _official_name(key: str, stage_starts: list[int], old_names: bool) -> str:
     return key
 
 
-class RecorderMeter_loss:  # noqa: N801 -- the authors' class name, pickled from __main__
+class RecorderMeter_loss:
     """Like the authors' recorder: numpy arrays in a plain object."""
 
     def __init__(self, epochs: int) -> None:
@@ -79,7 +78,7 @@ def _official_file(tmp_path, monkeypatch, *, variant="qcs", old_names=True, extr
     """Write a checkpoint in the official format; return (path, our original weights)."""
     torch.manual_seed(0)
     cfg = _micro_cfg(variant)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     with torch.no_grad():  # distinct values everywhere (BN statistics and theta included)
         for k, t in model.state_dict().items():
             if t.is_floating_point():
@@ -128,7 +127,7 @@ def test_convert_official_checkpoint(tmp_path, monkeypatch, old_names, legacy, c
         assert torch.equal(weights[k], v), k
     meta = read_metadata(tmp_path / "conv")
     assert meta["classes"][0] == "surprise" and meta["best_acc"] == pytest.approx(0.925)
-    model = build_model(_micro_cfg("qcs").model)
+    model = build_model(_micro_cfg("qcs"))
     model.load_state_dict(weights)  # strict: every tensor of our network is there
     assert torch.isfinite(model.eval()(torch.rand(2, 3, 32, 32))).all()
     if legacy:
@@ -147,7 +146,7 @@ def test_convert_detects_dcs_and_baseline(tmp_path, monkeypatch):
         assert report.variant == variant and report.loaded == len(ours)
         weights = load_weights(tmp_path / variant)
         assert all(torch.equal(weights[k], v) for k, v in ours.items())
-        assert read_metadata(tmp_path / variant)["config"]["model"]["variant"] == variant
+        assert read_metadata(tmp_path / variant)["config"]["qcs"]["variant"] == variant
 
 
 def test_missing_unexpected_and_mismatched_keys(tmp_path, monkeypatch):
@@ -165,7 +164,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path, monkeypatch):
     assert not torch.equal(weights["vit_base.norm.weight"], ours["vit_base.norm.weight"])
     # a wider network than the file's: shapes differ, refused even with --no-strict
     wide = _micro_cfg()
-    wide.model.embed_dim = 32
+    wide.net.embed_dim = 32
     with pytest.raises(ConvertError, match=r"shape-mismatched: .*vs ours"):
         convert_official(src, tmp_path / "w", config=wide, strict=False)
     with pytest.raises(ConvertError, match="has 7 classes but ferplus has 8"):
@@ -176,7 +175,7 @@ def test_official_names_at_paper_geometry():
     cfg = load_config("paper-qcs")
     cfg.model.num_classes = 7
     with torch.device("meta"):  # shapes only, no memory
-        own = build_model(cfg.model).state_dict()
+        own = build_model(cfg).state_dict()
     starts = (0, 3, 7)
     shapes = {  # official name (QCS_7cls_raf_db.py, POSTER++ ir50 / vit_model) -> shape
         "embed_q.1.weight": (768, 768, 3, 3), "embed_2.0.weight": (768, 128, 3, 3),

@@ -11,9 +11,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import QCS_MICRO_SET
+from PIL import Image
 from qcs.cli import main
 from qcs.data import DataError, ImageDataset, affectnet, ferplus, raf_db, screen_data
 from qcs.data.datasets import empty_classes, screen_images, skip_summary

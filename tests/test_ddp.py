@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 import torch
-
 from qcs.data import TupleSampler
 from qcs.distributed import ShardedIndices, ShardedTupleSampler
 
@@ -53,11 +52,11 @@ def test_sharded_indices_cover_the_test_set_once():
 # --- real 2-process runs -------------------------------------------------------------------
 
 _SCRIPT = textwrap.dedent('''
-    """Train with qcs.train.train under torchrun; save each rank's weights as evaluated."""
+    """Train with qcs.training.train under torchrun; save each rank's weights as evaluated."""
     import logging, os, sys
     import torch
     from safetensors.torch import save_file
-    import qcs.train as T
+    import qcs.training.loop as T
     from qcs.config import apply_overrides, load_config
 
     run_dir, data_root, epochs, resume, capture, sam = sys.argv[1:7]
@@ -75,9 +74,9 @@ _SCRIPT = textwrap.dedent('''
     logging.getLogger("qcs").addHandler(handler)
     logging.getLogger("qcs").setLevel(logging.INFO)
     cfg = apply_overrides(load_config("tiny"), [
-        "model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-        "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16",
-        "model.heads=2", "model.vit_depth=1", "model.mlp_ratio=2.0", "model.backend=reference",
+        "qcs.backbone_depths=[1, 1, 1]", "qcs.backbone_widths=[8, 8, 16]",
+        "qcs.backbone_size=32", "qcs.tokens_side=4", "qcs.embed_dim=16",
+        "qcs.heads=2", "qcs.vit_depth=1", "qcs.mlp_ratio=2.0", "qcs.backend=reference",
         "data.image_size=32", "data.format=raf-db", f"data.root={data_root}",
         "data.cache_in_memory=true", "optim.lr=3e-3", "train.batch_size=8",
         "train.threads=1", "train.max_steps_per_epoch=3", "train.deterministic=true",
@@ -172,9 +171,9 @@ def test_torchrun_qcs_train_cli(tmp_path):
     from qcs.data import SynthParams, generate
     root = generate(tmp_path / "data", SynthParams(seed=1, train_per_class=8, test_per_class=2,
                                                    size=32))
-    sets = ["model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-            "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16",
-            "model.heads=2", "model.vit_depth=1", "data.image_size=32", "train.threads=1"]
+    sets = ["qcs.backbone_depths=[1, 1, 1]", "qcs.backbone_widths=[8, 8, 16]",
+            "qcs.backbone_size=32", "qcs.tokens_side=4", "qcs.embed_dim=16",
+            "qcs.heads=2", "qcs.vit_depth=1", "data.image_size=32", "train.threads=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "qcs",
            "train", "--data", "raf-db", "--data-root", str(root), "--epochs", "1",

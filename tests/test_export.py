@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from qcs.cli import main
 from qcs.export import export_onnx, export_program, verify_onnx
 from qcs.inference import load_model

@@ -16,11 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from qcs import checkpoint as ckpt
-from qcs import train as train_mod
-from qcs.checkpoint import (CheckpointError, load_state, load_weights, read_metadata,
-                            recover_checkpoint, save_checkpoint)
+from qcs.checkpoint import (
+    CheckpointError,
+    load_state,
+    load_weights,
+    read_metadata,
+    recover_checkpoint,
+    save_checkpoint,
+)
+from qcs.training import loop as train_mod
+from qcs.training import runstate, saving
 from qcs_tools import fault_injection
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +169,7 @@ def _micro(cfg):
 
 def _snapshotting(monkeypatch, snaps: dict):
     """Copy the run directory after every mid-epoch save of ``last`` (key: epoch, step)."""
-    real = train_mod.save_checkpoint
+    real = saving.save_checkpoint
 
     def save(base, model, meta, state=None):
         out = real(base, model, meta, state)
@@ -172,7 +178,7 @@ def _snapshotting(monkeypatch, snaps: dict):
             shutil.copytree(Path(base).parent, dest)
             snaps[(meta["epoch"], meta["step"])] = dest
         return out
-    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    monkeypatch.setattr(saving, "save_checkpoint", save)
 
 
 def test_mid_epoch_resume_is_bit_identical_and_needs_the_rng_state(qcs_micro_config, tmp_path,
@@ -190,7 +196,7 @@ def test_mid_epoch_resume_is_bit_identical_and_needs_the_rng_state(qcs_micro_con
     assert _same(load_weights(snap / "last"), want)
     assert resumed.last["test_acc"] == full.last["test_acc"]
     assert "resumed from" in (snap / "train.log").read_text()
-    rows = lambda run: [{k: v for k, v in json.loads(line).items()  # noqa: E731
+    rows = lambda run: [{k: v for k, v in json.loads(line).items()
                          if k not in ("train_time_s", "train_images_per_s")}
                         for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows(snap) == rows(tmp_path / "full")  # the running sums survived too
@@ -223,14 +229,14 @@ def test_resume_before_the_first_checkpoint_restarts_from_config(qcs_micro_confi
 
 
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
-    lock = train_mod._lock_run_dir(tmp_path)
+    lock = runstate.lock_run_dir(tmp_path)
     try:
         with pytest.raises(CheckpointError, match=rf"{tmp_path.name} is in use by another "
                            rf"training process \(pid {os.getpid()}\)"):
-            train_mod._lock_run_dir(tmp_path)
+            runstate.lock_run_dir(tmp_path)
     finally:
         lock.close()
-    train_mod._lock_run_dir(tmp_path).close()  # free again once the holder is gone
+    runstate.lock_run_dir(tmp_path).close()  # free again once the holder is gone
 
 
 # --- the subprocess harness ------------------------------------------------------------

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from qcs.cli import main
 from qcs.data import transforms
 from qcs.inference import load_model
-from qcs.predict import (CSV_FIXED, Predictor, collect_inputs, read_rgb, square_crop)
+from qcs.predict import CSV_FIXED, Predictor, collect_inputs, read_rgb, square_crop
 from use_helpers import CLASSES, draw_face, face_centre, make_checkpoint
 
 
@@ -220,11 +219,11 @@ def test_detector_tolerates_tilt_and_crop_levels_the_eye_line():
 def test_predict_refuses_networks_that_need_landmark_maps(tmp_path, capsys):
     from qcs.checkpoint import save_checkpoint
     from qcs.config import apply_overrides, load_config
-    from qcs.models import build_model
-    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7", 'model.landmarks="heatmap"'])
-    assert cfg.model.landmarks == "heatmap"
+    from qcs.families import build_model
+    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7", 'pcd.landmarks="heatmap"'])
+    assert cfg.net.landmarks == "heatmap"
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg.model),
+    save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg),
                     {"config": cfg.to_dict(), "classes": CLASSES, "epoch": 1})
     img = tmp_path / "a.png"
     Image.new("RGB", (20, 20)).save(img)

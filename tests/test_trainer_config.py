@@ -6,17 +6,21 @@ import json
 
 import pytest
 import torch
-
-from qcs.checkpoint import (CheckpointError, checkpoint_base, load_state, load_weights,
-                            read_metadata, save_checkpoint)
-from qcs.config import (PRESETS, ConfigError, apply_overrides, config_from_dict, load_config,
-                        to_toml)
+from qcs.checkpoint import (
+    CheckpointError,
+    checkpoint_base,
+    load_state,
+    load_weights,
+    read_metadata,
+    save_checkpoint,
+)
+from qcs.config import PRESETS, ConfigError, apply_overrides, config_from_dict, load_config, to_toml
 
 
 def test_paper_presets_follow_the_spec():
     qcs, dcs, base = (load_config(f"paper-{v}") for v in ("qcs", "dcs", "baseline"))
     for cfg in (qcs, dcs, base):
-        m, o = cfg.model, cfg.optim
+        m, o = cfg.net, cfg.optim
         assert (m.backbone_depths, m.backbone_widths, m.backbone_size) == ([3, 4, 14],
                                                                           [64, 128, 256], 112)
         assert (m.embed_dim, m.tokens_side, m.vit_depth, m.vit_cross_depth, m.heads) == (
@@ -25,30 +29,30 @@ def test_paper_presets_follow_the_spec():
         assert (o.name, o.sam, o.sam_rho, o.weight_decay, o.lr_gamma) == ("adam", True, 0.05,
                                                                           1e-4, 0.98)
         assert cfg.data.image_size == 224 and cfg.train.epochs == 200
-    assert (qcs.model.variant, qcs.optim.lr, qcs.train.batch_size, qcs.model.csa_mode) == (
+    assert (qcs.net.variant, qcs.optim.lr, qcs.train.batch_size, qcs.net.csa_mode) == (
         "qcs", 3e-6, 24, "sd")
-    assert (dcs.model.variant, dcs.optim.lr, dcs.train.batch_size) == ("dcs", 9e-6, 48)
-    assert base.model.variant == "baseline"
+    assert (dcs.net.variant, dcs.optim.lr, dcs.train.batch_size) == ("dcs", 9e-6, 48)
+    assert base.net.variant == "baseline"
     tiny = load_config("tiny")
-    assert tiny.data.format == "synth" and tiny.model.tokens_side == 7
+    assert tiny.data.format == "synth" and tiny.net.tokens_side == 7
     assert set(PRESETS) == {"tiny", "paper-qcs", "paper-dcs", "paper-baseline"}
 
 
 def test_overrides_and_errors(tmp_path):
-    cfg = apply_overrides(load_config("tiny"), ["model.dropout=0.3", "optim.lr=1e-4",
-                                                "model.backbone_widths=[8, 16, 32]",
+    cfg = apply_overrides(load_config("tiny"), ["qcs.dropout=0.3", "optim.lr=1e-4",
+                                                "qcs.backbone_widths=[8, 16, 32]",
                                                 "data.root=some/dir", "data.balanced=true"])
-    assert cfg.model.dropout == 0.3 and cfg.optim.lr == 1e-4
-    assert cfg.model.backbone_widths == [8, 16, 32] and cfg.data.root == "some/dir"
+    assert cfg.net.dropout == 0.3 and cfg.optim.lr == 1e-4
+    assert cfg.net.backbone_widths == [8, 16, 32] and cfg.data.root == "some/dir"
     assert cfg.data.balanced is True
-    with pytest.raises(ConfigError, match="unknown key model.dropuot"):
-        apply_overrides(cfg, ["model.dropuot=0.1"])
+    with pytest.raises(ConfigError, match="unknown key qcs.dropuot"):
+        apply_overrides(cfg, ["qcs.dropuot=0.1"])
     with pytest.raises(ConfigError, match="optim.lr must be float"):
         apply_overrides(cfg, ["optim.lr=fast"])
-    with pytest.raises(ConfigError, match="model.variant must be one of"):
-        apply_overrides(cfg, ["model.variant=tcs"])
+    with pytest.raises(ConfigError, match="qcs.variant must be one of"):
+        apply_overrides(cfg, ["qcs.variant=tcs"])
     with pytest.raises(ConfigError, match="backbone_size"):
-        apply_overrides(cfg, ["model.backbone_size=64"])
+        apply_overrides(cfg, ["qcs.backbone_size=64"])
     bad = tmp_path / "bad.toml"
     bad.write_text('[train]\nepochs = "ten"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: train.epochs must be int"):

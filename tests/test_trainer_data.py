@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from qcs.data import (DataError, ImageDataset, SynthParams, affectnet, check_images, ferplus,
-                      folder, generate, load_split, raf_db)
+from qcs.data import (
+    DataError,
+    ImageDataset,
+    SynthParams,
+    affectnet,
+    check_images,
+    ferplus,
+    folder,
+    generate,
+    load_split,
+    raf_db,
+)
 from qcs.data.synth import BACKGROUNDS
 
 

@@ -8,18 +8,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from qcs.config import Config, ModelConfig, load_config
+from qcs.families import build_model
+from qcs.families.qcs import QCSConfig
+from qcs.models import count_parameters, load_backbone_weights, qcs_loss
 
-from qcs.config import LossConfig, ModelConfig, load_config
-from qcs.models import build_model, count_parameters, load_backbone_weights, qcs_loss
 
-
-def small_cfg(variant: str, **kw) -> ModelConfig:
-    cfg = ModelConfig(variant=variant, num_classes=5, backbone_depths=[1, 2, 1],
-                      backbone_widths=[4, 8, 12], backbone_size=16, embed_dim=16, tokens_side=2,
-                      vit_depth=2, vit_cross_depth=1, heads=2, mlp_ratio=2.0, backend="reference")
+def small_cfg(variant: str, **kw) -> Config:
+    net = QCSConfig(variant=variant, backbone_depths=[1, 2, 1],
+                    backbone_widths=[4, 8, 12], backbone_size=16, embed_dim=16, tokens_side=2,
+                    vit_depth=2, vit_cross_depth=1, heads=2, mlp_ratio=2.0, backend="reference")
     for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+        setattr(net, k, v)
+    return Config(model=ModelConfig(family="qcs", num_classes=5), net=net)
 
 
 # --- an independent count of the parameters the spec describes --------------------------
@@ -62,16 +63,17 @@ def _cross(d: int, ratio: float, quad: bool) -> int:
     return 4 * d + (2 * d * d + 2 * d) + (d * h + h) + (h * d + d) + (1 if quad else 0)
 
 
-def expected_params(cfg: ModelConfig) -> int:
+def expected_params(config: Config) -> int:
+    cfg, num_classes = config.net, config.model.num_classes
     sizes = [cfg.backbone_size // 2 ** (i + 1) for i in range(3)]
     tokens = 3 * cfg.tokens_side ** 2
     n = _backbone(cfg.backbone_depths, cfg.backbone_widths)
     n += sum(_embed(w, s, cfg.embed_dim, cfg.tokens_side)
              for w, s in zip(cfg.backbone_widths, sizes))
-    n += _vit(cfg.embed_dim, tokens, cfg.vit_depth, cfg.mlp_ratio, cfg.num_classes)
+    n += _vit(cfg.embed_dim, tokens, cfg.vit_depth, cfg.mlp_ratio, num_classes)
     if cfg.variant != "baseline":
         n += 3 * _cross(cfg.embed_dim, cfg.mlp_ratio, cfg.variant == "qcs")
-        n += _vit(cfg.embed_dim, tokens, cfg.vit_cross_depth, cfg.mlp_ratio, cfg.num_classes)
+        n += _vit(cfg.embed_dim, tokens, cfg.vit_cross_depth, cfg.mlp_ratio, num_classes)
     return n
 
 
@@ -83,8 +85,8 @@ def test_parameter_count_matches_formula(variant):
 
 @pytest.mark.parametrize("preset", ["paper-qcs", "paper-dcs", "paper-baseline"])
 def test_paper_parameter_counts(preset):
-    cfg = load_config(preset).model
-    cfg.num_classes = 7
+    cfg = load_config(preset)
+    cfg.model.num_classes = 7
     model = build_model(cfg)
     assert count_parameters(model) == expected_params(cfg)
     # the paper geometry: IR50 stages of 3/4/14 units, three 7x7 levels = 147 tokens
@@ -97,7 +99,8 @@ def test_branch_shapes(variant, branches):
     torch.manual_seed(0)
     model = build_model(small_cfg(variant))
     xs = torch.randn(branches, 3, 3, 20, 20)  # 20 px: resized to 16 inside the backbone
-    base, cross = model.forward_branches(xs)
+    out = model.forward_branches(xs)
+    base, cross = out.logits, out.cross
     assert base.shape == (branches, 3, 5)
     if variant == "baseline":
         assert cross is None
@@ -122,7 +125,7 @@ def test_inference_uses_base_network_only():
     torch.testing.assert_close(baseline(x), out)
     # the base logits of the branch forward are the single-batch forward, per branch
     xs = torch.randn(4, 2, 3, 16, 16)
-    base, _ = model.forward_branches(xs)
+    base = model.forward_branches(xs).logits
     torch.testing.assert_close(base[2], model(xs[2]), rtol=1e-5, atol=1e-5)
 
 
@@ -160,12 +163,12 @@ def test_loss_is_mean_of_all_cross_entropies():
     torch.manual_seed(0)
     base, cross = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
     labels = torch.tensor([[1, 2, 0]] * 2 + [[4, 4, 3]] * 2)
-    loss, parts = qcs_loss(base, cross, labels, LossConfig())
+    loss, parts = qcs_loss(base, cross, labels, QCSConfig())
     ces = [F.cross_entropy(out[r, b:b + 1], labels[r, b:b + 1])
            for out in (base, cross) for r in range(4) for b in range(3)]
     assert math.isclose(float(loss), float(torch.stack(ces).mean()), rel_tol=1e-6)
     assert math.isclose(parts["base"], float(torch.stack(ces[:12]).mean()), rel_tol=1e-6)
-    only_base, parts = qcs_loss(base, None, labels, LossConfig())
+    only_base, parts = qcs_loss(base, None, labels, QCSConfig())
     assert "cross" not in parts and math.isclose(float(only_base), float(torch.stack(ces[:12]).mean()),
                                                  rel_tol=1e-6)
 
@@ -174,12 +177,12 @@ def test_distillation_terms():
     torch.manual_seed(0)
     base, cross = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     labels = torch.zeros(2, 3, dtype=torch.long)
-    plain, _ = qcs_loss(base, cross, labels, LossConfig())
+    plain, _ = qcs_loss(base, cross, labels, QCSConfig())
     t = 2.0
-    kl, parts = qcs_loss(base, cross, labels, LossConfig("kl", 0.5, t))
+    kl, parts = qcs_loss(base, cross, labels, QCSConfig(distill="kl", distill_weight=0.5, temperature=t))
     p = torch.softmax(cross.reshape(-1, 4) / t, -1)
     q = torch.softmax(base.reshape(-1, 4) / t, -1)
     manual = (p * (p.log() - q.log())).sum(-1).mean() * t * t
     assert math.isclose(float(kl - plain), 0.5 * float(manual), rel_tol=1e-5)
-    mse, _ = qcs_loss(base, cross, labels, LossConfig("mse", 2.0))
+    mse, _ = qcs_loss(base, cross, labels, QCSConfig(distill="mse", distill_weight=2.0))
     assert math.isclose(float(mse - plain), 2.0 * float(((base - cross) ** 2).mean()), rel_tol=1e-5)

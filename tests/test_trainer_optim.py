@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qcs.optim import SAM, build_optimizer, build_scheduler
 from qcs.config import OptimConfig
+from qcs.optim import SAM, build_optimizer, build_scheduler
 
 
 def _sam_steps(w0, loss_fn, steps, rho, lr, adaptive=False):

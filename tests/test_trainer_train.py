@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-
 from qcs.checkpoint import load_weights, read_metadata
-from qcs.train import evaluate, train
+from qcs.training import evaluate, train
 
 
 def _weights(run):

@@ -10,23 +10,29 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchvision.models import resnet18
-
-from qcs.config import load_config, apply_overrides
+from qcs.config import apply_overrides, load_config
 from qcs.data import DataError, SynthParams, generate, load_split
-from qcs.data.landmarks import (HeatmapDataset, HeatmapTransform, ensure_heatmaps, heatmap_path,
-                                read_heatmap, render_heatmaps, write_synth_heatmaps)
-from qcs.models import build_model
+from qcs.data.landmarks import (
+    HeatmapDataset,
+    HeatmapTransform,
+    ensure_heatmaps,
+    heatmap_path,
+    read_heatmap,
+    render_heatmaps,
+    write_synth_heatmaps,
+)
+from qcs.families import build_model, get_family
 from qcs.models.dan import DAN, ResNetFeatures
 from qcs.models.fer_losses import affinity_loss, neaa_loss, partition_loss
 from qcs.models.pcd import PCD
+from torchvision.models import resnet18
 
 # micro sizes of both families (own settings: seconds on one CPU thread)
-DAN_MICRO = ["model.resnet_layers=[1, 1, 1, 1]", "model.resnet_widths=[8, 8, 16, 16]",
-             "model.backbone_size=56", "model.dan_heads=3"]
-PCD_MICRO = ["model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-             "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16",
-             "model.heads=2", "model.vit_depth=1", "model.mlp_ratio=2.0"]
+DAN_MICRO = ["dan.resnet_layers=[1, 1, 1, 1]", "dan.resnet_widths=[8, 8, 16, 16]",
+             "dan.backbone_size=56", "dan.heads=3"]
+PCD_MICRO = ["pcd.backbone_depths=[1, 1, 1]", "pcd.backbone_widths=[8, 8, 16]",
+             "pcd.backbone_size=32", "pcd.embed_dim=16",
+             "pcd.heads=2", "pcd.vit_depth=1", "pcd.mlp_ratio=2.0"]
 DATA_MICRO = ["data.image_size=32", "data.synth_size=32", "data.cache_in_memory=true",
               "optim.lr=3e-3", "train.batch_size=16", "train.threads=1"]
 
@@ -96,10 +102,10 @@ def _pcd_formula(mc, c_lm, k):
 def test_dan_shapes_and_parameter_count(preset, extra):
     cfg = _cfg(preset, extra)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    mc = cfg.model
+    model = build_model(cfg)
+    mc = cfg.net
     assert isinstance(model, DAN)
-    assert _count(model) == _dan_formula(mc.resnet_layers, mc.resnet_widths, mc.dan_heads, 7)
+    assert _count(model) == _dan_formula(mc.resnet_layers, mc.resnet_widths, mc.heads, 7)
     if preset == "paper-dan":
         return  # 224 px ResNet-18 forward is too slow for the quick suite
     model.eval()
@@ -107,10 +113,11 @@ def test_dan_shapes_and_parameter_count(preset, extra):
     assert model(x).shape == (3, 7)
     out = model.train().forward_branches(x[None])
     c = mc.resnet_widths[-1]
-    assert out["logits"].shape == (1, 3, 7) and out["feat"].shape == (3, c)
-    assert out["heads"].shape == (3, mc.dan_heads, c) and out["centers"].shape == (7, c)
+    heads, centers = out.extras["heads"], out.extras["centers"]
+    assert out.logits.shape == (1, 3, 7) and out.features.shape == (3, c)
+    assert heads.shape == (3, mc.heads, c) and centers.shape == (7, c)
     # log-softmax across heads: exp sums to one over the head axis
-    torch.testing.assert_close(out["heads"].exp().sum(1), torch.ones(3, c))
+    torch.testing.assert_close(heads.exp().sum(1), torch.ones(3, c))
     with pytest.raises(ValueError, match=r"\[1, B, 3, H, W\]"):
         model.forward_branches(torch.randn(2, 3, 3, 40, 40))
 
@@ -126,17 +133,17 @@ def test_dan_trunk_is_torchvision_resnet18():
 
 def test_dan_load_pretrained(tmp_path):
     cfg = _cfg("tiny-dan", DAN_MICRO)
-    src, dst = build_model(cfg.model), build_model(cfg.model)
+    src, dst = build_model(cfg), build_model(cfg)
     state = {f"module.{k}": v for k, v in src.features.state_dict().items()}
     state["fc.weight"] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "w.pth")
-    report = dst.load_pretrained(tmp_path / "w.pth")
+    report = str(get_family("dan").load_pretrained(dst, tmp_path / "w.pth"))
     assert "1 unused" in report and "0 missing" in report
     for k, v in src.features.state_dict().items():
         torch.testing.assert_close(dst.features.state_dict()[k], v)
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="no tensor matches"):
-        dst.load_pretrained(tmp_path / "bad.pth")
+        get_family("dan").load_pretrained(dst, tmp_path / "bad.pth")
 
 
 @pytest.mark.parametrize("preset,extra,c_lm", [("tiny-pcd", [], 3), ("tiny-pcd", PCD_MICRO, 3),
@@ -144,10 +151,10 @@ def test_dan_load_pretrained(tmp_path):
 def test_pcd_shapes_and_parameter_count(preset, extra, c_lm):
     cfg = _cfg(preset, extra)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     assert isinstance(model, PCD)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == _pcd_formula(cfg.model, c_lm, 7)
+    assert trainable == _pcd_formula(cfg.net, c_lm, 7)
     if model.landmark_net is not None:  # frozen: no gradients, stays in eval mode
         assert not any(p.requires_grad for p in model.landmark_net.parameters())
         assert not model.train().landmark_net.training
@@ -156,7 +163,7 @@ def test_pcd_shapes_and_parameter_count(preset, extra, c_lm):
     x = torch.randn(2, 6, s, s)
     assert model.eval()(x).shape == (2, 7)
     out = model.forward_branches(x[None])
-    assert out["logits"].shape == (1, 2, 7) and out["feat"].shape == (2, cfg.model.embed_dim)
+    assert out.logits.shape == (1, 2, 7) and out.features.shape == (2, cfg.net.embed_dim)
     with pytest.raises(ValueError, match="heat-maps"):
         model(torch.randn(2, 3, s, s))
 
@@ -166,7 +173,7 @@ def test_pcd_dot_product_attention_uses_the_landmark_channel_max():
     image; any non-zero map restores the dependence."""
     cfg = _cfg("tiny-pcd", PCD_MICRO)
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     a, b = torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)
     zero = torch.zeros(1, 3, 32, 32)
     out_a = model(torch.cat([a, zero], 1))
@@ -324,16 +331,16 @@ def test_missing_heatmaps_are_named(tmp_path):
 # ---------------------------------------------------------------- CLI and training
 
 def test_cli_model_option_selects_family_and_keeps_variant():
-    from qcs.cli import _apply_args, build_parser
+    from qcs.cli import apply_args, build_parser
     parser = build_parser()
-    for argv, family, variant in [(["--model", "dan"], "dan", "qcs"),
-                                  (["--model", "pcd"], "pcd", "qcs"),
+    for argv, family, variant in [(["--model", "dan"], "dan", "dan"),
+                                  (["--model", "pcd"], "pcd", "pcd"),
                                   (["--model", "dcs"], "qcs", "dcs"),
                                   (["--variant", "baseline"], "qcs", "baseline")]:
         args = parser.parse_args(["train", *argv])
         cfg = load_config("tiny")
-        _apply_args(cfg, args)
-        assert (cfg.model.family, cfg.model.variant) == (family, variant), argv
+        apply_args(cfg, args)
+        assert (cfg.model.family, cfg.family.run_name(cfg.net)) == (family, variant), argv
     assert load_config("tiny-dan").model.family == "dan"
     assert load_config("tiny-pcd").data.format == "synth"
 
@@ -342,7 +349,7 @@ def test_cli_model_option_selects_family_and_keeps_variant():
 def test_short_training_run_loss_falls_and_checkpoint_predicts(family, extra, micro_root,
                                                                tmp_path):
     from qcs.inference import load_model
-    from qcs.train import train
+    from qcs.training import train
     cfg = apply_overrides(load_config(f"tiny-{family}"), extra + DATA_MICRO + [
         "data.format=raf-db", f"data.root={micro_root}", "train.epochs=4",
         "train.deterministic=true"])
@@ -354,7 +361,7 @@ def test_short_training_run_loss_falls_and_checkpoint_predicts(family, extra, mi
     saved = load_config(tmp_path / "run" / "config.toml")
     assert saved.model.family == family
     if family == "pcd":
-        assert saved.model.neutral_class == 6   # the built-in data's "neutral"
+        assert saved.net.neutral_class == 6   # the built-in data's "neutral"
     loaded = load_model(tmp_path / "run")       # what predict / export / eval rebuild
     assert type(loaded.model).__name__ == family.upper()
     x = torch.randn(2, 6 if family == "pcd" else 3, 32, 32)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from qcs.cli import main
 from qcs.inference import load_model
 from qcs.visualize import csa_maps, grid_size, quadruplet_size

@@ -15,9 +15,9 @@ CLASSES = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neut
 # A micro network with the real structure (three token levels of 4x4, ViT_base, cross
 # modules, ViT_cross) on 32 px images; kept here so these tests stand on their own.
 MICRO_SET = [
-    "model.backbone_depths=[1, 1, 1]", "model.backbone_widths=[8, 8, 16]",
-    "model.backbone_size=32", "model.tokens_side=4", "model.embed_dim=16", "model.heads=2",
-    "model.vit_depth=1", "model.mlp_ratio=2.0", "data.image_size=32", "data.synth_size=32",
+    "qcs.backbone_depths=[1, 1, 1]", "qcs.backbone_widths=[8, 8, 16]",
+    "qcs.backbone_size=32", "qcs.tokens_side=4", "qcs.embed_dim=16", "qcs.heads=2",
+    "qcs.vit_depth=1", "qcs.mlp_ratio=2.0", "data.image_size=32", "data.synth_size=32",
     "data.cache_in_memory=true", "optim.lr=3e-3", "train.batch_size=16", "train.threads=1",
 ]
 
@@ -25,8 +25,8 @@ MICRO_SET = [
 def micro_config(variant: str = "qcs", scope: str = "batch", extra: list[str] | None = None):
     from qcs.config import apply_overrides, load_config
     return apply_overrides(load_config("tiny"), MICRO_SET + [
-        f"model.variant={variant}", "model.num_classes=7", f"model.csa_scope={scope}",
-        "model.backend=reference"] + (extra or []))
+        f"qcs.variant={variant}", "model.num_classes=7", f"qcs.csa_scope={scope}",
+        "qcs.backend=reference"] + (extra or []))
 
 
 def make_checkpoint(directory: Path, variant: str = "qcs", scope: str = "batch",
@@ -34,10 +34,10 @@ def make_checkpoint(directory: Path, variant: str = "qcs", scope: str = "batch",
     """Write ``directory/best.*`` for a freshly initialised micro network (seeded).
     Returns the checkpoint base ``directory/best``."""
     from qcs.checkpoint import save_checkpoint
-    from qcs.models import build_model
+    from qcs.families import build_model
     cfg = micro_config(variant, scope)
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     base = Path(directory) / "best"
     save_checkpoint(base, model, {"config": cfg.to_dict(), "classes": CLASSES, "epoch": 1,
                                   "data_root": data_root})

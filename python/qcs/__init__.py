@@ -2,7 +2,8 @@
 datasets and quadruplet sampling, SAM, checkpoints and the ``qcs`` command.
 
 Importing the package does no work; see :mod:`qcs.cli` for the command line,
-:mod:`qcs.train` for the loop and :mod:`qcs.models` for the network.
+:mod:`qcs.training` for the loop, :mod:`qcs.families` for the model families and
+:mod:`qcs.models` for the networks.
 """
 
 __version__ = "0.1.0"

@@ -33,22 +33,31 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["save_checkpoint", "read_metadata", "load_weights", "load_state", "checkpoint_base",
-           "recover_checkpoint", "write_text_atomic", "CheckpointError"]
+from .atomic import fsync_dir as _fsync_dir
+from .atomic import write_text_atomic
+from .errors import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_base",
+    "load_state",
+    "load_weights",
+    "read_metadata",
+    "recover_checkpoint",
+    "save_checkpoint",
+    "write_text_atomic",
+]
 
 FORMAT = "qcs-checkpoint-v1"
 _SUFFIXES = (".safetensors", ".state.pt", ".json")  # rename order: the JSON last
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, foreign or inconsistent (the message names it)."""
 
 
 def checkpoint_base(path: str | Path) -> Path:
@@ -78,37 +87,6 @@ def _record(base: Path) -> Path:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the renames still happened
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (temporary file, ``fsync``, rename): a reader
-    or a kill sees the old content or the new one, never a torn file."""
-    path = Path(path)
-    tmp = path.with_name(("" if path.name.startswith(".") else ".") + path.name + ".tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 _paused: set[str] = set()

@@ -1,68 +1,65 @@
 """The trainer's whole configuration, typed, in one place.
 
-A run is described by a :class:`Config` (model, data, optimiser, loss, training). Presets
-ship as TOML files in ``qcs/configs`` (``tiny``, ``paper-qcs``, ``paper-dcs``,
-``paper-baseline``); a user file or ``--set section.key=value`` overrides any field. Unknown
-keys and wrong types are errors that name the file (or override) and the key.
+A run is described by a :class:`Config`:
+
+- ``[model]``: the model family (``qcs``, ``dan``, ``pcd``, or one registered with
+  :func:`qcs.families.register_family`) and the number of classes;
+- one section named after the family (``[qcs]``, ``[dan]``, ``[pcd]``): the network's shape
+  and its loss weights, a dataclass owned by the family (:attr:`Config.net`);
+- ``[data]``, ``[optim]``, ``[train]``: shared by every family.
+
+Presets ship as TOML files in ``qcs/configs`` (``qcs config show NAME`` prints one); a user
+file or ``--set section.key=value`` overrides any field. Unknown or misplaced keys and wrong
+types are :class:`ConfigError` naming the file (or override) and the key.
+
+Checkpoints written before the per-family sections hold one flat ``[model]`` section and a
+``[loss]`` section; :func:`upgrade_legacy` maps them onto the new layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomllib
+
+from .errors import CheckpointError, ConfigError
+from .families import family_names, get_family
+
 __all__ = [
-    "ModelConfig", "DataConfig", "OptimConfig", "LossConfig", "TrainConfig", "Config",
-    "ConfigError", "PRESETS", "load_config", "apply_overrides", "config_from_dict", "to_toml",
+    "FAMILY_PRESETS",
+    "PRESETS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_fields",
+    "config_from_dict",
+    "config_of_checkpoint",
+    "load_config",
+    "to_toml",
+    "upgrade_legacy",
 ]
 
 PRESETS = ("tiny", "paper-qcs", "paper-dcs", "paper-baseline")
 FAMILY_PRESETS = ("tiny-dan", "tiny-pcd", "paper-dan", "paper-pcd")  # DAN / PCD families
-VARIANTS = ("qcs", "dcs", "baseline")
-FAMILIES = ("qcs", "dan", "pcd")  # qcs: the variants above; dan, pcd: qcs.models.dan / .pcd
 DATA_FORMATS = ("synth", "raf-db", "ferplus", "affectnet7", "affectnet8", "folder")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+SHARED = ("model", "data", "optim", "train")  # sections every config has
 
 
 @dataclass
 class ModelConfig:
-    """Network shape. ``num_classes = 0`` takes the count from the dataset."""
+    """Which network: the family (its shape lives in the family's own section) and the
+    number of classes (``0`` takes the count from the dataset)."""
 
-    family: str = "qcs"                   # qcs (with variant) | dan | pcd (see FAMILIES)
-    variant: str = "qcs"                  # qcs (4 branches) | dcs (2) | baseline (no cross branch)
+    family: str = "qcs"                   # a registered family: qcs | dan | pcd | ...
     num_classes: int = 0
-    backbone_depths: list[int] = field(default_factory=lambda: [3, 4, 14])  # IR50 stages 1-3
-    backbone_widths: list[int] = field(default_factory=lambda: [64, 128, 256])
-    backbone_size: int = 112              # the backbone resizes its input to this (paper: 112)
-    embed_dim: int = 768
-    tokens_side: int = 7                  # each level is embedded to side x side tokens
-    vit_depth: int = 2
-    vit_cross_depth: int = 1
-    heads: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0                  # dropout in the ViT modules and cross MLPs
-    attn_dropout: float = 0.0
-    csa_gamma: float = 1.0
-    csa_mode: str = "sd"
-    csa_scope: str = "batch"
-    backend: str = "auto"                 # qcs_ext backend: auto | fused | reference
-    # DAN (family "dan"): torchvision-style ResNet trunk (resnet18: [2,2,2,2], [64..512])
-    resnet_layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    resnet_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    dan_heads: int = 4
-    # PCD (family "pcd"): landmark source heatmap (stored beside the images) | mobilefacenet
-    landmarks: str = "heatmap"
-    heatmap_channels: int = 3             # left eye, right eye, mouth
-    landmark_widths: list[int] = field(default_factory=lambda: [64, 64, 128])
-    landmark_weights: str = ""            # frozen MobileFaceNet-style weights (user file)
-    neutral_class: int = -1               # NeAA's neutral class; -1: the class named neutral
 
 
 @dataclass
@@ -90,6 +87,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """Optimizer, SAM around it, and the per-epoch learning-rate decay."""
+
     name: str = "adam"                    # adam | adamw | sgd
     lr: float = 3e-6
     weight_decay: float = 1e-4
@@ -101,17 +100,9 @@ class OptimConfig:
 
 
 @dataclass
-class LossConfig:
-    distill: str = "none"                 # none | kl | mse (between base and cross logits)
-    distill_weight: float = 0.0
-    temperature: float = 1.0              # KL temperature
-    affinity_weight: float = 1.0          # DAN lambda1
-    partition_weight: float = 1.0         # DAN lambda2
-    neaa_weight: float = 0.01             # PCD
-
-
-@dataclass
 class TrainConfig:
+    """The run: epochs, batch, seed, device, precision, pretrained weights, checkpoints."""
+
     epochs: int = 200
     batch_size: int = 24                  # items (quadruplets / pairs / images) per step
     seed: int = 0
@@ -119,72 +110,75 @@ class TrainConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     amp: str = "none"                     # none | bf16 | fp16
     threads: int = 0                      # torch CPU threads; 0 keeps torch's default
-    pretrained: str = ""                  # IR50 weights (.pth or .safetensors)
+    pretrained: str = ""                  # backbone weights (.pth or .safetensors)
     max_steps_per_epoch: int = 0          # 0: the whole epoch (a cap for quick runs)
     checkpoint_every: int = 0             # also save last.* every N steps (0: epoch ends only)
 
 
+def _default_net() -> Any:
+    return get_family("qcs").section()
+
+
 @dataclass
 class Config:
+    """A whole run's configuration. ``net`` is the section of ``model.family`` (a
+    dataclass of that family: :class:`qcs.families.qcs.QCSConfig`, ...)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    net: Any = field(default_factory=_default_net)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def family(self):
+        """The :class:`qcs.families.Family` of ``model.family``."""
+        return get_family(self.model.family)
 
-    def validate(self) -> "Config":
+    def sections(self) -> dict[str, Any]:
+        """``{section name: dataclass}`` in file order (the family's section second)."""
+        return {"model": self.model, self.model.family: self.net, "data": self.data,
+                "optim": self.optim, "train": self.train}
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{section: {key: value}}``, the layout of TOML files and checkpoint metadata."""
+        return {name: dataclasses.asdict(obj) for name, obj in self.sections().items()}
+
+    def validate(self) -> Config:
         """Check choices and ranges; raise :class:`ConfigError` naming the field."""
-        checks = [
-            ("model.variant", self.model.variant in VARIANTS, f"one of {VARIANTS}"),
-            ("model.family", self.model.family in FAMILIES, f"one of {FAMILIES}"),
-            ("model.resnet_layers", len(self.model.resnet_layers) == 4
-             and all(n >= 1 for n in self.model.resnet_layers), "four block counts >= 1"),
-            ("model.resnet_widths", len(self.model.resnet_widths) == 4
-             and all(w >= 1 for w in self.model.resnet_widths), "four widths >= 1"),
-            ("model.dan_heads", self.model.dan_heads >= 1, ">= 1"),
-            ("model.landmarks", self.model.landmarks in ("heatmap", "mobilefacenet"),
-             "heatmap or mobilefacenet"),
-            ("model.landmark_widths", len(self.model.landmark_widths) == 3, "three widths"),
-            ("model.csa_mode", self.model.csa_mode in ("sd", "s", "d"), "sd, s or d"),
-            ("model.csa_scope", self.model.csa_scope in ("batch", "sample"), "batch or sample"),
-            ("model.backend", self.model.backend in ("auto", "fused", "reference"),
-             "auto, fused or reference"),
-            ("model.backbone_depths", len(self.model.backbone_depths) == 3
-             and all(d >= 1 for d in self.model.backbone_depths), "three depths >= 1"),
-            ("model.backbone_widths", len(self.model.backbone_widths) == 3
-             and all(w >= 1 for w in self.model.backbone_widths), "three widths >= 1"),
-            ("model.embed_dim", self.model.embed_dim % self.model.heads == 0,
-             "a multiple of model.heads"),
-            ("model.backbone_size", _power_of_two_ratio(self.model.backbone_size,
-                                                         8 * self.model.tokens_side),
-             "8 * tokens_side * 2^k (paper: 112 = 8 * 7 * 2; tiny: 56)"),
-            ("data.format", self.data.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
-            ("data.image_size", self.data.image_size >= 8, ">= 8"),
-            ("optim.name", self.optim.name in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
-            ("optim.lr", self.optim.lr > 0, "> 0"),
-            ("loss.distill", self.loss.distill in ("none", "kl", "mse"), "none, kl or mse"),
-            ("train.amp", self.train.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
-            ("train.epochs", self.train.epochs >= 1, ">= 1"),
-            ("train.batch_size", self.train.batch_size >= 1, ">= 1"),
-            ("train.checkpoint_every", self.train.checkpoint_every >= 0, ">= 0"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                section, key = name.split(".")
-                value = getattr(getattr(self, section), key)
-                raise ConfigError(f"{name} must be {expected}, got {value!r}")
+        if self.model.family not in family_names():
+            raise ConfigError(f"model.family must be one of {family_names()}, got "
+                              f"{self.model.family!r}")
+        if not isinstance(self.net, self.family.section):
+            raise ConfigError(f"the [{self.model.family}] section is a "
+                              f"{type(self.net).__name__}, not {self.family.section.__name__}")
+        d, o, t = self.data, self.optim, self.train
+        check_fields("", self, [
+            ("data.format", d.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
+            ("data.image_size", d.image_size >= 8, ">= 8"),
+            ("optim.name", o.name in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
+            ("optim.lr", o.lr > 0, "> 0"),
+            ("train.amp", t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
+            ("train.epochs", t.epochs >= 1, ">= 1"),
+            ("train.batch_size", t.batch_size >= 1, ">= 1"),
+            ("train.checkpoint_every", t.checkpoint_every >= 0, ">= 0"),
+        ])
+        check_fields(self.model.family, self.net, self.family.checks(self.net))
         return self
 
 
-def _power_of_two_ratio(value: int, unit: int) -> bool:
-    ratio, rest = divmod(value, unit)
-    return rest == 0 and ratio >= 1 and ratio & (ratio - 1) == 0
-
-
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+def check_fields(section: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise :class:`ConfigError` ``"SECTION.KEY must be EXPECTED, got VALUE"`` for the first
+    failed ``(key, ok, expected)`` check; keys are looked up on ``obj`` (``section.key``
+    when ``section`` is empty)."""
+    for name, ok, expected in checks:
+        if ok:
+            continue
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part)
+        full = f"{section}.{name}" if section else name
+        raise ConfigError(f"{full} must be {expected}, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -210,57 +204,130 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
 
 
+def _where_else(key: str, cfg: Config, section: str) -> str:
+    """Where ``key`` belongs when it is not a key of ``section`` (for the error message)."""
+    homes = [name for name, obj in cfg.sections().items()
+             if name != section and key in {f.name for f in dataclasses.fields(obj)}]
+    homes += [name for name in family_names() if name not in cfg.sections()
+              and key in {f.name for f in dataclasses.fields(get_family(name).section)}]
+    if not homes:
+        return ""
+    return " (it belongs in " + " or ".join(f"[{h}]: {h}.{key}" for h in homes) + ")"
+
+
+def _set_section(cfg: Config, section: str, values: dict[str, Any], source: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table")
+    obj = cfg.sections()[section]
+    hints = get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {section}.{key}"
+                              f"{_where_else(key, cfg, section)}")
+        setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def _check_section_name(cfg: Config, section: str, source: str) -> None:
+    if section in cfg.sections():
+        return
+    if section in family_names():
+        raise ConfigError(f"{source}: [{section}] is the section of the {section} family, but "
+                          f"model.family is {cfg.model.family!r} (set model.family = "
+                          f"\"{section}\" or drop the section)")
+    if section == "loss":
+        raise ConfigError(f"{source}: there is no [loss] section: loss weights belong in the "
+                          f"family's section ([{cfg.model.family}])")
+    raise ConfigError(f"{source}: unknown section [{section}] (known: "
+                      f"{list(cfg.sections())})")
+
+
 def config_from_dict(data: dict[str, Any], source: str = "<dict>",
                      base: Config | None = None) -> Config:
     """Build a :class:`Config` from nested ``{section: {key: value}}`` on top of ``base``.
 
-    Raises :class:`ConfigError` naming ``source`` and the key on unknown keys or bad types.
-    """
-    cfg = config_from_dict_copy(base) if base is not None else Config()
+    ``model.family`` is applied first; a family other than ``base``'s starts its section
+    from that family's defaults. Raises :class:`ConfigError` naming ``source`` and the key on
+    unknown or misplaced keys and bad types."""
+    cfg = copy_config(base) if base is not None else Config()
+    model = data.get("model", {})
+    if isinstance(model, dict) and "family" in model:
+        family = _coerce(model["family"], str, f"{source}: model.family")
+        if family not in family_names():
+            raise ConfigError(f"{source}: model.family must be one of {family_names()}, got "
+                              f"{family!r}")
+        if family != cfg.model.family:
+            cfg.model.family, cfg.net = family, get_family(family).section()
     for section, values in data.items():
-        if section not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}] (known: {list(_SECTIONS)})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table")
-        obj = getattr(cfg, section)
-        hints = get_type_hints(type(obj))
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"{source}: unknown key {section}.{key}")
-            setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+        _check_section_name(cfg, section, source)
+        _set_section(cfg, section, values, source)
     return cfg
 
 
-def config_from_dict_copy(cfg: Config) -> Config:
+def copy_config(cfg: Config) -> Config:
     """Deep copy (sections are mutable dataclasses)."""
-    return Config(**{name: dataclasses.replace(getattr(cfg, name)) for name in _SECTIONS})
+    return Config(**{f.name: dataclasses.replace(getattr(cfg, f.name))
+                     for f in dataclasses.fields(Config)})
 
 
-def load_config(name_or_path: str | Path) -> Config:
-    """Load a preset by name (``tiny``, ``paper-qcs``, ...) or a TOML file by path.
+def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict of the flat layout (``[model]`` holding every network field, a
+    ``[loss]`` section), as checkpoints written before the per-family sections hold it,
+    mapped onto the current layout; a current dict is returned unchanged. ``None`` values
+    (``"auto"``) are dropped."""
+    data = {s: {k: v for k, v in vals.items() if v is not None} if isinstance(vals, dict)
+            else vals for s, vals in data.items()}
+    model = data.get("model", {})
+    legacy = "loss" in data or any(k not in ("family", "num_classes") for k in model)
+    if not legacy:
+        return data
+    family = model.get("family", "qcs")
+    flat = {**data.pop("loss", {}), **model}
+    section = get_family(family).upgrade_legacy(flat)
+    data["model"] = {"family": family, "num_classes": model.get("num_classes", 0)}
+    data[family] = section
+    return data
 
-    A file may start from a preset with a top-level ``preset = "paper-qcs"`` line.
-    """
-    text: str
+
+def config_of_checkpoint(meta: dict[str, Any], where: str) -> Config:
+    """The config stored in a checkpoint's metadata ``meta`` (either layout; see
+    :func:`upgrade_legacy`); ``where`` names the file in errors."""
+    if "config" not in meta:
+        raise CheckpointError(f"{where} has no 'config' entry")
+    return config_from_dict(upgrade_legacy(meta["config"]), where).validate()
+
+
+def _read_toml(name_or_path: str | Path) -> tuple[dict[str, Any], str]:
     source = str(name_or_path)
-    if str(name_or_path) in PRESETS + FAMILY_PRESETS:
-        text = resources.files("qcs").joinpath("configs", f"{name_or_path}.toml").read_text()
-        source = f"preset {name_or_path}"
+    if source in PRESETS + FAMILY_PRESETS:
+        text = resources.files("qcs").joinpath("configs", f"{source}.toml").read_text()
+        source = f"preset {source}"
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found (presets: {', '.join(PRESETS)})")
+            raise ConfigError(f"config file {path} not found (presets: "
+                              f"{', '.join(PRESETS + FAMILY_PRESETS)})")
         text = path.read_text()
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+
+
+def load_config(name_or_path: str | Path, *, legacy: bool = False) -> Config:
+    """Load a preset by name (``tiny``, ``paper-qcs``, ...) or a TOML file by path.
+
+    A file may start from a preset with a top-level ``preset = "paper-qcs"`` line.
+    ``legacy=True`` also reads the flat layout of older run directories."""
+    data, source = _read_toml(name_or_path)
     base = None
     preset = data.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS + FAMILY_PRESETS:
-            raise ConfigError(f"{source}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+            raise ConfigError(f"{source}: unknown preset {preset!r} (known: "
+                              f"{', '.join(PRESETS + FAMILY_PRESETS)})")
         base = load_config(preset)
+    if legacy:
+        data = upgrade_legacy(data)
     return config_from_dict(data, source, base).validate()
 
 
@@ -273,7 +340,8 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings (the CLI's ``--set``) and validate."""
+    """Apply ``section.key=value`` strings (the CLI's ``--set``) and validate; returns a new
+    config (``cfg`` is not modified)."""
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:

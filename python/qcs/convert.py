@@ -25,22 +25,27 @@ import io
 import pickletools
 import re
 import zipfile
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # what unpicklers apply to protocol 2
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING  # what unpicklers apply to protocol 2
 
-__all__ = ["ConvertError", "InertStandIn", "ConvertReport", "load_untrusted", "official_key",
-           "convert_official", "pickle_globals"]
+from .errors import ConvertError
+
+__all__ = [
+    "ConvertError",
+    "ConvertReport",
+    "InertStandIn",
+    "convert_official",
+    "load_untrusted",
+    "official_key",
+    "pickle_globals",
+]
 
 # modules no checkpoint needs; torch's weights_only unpickler refuses them as well
 _REFUSED_MODULES = ("os", "sys", "posix", "nt", "subprocess")
-
-
-class ConvertError(RuntimeError):
-    """The file cannot be imported (the message names it and says why)."""
 
 
 class InertStandIn:
@@ -51,7 +56,7 @@ class InertStandIn:
 
     _qcs_global = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "InertStandIn":
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertStandIn:
         obj = object.__new__(cls)
         obj.__dict__["args"] = args
         return obj
@@ -240,8 +245,7 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
     """
     from .checkpoint import save_checkpoint
     from .config import load_config
-    from .data.datasets import AFFECTNET_CLASSES, FERPLUS_CLASSES, RAF_DB_CLASSES
-    from .models import build_model
+    from .families import build_model
 
     src = Path(src)
     obj, stand_ins = load_untrusted(src)
@@ -257,29 +261,19 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
                            "POSTER++-style checkpoint (keys start with "
                            f"{sorted({k.split('.')[0] for k in state})})")
     num_classes = int(head.shape[0])
-    classes_by_format = {"raf-db": RAF_DB_CLASSES, "ferplus": FERPLUS_CLASSES,
-                         "affectnet7": AFFECTNET_CLASSES[:7], "affectnet8": AFFECTNET_CLASSES}
-    if data_format is None:
-        if num_classes != 7:
-            raise ConvertError(f"{src} has {num_classes} classes: pass --data ferplus or --data "
-                               "affectnet8 (their class orders differ)")
-        data_format = "raf-db"
-    if data_format not in classes_by_format:
-        raise ConvertError(f"--data must be one of {sorted(classes_by_format)}, got "
-                           f"{data_format!r}")
-    classes = classes_by_format[data_format]
-    if len(classes) != num_classes:
-        raise ConvertError(f"{src} has {num_classes} classes but {data_format} has "
-                           f"{len(classes)}")
+    data_format, classes = _classes_of(src, num_classes, data_format)
 
     cfg = config if config is not None else load_config("paper-qcs")
-    cfg.model.family, cfg.model.variant = "qcs", _variant_of(state)
+    if cfg.model.family != "qcs":
+        raise ConvertError(f"official checkpoints are QCS-family networks; the config's "
+                           f"model.family is {cfg.model.family!r}")
+    cfg.net.variant = _variant_of(state)
     cfg.model.num_classes = num_classes
     cfg.data.format = data_format
     cfg.validate()
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     starts = (0, *model.ir_back.stage_ends[:-1])
-    report = ConvertReport(str(src), cfg.model.variant, num_classes,
+    report = ConvertReport(str(src), cfg.net.variant, num_classes,
                            _plain_int(obj.get("epoch", 0)) if isinstance(obj, dict) else 0,
                            stand_ins=stand_ins)
     if isinstance(obj, dict):
@@ -298,23 +292,48 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
                          for k, v in own.items() if k in mapped and mapped[k].shape != v.shape]
     if report.mismatched or (strict and (report.missing or report.unexpected)):
         hint = "" if report.mismatched else "; --no-strict converts anyway"
-        raise ConvertError(f"{src} does not fit the {cfg.model.variant} network of this config "
+        raise ConvertError(f"{src} does not fit the {cfg.net.variant} network of this config "
                            f"(choose it with --config / --set{hint}):\n{report}")
     load = {k: v for k, v in mapped.items() if k in own}
     model.load_state_dict(load, strict=False)
     report.loaded = len(load)
+    save_checkpoint(out_base, model, _metadata(obj, cfg, classes, report, src))
+    return report
+
+
+def _classes_of(src: Path, num_classes: int, data_format: str | None
+                ) -> tuple[str, tuple[str, ...]]:
+    """The dataset format whose class order the file's labels follow, and its classes."""
+    from .data.datasets import AFFECTNET_CLASSES, FERPLUS_CLASSES, RAF_DB_CLASSES
+    classes_by_format = {"raf-db": RAF_DB_CLASSES, "ferplus": FERPLUS_CLASSES,
+                         "affectnet7": AFFECTNET_CLASSES[:7], "affectnet8": AFFECTNET_CLASSES}
+    if data_format is None:
+        if num_classes != 7:
+            raise ConvertError(f"{src} has {num_classes} classes: pass --data ferplus or --data "
+                               "affectnet8 (their class orders differ)")
+        data_format = "raf-db"
+    if data_format not in classes_by_format:
+        raise ConvertError(f"--data must be one of {sorted(classes_by_format)}, got "
+                           f"{data_format!r}")
+    classes = classes_by_format[data_format]
+    if len(classes) != num_classes:
+        raise ConvertError(f"{src} has {num_classes} classes but {data_format} has "
+                           f"{len(classes)}")
+    return data_format, classes
+
+
+def _metadata(obj: Any, cfg, classes, report: ConvertReport, src: Path) -> dict[str, Any]:
+    """Our checkpoint metadata for a converted file (its best accuracy, if recorded)."""
     best = obj.get("best_acc") if isinstance(obj, dict) else None
     best_pct = float(best) if isinstance(best, (int, float, torch.Tensor)) and (
         not isinstance(best, torch.Tensor) or best.numel() == 1) else None
-    meta = {"config": cfg.to_dict(), "classes": list(classes), "epoch": report.epoch,
+    return {"config": cfg.to_dict(), "classes": list(classes), "epoch": report.epoch,
             "metrics": {}, "best_acc": best_pct / 100 if best_pct is not None else 0.0,
             "best_epoch": report.epoch, "data_root": "",
             "converted_from": {"file": str(src), "format": "official QCS (torch.save)",
                                "best_acc_percent": best_pct, "dropped": report.dropped,
                                "missing": report.missing, "unexpected": report.unexpected,
-                               "stand_ins": stand_ins}}
-    save_checkpoint(out_base, model, meta)
-    return report
+                               "stand_ins": report.stand_ins}}
 
 
 def _plain_int(value: Any) -> int:

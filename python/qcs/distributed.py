@@ -14,9 +14,10 @@ What changes under DDP, and why:
   negatives are still drawn from the whole training set.
 - **Batch size.** ``train.batch_size`` is per process: a step sees ``K x batch_size``
   tuples. The learning rate is not rescaled.
-- **Gradients.** The model is wrapped in ``DistributedDataParallel`` around
-  ``forward_branches``; both SAM passes go through the wrapper, so the SAM perturbation is
-  computed from all-reduced gradients and is identical on every rank.
+- **Gradients.** The training forward (the network's ``forward_branches`` and the family's
+  loss, :class:`qcs.training.step.TrainForward`) is wrapped in ``DistributedDataParallel``;
+  both SAM passes go through the wrapper, so the SAM perturbation is computed from
+  all-reduced gradients and is identical on every rank.
 - **BatchNorm.** Running statistics are per rank during an epoch (DDP broadcasts rank 0's
   buffers at each forward) and rank 0's are copied to all ranks before evaluation, so the
   evaluated and saved network is the same everywhere. No SyncBatchNorm: batch statistics
@@ -46,20 +47,7 @@ from torch import nn
 
 from .data.sampling import TupleSampler
 
-__all__ = ["DistContext", "init_distributed", "ShardedTupleSampler", "ShardedIndices",
-           "BranchForward"]
-
-
-class BranchForward(nn.Module):
-    """Makes ``forward_branches`` the ``forward`` that DDP hooks:
-    ``xs [R, B, 3, H, W] -> (base [R, B, K], cross [R, B, K] or None)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, xs: torch.Tensor):
-        return self.model.forward_branches(xs)
+__all__ = ["DistContext", "ShardedIndices", "ShardedTupleSampler", "init_distributed"]
 
 
 @dataclass
@@ -127,15 +115,20 @@ class DistContext:
             for b in model.buffers():
                 dist.broadcast(b.data, src=0)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """``model.forward_branches`` as a module: DDP-wrapped when distributed."""
-        wrapped = BranchForward(model)
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` DDP-wrapped when distributed (itself otherwise)."""
         if not self.enabled:
-            return wrapped
+            return module
         ids = [self.device] if self.device is not None and self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    @staticmethod
+    def backend() -> str:
+        """The process group's backend (``gloo``, ``nccl``), or ``none``."""
+        return dist.get_backend() if dist.is_initialized() else "none"
 
     def shutdown(self) -> None:
+        """Leave the process group this context created (after a barrier)."""
         if self.owns_group and dist.is_initialized():
             dist.barrier()  # nobody leaves while rank 0 still writes its last files
             dist.destroy_process_group()

@@ -18,20 +18,28 @@ Needs ``pip install 'qcs-ext[export]'``
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .cli_use import MissingDependency, UsageError
+from .errors import ExportError, MissingDependency
 from .inference import LoadedModel
 
-__all__ = ["export_onnx", "verify_onnx", "export_program", "ExportReport", "run_cli"]
+__all__ = [
+    "ExportError",
+    "ExportReport",
+    "export_onnx",
+    "export_program",
+    "need",
+    "verify_onnx",
+]
 
 
 @dataclass
 class ExportReport:
+    """The check of an exported ONNX file against PyTorch (see :func:`verify_onnx`)."""
+
     path: Path
     batch_sizes: tuple[int, ...]
     max_abs_diff: float
@@ -43,11 +51,9 @@ class ExportReport:
         return self.max_abs_diff <= self.tolerance * max(1.0, self.max_abs_logit)
 
 
-class ExportError(RuntimeError):
-    """The exporter could not convert the network (the message says what failed)."""
-
-
-def _need(module: str):
+def need(module: str):
+    """Import ``module`` (an optional dependency of export) or raise
+    :class:`MissingDependency` naming the extra that provides it."""
     try:
         return __import__(module)
     except ImportError:
@@ -58,8 +64,8 @@ def _need(module: str):
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = 18) -> Path:
     """Write the base network of ``loaded`` to ``out`` (one self-contained ``.onnx`` file)
     with a dynamic batch axis, via the ``torch.export``-based exporter."""
-    _need("onnxscript")
-    onnx = _need("onnx")
+    need("onnxscript")
+    onnx = need("onnx")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = loaded.model.eval().cpu()
@@ -88,7 +94,7 @@ def verify_onnx(loaded: LoadedModel, path: str | Path, batch_sizes: tuple[int, .
     """Run ``path`` with onnxruntime (CPU) and the PyTorch model on the same seeded
     inputs ``[b, 3, S, S]`` for each ``b`` in ``batch_sizes``; report the largest absolute
     logit difference."""
-    ort = _need("onnxruntime")
+    ort = need("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     model = loaded.model.eval().cpu()
@@ -118,44 +124,3 @@ def export_program(loaded: LoadedModel, out: str | Path) -> Path:
                                   dynamic_shapes=({0: batch},))
     torch.export.save(program, str(out))
     return out
-
-
-def run_cli(args) -> int:
-    """``qcs export``: exit 0 when the export matches PyTorch within ``--tolerance``."""
-    from .inference import load_model
-    if not args.onnx and not args.torch_export:
-        raise UsageError("give --onnx OUT.onnx and/or --torch-export OUT.pt2")
-    if args.onnx and not args.onnx.endswith(".onnx"):
-        raise UsageError(f"--onnx {args.onnx}: the file name should end in .onnx")
-    if args.onnx:  # fail before the (slow) export when a package is missing
-        for module in ("onnx", "onnxscript", "onnxruntime"):
-            _need(module)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.checkpoint)
-    k, s = len(loaded.classes), loaded.image_size
-    status = 0
-    if args.onnx:
-        try:
-            path = export_onnx(loaded, args.onnx, opset=args.opset)
-        except ExportError as exc:
-            print(f"qcs export: error: {exc}" + ("" if args.torch_export else
-                  "; --torch-export OUT.pt2 may still work"), file=sys.stderr)
-            return 1
-        report = verify_onnx(loaded, path, tolerance=args.tolerance)
-        verdict = "OK" if report.ok else f"ABOVE the tolerance {args.tolerance:g}"
-        verdict += f"; largest |logit| {report.max_abs_logit:.3g}"
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): input images "
-              f"[batch, {loaded.channels}, {s}, {s}] float32, output logits [batch, {k}] "
-              f"for classes "
-              f"{', '.join(loaded.classes)}")
-        print(f"onnxruntime vs PyTorch, batches {list(report.batch_sizes)}: largest logit "
-              f"difference {report.max_abs_diff:.3g} ({verdict})")
-        status = 0 if report.ok else 1
-    if args.torch_export:
-        path = export_program(loaded, args.torch_export)
-        print(f"wrote {path} (torch.export program; torch.export.load(path).module())")
-    if status:
-        print(f"qcs export: error: the ONNX model differs from PyTorch by more than "
-              f"--tolerance {args.tolerance:g}", file=sys.stderr)
-    return status

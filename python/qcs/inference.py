@@ -1,54 +1,63 @@
-"""Loading a trained checkpoint for use: the shared part of ``qcs predict``, ``qcs visualize``
-and ``qcs export``.
+"""The one way a checkpoint becomes a model: :func:`load_model`, used by ``qcs eval``,
+``qcs predict``, ``qcs visualize`` and ``qcs export`` (and by anyone embedding a trained
+network).
 
 A checkpoint (see :mod:`qcs.checkpoint`) carries its config and the class names in label
-order, so nothing but its path is needed to rebuild the network.
+order, so nothing but its path is needed to rebuild the network. Checkpoints of either
+config layout load (see :func:`qcs.config.upgrade_legacy`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .cli_use import MissingDependency
-from .checkpoint import CheckpointError, checkpoint_base, load_weights, read_metadata
-from .config import Config, ConfigError, config_from_dict
-from .models import QCSNet, build_model
+from .checkpoint import checkpoint_base, load_weights, read_metadata
+from .config import Config, config_of_checkpoint
+from .errors import CheckpointError, ConfigError
+from .families import Family
 
-__all__ = ["LoadedModel", "load_model", "resolve_checkpoint", "MissingDependency"]
-
-_CROSS_PREFIXES = ("cross.", "vit_cross.")
+__all__ = ["LoadedModel", "load_model", "resolve_checkpoint"]
 
 
 @dataclass
 class LoadedModel:
     """A network in eval mode with what is needed to feed it.
 
-    ``model(x)`` maps normalised images ``[B, 3, S, S]`` (``S = image_size``) to logits
-    ``[B, K]``; ``classes`` are the ``K`` names in label order.
-    """
+    ``model(x)`` maps normalised images ``[B, C, S, S]`` (``S = image_size``,
+    ``C = channels``) to logits ``[B, K]``; ``classes`` are the ``K`` names in label order;
+    ``family`` is the model family that built it."""
 
-    model: QCSNet
+    model: nn.Module
     config: Config
     classes: list[str]
     base: Path
     meta: dict[str, Any]
 
     @property
+    def family(self) -> Family:
+        """The model family of the checkpoint's config."""
+        return self.config.family
+
+    @property
     def image_size(self) -> int:
+        """The side of the network's square input, in pixels."""
         return self.config.data.image_size
 
     @property
+    def branches(self) -> int:
+        """Images per training tuple (QCS 4, DCS 2, others 1)."""
+        return self.family.data_needs(self.config.net).branches
+
+    @property
     def channels(self) -> int:
-        """Input channels: 3 (RGB), plus the landmark heat maps of a PCD network that
-        reads them from beside the images (``model.landmarks = "heatmap"``)."""
-        m = self.config.model
-        if getattr(m, "family", "qcs") == "pcd" and getattr(m, "landmarks", "") == "heatmap":
-            return 3 + int(m.heatmap_channels)
-        return 3
+        """Input channels: 3 (RGB), plus landmark heat maps for a network that reads them
+        from beside the images (PCD with ``pcd.landmarks = "heatmap"``)."""
+        return self.family.data_needs(self.config.net).channels
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -65,42 +74,41 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return checkpoint_base(path)
 
 
-def load_model(path: str | Path, *, full: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the network of checkpoint ``path`` and load its weights (safetensors).
-
-    ``full=False`` builds the base network only (the ``baseline`` variant: no cross
-    modules, which inference never uses); ``full=True`` keeps the trained variant with its
-    cross branch (needed for the CSA maps). Raises :class:`CheckpointError` naming the file.
-    """
-    base = resolve_checkpoint(path)
-    meta = read_metadata(base)
-    where = f"{base}.json"
+def _config(meta: dict[str, Any], where: str) -> Config:
     try:
-        cfg = config_from_dict(
-            {s: {k: v for k, v in vals.items() if v is not None}
-             for s, vals in meta["config"].items()}, where).validate()
-    except KeyError:
-        raise CheckpointError(f"{where} has no 'config' entry") from None
+        cfg = config_of_checkpoint(meta, where)
     except ConfigError as exc:
         raise CheckpointError(f"{where}: its config does not load: {exc}") from None
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) != cfg.model.num_classes:
         raise CheckpointError(f"{where}: 'classes' must list the {cfg.model.num_classes} class "
                               f"names, got {classes!r}")
+    return cfg
+
+
+def load_model(path: str | Path, *, full: bool = False,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network of checkpoint ``path`` and load its weights (safetensors).
+
+    ``full=False`` builds the family's inference network (QCS: the base network without
+    the cross branch, which inference never uses); ``full=True`` keeps the trained network
+    with its cross branch (needed for the CSA maps; other networks have none).
+    Raises :class:`CheckpointError` naming the file."""
+    base = resolve_checkpoint(path)
+    meta = read_metadata(base)
+    where = f"{base}.json"
+    cfg = _config(meta, where)
+    family = cfg.family
     weights = load_weights(base, expect_epoch=meta.get("epoch"))
-    qcs_family = getattr(cfg.model, "family", "qcs") == "qcs"
-    if full and (not qcs_family or cfg.model.variant == "baseline"):
-        raise CheckpointError(f"{where}: a {getattr(cfg.model, 'family', 'qcs')}/"
-                              f"{cfg.model.variant} network has no cross branch (no CSA maps)")
-    # the QCS family infers with the base network alone; other families are built whole
-    model_cfg = cfg.model if full or not qcs_family else replace(cfg.model, variant="baseline")
-    model = build_model(model_cfg)
-    if not full and qcs_family:
-        weights = {k: v for k, v in weights.items() if not k.startswith(_CROSS_PREFIXES)}
+    if full:
+        family.require_cross_maps(cfg.net, where)
+        sec = cfg.net
+    else:
+        sec, weights = family.inference_section(cfg.net), family.inference_weights(weights)
+    model = family.build(sec, cfg.model.num_classes)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{base}.safetensors does not match its config: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.eval().to(device)
-    return LoadedModel(model, cfg, [str(c) for c in classes], base, meta)
+    return LoadedModel(model, cfg, [str(c) for c in meta["classes"]], base, meta)

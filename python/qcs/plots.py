@@ -4,18 +4,18 @@ state); every file is written to a temp name and renamed."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-__all__ = ["plot_losses", "plot_accuracy", "plot_confusion"]
+from .atomic import atomic_write
+
+__all__ = ["plot_accuracy", "plot_confusion", "plot_losses"]
 
 
 def _save(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
+                 durable=False)
 
 
 def plot_losses(history: list[dict], path: str | Path) -> None:

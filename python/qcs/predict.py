@@ -23,10 +23,10 @@ import glob
 import io
 import json
 import math
-import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -34,11 +34,18 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .data.datasets import IMAGE_SUFFIXES
 from .data.transforms import test_transform
-from .cli_use import MissingDependency, UsageError
+from .errors import MissingDependency, UsageError
 from .inference import LoadedModel
 
-__all__ = ["collect_inputs", "read_rgb", "FaceDetector", "square_crop", "Predictor",
-           "write_records", "CSV_FIXED"]
+__all__ = [
+    "CSV_FIXED",
+    "FaceDetector",
+    "Predictor",
+    "collect_inputs",
+    "read_rgb",
+    "square_crop",
+    "write_records",
+]
 
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels of the original image
 
@@ -251,11 +258,9 @@ class Predictor:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-        if loaded.channels != 3:
-            raise UsageError(f"{loaded.base}: this network reads {loaded.channels} input "
-                             "channels (RGB + landmark heat maps stored beside the training "
-                             "images), which qcs predict cannot make for new photos; train PCD "
-                             "with model.landmarks=\"mobilefacenet\" to predict from images")
+        refusal = loaded.family.input_error(loaded.channels, loaded.base)
+        if refusal is not None:  # e.g. PCD reading heat maps stored beside the images
+            raise refusal
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
         self.transform = test_transform(self.size)
@@ -385,8 +390,7 @@ def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
         json.dump(records, out, indent=2)
         out.write("\n")
     elif fmt == "jsonl":
-        for rec in records:
-            out.write(json.dumps(rec) + "\n")
+        out.writelines(json.dumps(rec) + "\n" for rec in records)
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -401,42 +405,3 @@ def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
         out.write(buf.getvalue())
     else:
         raise ValueError(f"--format must be json, jsonl or csv, got {fmt!r}")
-
-
-def run_cli(args) -> int:
-    """``qcs predict``: exit 0 when every input was read, 1 when some could not be (they
-    are in the output with ``status: error``), 2 on usage errors."""
-    from .inference import load_model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    paths, problems = collect_inputs(args.inputs)
-    if not paths and problems:
-        for arg, why in problems:
-            print(f"qcs predict: {arg}: {why}", file=sys.stderr)
-        return 2
-    loaded = load_model(args.checkpoint, device=args.device)
-    predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
-                          batch_size=args.batch_size, annotate_dir=args.annotate,
-                          align=not args.no_align, device=args.device)
-    records = [{"file": arg, "status": "error", "face": None, "box": None, "label": None,
-                "confidence": None, "probabilities": None, "notes": [], "message": why}
-               for arg, why in problems]
-    records += list(predictor.run(paths))
-    fmt = args.format or ("csv" if args.output and args.output.endswith(".csv") else
-                          "jsonl" if args.output and args.output.endswith(".jsonl") else "json")
-    if args.output and args.output != "-":
-        with open(args.output, "w", newline="") as fh:
-            write_records(records, loaded.classes, fmt, fh)
-    else:
-        write_records(records, loaded.classes, fmt, sys.stdout)
-    files = {r["file"] for r in records}
-    faces = sum(r["status"] == "ok" for r in records)
-    bad = sorted({r["file"] for r in records if r["status"] == "error"})
-    nofa = len({r["file"] for r in records if r["status"] == "no_face"})
-    print(f"qcs predict: {len(files)} inputs, {faces} faces classified, {nofa} without a face, "
-          f"{len(bad)} unreadable" + (f"; written to {args.output}" if args.output
-                                      and args.output != "-" else ""), file=sys.stderr)
-    for r in records:
-        if r["status"] == "error":
-            print(f"qcs predict: {r['file']}: {r['message']}", file=sys.stderr)
-    return 1 if bad else 0

@@ -46,6 +46,11 @@ class Progress:
             self.stream.flush()
             self._last = now
 
+    def tick(self, done: int, total: int) -> None:
+        """A progress callback ``(done, total)``: sets the total, counts one item."""
+        self.total = max(total, 1)
+        self.update(done, items=1)
+
     def _line(self, now: float) -> str:
         elapsed = now - self.start
         frac = min(self.done / self.total, 1.0)
@@ -59,6 +64,7 @@ class Progress:
                 f"{_fmt_time(elapsed)}<{_fmt_time(eta)}{rate}{stats}")
 
     def close(self) -> None:
+        """Print the final line (a no-op when disabled)."""
         if not self.enabled:
             return
         line = self._line(time.perf_counter())

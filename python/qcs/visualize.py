@@ -15,20 +15,29 @@ map stretched to its own min..max (the raw range is printed under the tile).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .cli_use import UsageError
 from .data.datasets import DataError, ImageList, load_split, read_image
 from .data.transforms import test_transform
+from .errors import UsageError
 from .inference import LoadedModel
 from .models import QCSNet
 
-__all__ = ["csa_maps", "quadruplet_figure", "class_pair_grid", "quadruplet_size",
-           "grid_size", "BRANCH_NAMES", "overlay"]
+__all__ = [
+    "BRANCH_NAMES",
+    "class_grid_cells",
+    "class_pair_grid",
+    "csa_maps",
+    "grid_size",
+    "load_split_for",
+    "overlay",
+    "quadruplet_figure",
+    "quadruplet_size",
+    "sample_tuple",
+    "tuple_maps",
+]
 
 BRANCH_NAMES = {4: ("anchor", "positive", "negative", "negative 2"), 2: ("anchor", "partner")}
 CAPTION, HEADER, PAD, LEFT = 14, 18, 4, 96
@@ -162,79 +171,65 @@ def _class_id(name: str, classes: list[str], arg: str) -> int:
                      f"({', '.join(classes)})")
 
 
-def run_cli(args) -> int:
-    """``qcs visualize``."""
-    from .inference import load_model
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.tile < 16:
-        raise UsageError(f"--tile must be >= 16 pixels, got {args.tile}")
-    loaded: LoadedModel = load_model(args.checkpoint, full=True)
-    model, classes, size = loaded.model, loaded.classes, loaded.image_size
-    r = model.branches
+def load_split_for(loaded: LoadedModel, data_format: str | None, root: str | None,
+                   split: str) -> ImageList:
+    """The images of ``split`` to sample tuples from (default: the checkpoint's dataset);
+    their classes must be the checkpoint's."""
+    fmt = data_format or loaded.config.data.format
+    root = root or loaded.meta.get("data_root") or loaded.config.data.root
+    if not root:
+        raise UsageError("no dataset to sample from: give --images FILE... or --data-root")
+    lst = load_split(fmt, root, split)
+    if list(lst.classes) != loaded.classes:
+        raise DataError(f"the dataset's classes {list(lst.classes)} differ from the "
+                        f"checkpoint's {loaded.classes}")
+    return lst
+
+
+def sample_tuple(lst: ImageList, classes: list[str], branches: int, rng: np.random.Generator,
+                 anchor: str | None = None, negative: str | None = None
+                 ) -> tuple[list[Image.Image], list[str]]:
+    """A quadruplet (anchor, positive, two negatives) or pair (anchor, partner) from
+    ``lst``: classes by name, or drawn with ``rng``. Returns the images and captions."""
+    members = _by_class(lst)
+    a = _class_id(anchor, classes, "--anchor-class") if anchor \
+        else int(rng.integers(len(classes)))
+    others = [c for c in range(len(classes)) if c != a]
+    n = _class_id(negative, classes, "--negative-class") if negative \
+        else int(rng.choice(others))
+    idx = _pick(members, a, 2, rng, classes) + (_pick(members, n, 2, rng, classes)
+                                                 if branches == 4 else [])
+    if branches == 2 and negative:
+        idx = [idx[0], _pick(members, n, 1, rng, classes)[0]]
+    pics = [read_image(lst.paths[i]) for i in idx]
+    captions = [f"{classes[lst.labels[i]]} ({lst.paths[i].name})" for i in idx]
+    return pics, captions
+
+
+def tuple_maps(model: QCSNet, images: list[Image.Image], size: int
+               ) -> tuple[list[Image.Image], torch.Tensor]:
+    """The resized images and their CSA maps ``[L, R, side, side]`` (one tuple)."""
     transform = test_transform(size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    lst: ImageList | None = None
-    if not args.images or args.grid:
-        fmt = args.data or loaded.config.data.format
-        root = args.data_root or loaded.meta.get("data_root") or loaded.config.data.root
-        if not root:
-            raise UsageError("no dataset to sample from: give --images FILE... or --data-root")
-        lst = load_split(fmt, root, args.split)
-        if list(lst.classes) != classes:
-            raise DataError(f"the dataset's classes {list(lst.classes)} differ from the "
-                            f"checkpoint's {classes}")
-    members = _by_class(lst) if lst is not None else {}
-
-    if args.images:
-        if len(args.images) != r:
-            raise UsageError(f"--images: the {model.variant} network takes {r} images "
-                             f"({', '.join(BRANCH_NAMES[r])}), got {len(args.images)}")
-        pics = [read_image(Path(p)) for p in args.images]
-        captions = [Path(p).name for p in args.images]
-    else:
-        a = _class_id(args.anchor_class, classes, "--anchor-class") if args.anchor_class \
-            else int(rng.integers(len(classes)))
-        others = [c for c in range(len(classes)) if c != a]
-        n = _class_id(args.negative_class, classes, "--negative-class") \
-            if args.negative_class else int(rng.choice(others))
-        idx = _pick(members, a, 2, rng, classes) + (_pick(members, n, 2, rng, classes)
-                                                     if r == 4 else [])
-        if r == 2 and args.negative_class:
-            idx = [idx[0], _pick(members, n, 1, rng, classes)[0]]
-        pics = [read_image(lst.paths[i]) for i in idx]
-        captions = [f"{classes[lst.labels[i]]} ({lst.paths[i].name})" for i in idx]
-    pairs = [_tensor(p, size, transform) for p in pics]
+    pairs = [_tensor(p, size, transform) for p in images]
     xs = torch.stack([t for _, t in pairs]).unsqueeze(1)           # [R, 1, 3, S, S]
-    maps = csa_maps(model, xs)[:, :, 0]                             # [L, R, side, side]
-    fig = quadruplet_figure([p for p, _ in pairs], captions, maps, args.tile)
-    quad_path = out / "csa_quadruplet.png"
-    fig.save(quad_path)
-    print(f"wrote {quad_path} ({fig.width}x{fig.height}): {r} branches x input + "
-          f"{maps.shape[0]} levels of {maps.shape[-1]}x{maps.shape[-1]} CSA maps")
+    return [p for p, _ in pairs], csa_maps(model, xs)[:, :, 0]
 
-    if args.grid:
-        k = len(classes)
-        level = None if args.level == "mean" else int(args.level) - 1
-        rows = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # anchor, positive
-        cols = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # the two negatives
-        cells = []
-        for i in range(k):
-            row = []
-            for j in range(k):
-                idx = rows[i] + cols[j] if r == 4 else [rows[i][0], cols[j][0]]
-                pair = [_tensor(read_image(lst.paths[q]), size, transform) for q in idx]
-                m = csa_maps(model, torch.stack([t for _, t in pair]).unsqueeze(1))
-                heat = m[:, 0, 0].mean(0) if level is None else m[level, 0, 0]
-                row.append((pair[0][0], heat.numpy()))
-            cells.append(row)
-        grid = class_pair_grid(cells, classes, args.grid_tile,
-                               "negative class" if r == 4 else "partner class")
-        grid_path = out / "csa_class_grid.png"
-        grid.save(grid_path)
-        print(f"wrote {grid_path} ({grid.width}x{grid.height}): anchor maps "
-              f"({'mean of the levels' if level is None else f'level {level + 1}'}), "
-              f"{k}x{k} anchor class x {'negative' if r == 4 else 'partner'} class")
-    return 0
+
+def class_grid_cells(model: QCSNet, lst: ImageList, classes: list[str], size: int,
+                     rng: np.random.Generator, level: int | None, branches: int
+                     ) -> list[list[tuple[Image.Image, np.ndarray]]]:
+    """For every anchor class x negative (DCS: partner) class, the anchor image and its
+    map at ``level`` (None: the mean of the levels), for :func:`class_pair_grid`."""
+    members, k, r = _by_class(lst), len(classes), branches
+    rows = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # anchor, positive
+    cols = {c: _pick(members, c, 2, rng, classes) for c in range(k)}   # the two negatives
+    cells = []
+    for i in range(k):
+        row = []
+        for j in range(k):
+            idx = rows[i] + cols[j] if r == 4 else [rows[i][0], cols[j][0]]
+            images, m = tuple_maps(model, [read_image(lst.paths[q]) for q in idx], size)
+            heat = m[:, 0].mean(0) if level is None else m[level, 0]
+            row.append((images[0], heat.numpy()))
+        cells.append(row)
+    return cells

@@ -14,18 +14,34 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
+
 __all__ = [
-    "DataError", "ImageList", "ImageDataset", "raf_db", "ferplus", "affectnet", "folder",
-    "RAF_DB_CLASSES", "FERPLUS_CLASSES", "AFFECTNET_CLASSES", "load_split", "check_images",
-    "screen_images", "screen_data", "empty_classes", "skip_summary", "SKIP_REASONS",
+    "AFFECTNET_CLASSES",
+    "FERPLUS_CLASSES",
+    "RAF_DB_CLASSES",
+    "SKIP_REASONS",
+    "DataError",
+    "ImageDataset",
+    "ImageList",
+    "affectnet",
+    "check_images",
+    "empty_classes",
+    "ferplus",
+    "folder",
+    "load_split",
+    "raf_db",
+    "screen_data",
+    "screen_images",
+    "skip_summary",
 ]
 
 RAF_DB_CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
@@ -41,10 +57,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # why an item was skipped under skip_bad, in the order summaries print them
 SKIP_REASONS = ("malformed line", "label out of range", "missing image", "unreadable image",
                 "single-image class", "empty class")
-
-
-class DataError(RuntimeError):
-    """A dataset file is missing, malformed or unreadable (the message names it)."""
 
 
 @dataclass
@@ -68,7 +80,7 @@ class ImageList:
         """`` (listed at FILE:LINE)`` for image ``i``, or ``""`` if unknown."""
         return f" (listed at {self.origins[i]})" if i < len(self.origins) else ""
 
-    def subset(self, keep: list[int]) -> "ImageList":
+    def subset(self, keep: list[int]) -> ImageList:
         """The images at indices ``keep`` (same classes, notes and skip record)."""
         return ImageList([self.paths[i] for i in keep], [self.labels[i] for i in keep],
                          self.classes, self.source, list(self.notes),

@@ -17,20 +17,27 @@ the image only.
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ..atomic import atomic_write
 from .datasets import DataError, ImageDataset, ImageList, TransformedItems
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["heatmap_path", "render_heatmaps", "write_synth_heatmaps", "read_heatmap",
-           "HeatmapDataset", "HeatmapTransform", "ensure_heatmaps"]
+__all__ = [
+    "HeatmapDataset",
+    "HeatmapTransform",
+    "ensure_heatmaps",
+    "heatmap_path",
+    "read_heatmap",
+    "render_heatmaps",
+    "write_synth_heatmaps",
+]
 
 HEATMAP_DIR = "landmarks"
 
@@ -75,9 +82,8 @@ def write_synth_heatmaps(root: str | Path, overwrite: bool = False,
         dest = out_dir / f"{stem}.png"
         if overwrite or not dest.exists():
             pts = [tuple(row["eyes"][0]), tuple(row["eyes"][1]), tuple(row["mouth"])]
-            tmp = out_dir / f".{stem}.{os.getpid()}.tmp.png"
-            Image.fromarray(render_heatmaps(pts, size)).save(tmp)
-            os.replace(tmp, dest)
+            maps = Image.fromarray(render_heatmaps(pts, size))
+            atomic_write(dest, lambda tmp: maps.save(tmp), durable=False)
             written += 1
         if progress is not None:
             progress(k + 1, len(rows))

@@ -26,14 +26,14 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SynthParams", "CLASSES", "BACKGROUNDS", "draw_face", "generate", "ensure_synth"]
+__all__ = ["BACKGROUNDS", "CLASSES", "SynthParams", "draw_face", "ensure_synth", "generate"]
 
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
@@ -84,62 +84,65 @@ def _bezier(p0, p1, p2, steps: int = 16) -> list[tuple[float, float]]:
     return out
 
 
-def draw_face(label: int, rng: np.random.Generator, size: int, background: int) -> tuple[
-        Image.Image, dict]:
-    """Draw one ``size x size`` RGB face of class ``label`` on background colour index
-    ``background``; return it and the factors drawn (JSON-able)."""
-    s = 2 * size  # draw at twice the size, then downsample: cheap anti-aliasing
-    cue = _CUES[label] + rng.normal(0, 1, 6) * _CUE_JITTER
-    curve, mouth_open, mouth_w, brow_angle, brow_h, eye_open = cue.tolist()
-    mouth_open = max(mouth_open, 0.0)
-    eye_open = max(eye_open, 0.25)
+@dataclass
+class _Face:
+    """Where the face is drawn (canvas pixels) and its colours."""
+
+    cx: float
+    cy: float
+    fw: float                 # half width of the face ellipse
+    fh: float                 # half height
+    skin: tuple[int, ...]
+    lw: int                   # line width
+    dark: tuple[int, int, int] = (40, 25, 20)
+
+
+def _canvas(rng: np.random.Generator, s: int, background: int) -> tuple[Image.Image, int]:
+    """The background: colour index ``background`` jittered, with a texture drawn from
+    ``rng`` (0 plain, 1 vertical gradient, 2 stripes)."""
     bg = np.clip(BACKGROUNDS[background] + rng.normal(0, 12, 3), 0, 255)
-    texture = int(rng.integers(3))  # plain | vertical gradient | stripes
+    texture = int(rng.integers(3))
     arr = np.empty((s, s, 3))
     arr[:] = bg
     if texture == 1:
         arr *= np.linspace(0.75, 1.15, s)[:, None, None]
     elif texture == 2:
         arr *= (1 + 0.12 * np.sign(np.sin(np.arange(s) / s * rng.uniform(6, 20))))[None, :, None]
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    d = ImageDraw.Draw(img)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), texture
 
-    t = rng.uniform()
-    skin = tuple(int(v) for v in (1 - t) * _SKIN[0] + t * _SKIN[1])
-    scale = rng.uniform(0.85, 1.0)
-    aspect = rng.uniform(0.72, 0.92)
-    cx = s / 2 + rng.uniform(-0.05, 0.05) * s
-    cy = s / 2 + rng.uniform(-0.04, 0.04) * s
-    fh = 0.46 * s * scale          # half height of the face ellipse
-    fw = fh * aspect
-    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
-    # cues are drawn large and thick: they must survive 64 px inputs
-    lw = max(2, round(0.035 * s))
-    dark = (40, 25, 20)
 
-    # eyes
+def _draw_eyes_brows(d: ImageDraw.ImageDraw, f: _Face, eye_open: float, brow_angle: float,
+                     brow_h: float) -> tuple[float, float, float]:
+    """Eyes (opened by ``eye_open``) and brows (inner ends raised by ``brow_angle``, both
+    by ``brow_h``); returns the eye offset, height and half width."""
+    cx, cy, fw, fh = f.cx, f.cy, f.fw, f.fh
     ex, ey = 0.42 * fw, cy - 0.2 * fh
     ew, eh = 0.24 * fw, 0.15 * fh * eye_open
     for side in (-1, 1):
         x = cx + side * ex
-        d.ellipse([x - ew, ey - eh, x + ew, ey + eh], fill=(245, 245, 245), outline=dark)
+        d.ellipse([x - ew, ey - eh, x + ew, ey + eh], fill=(245, 245, 245), outline=f.dark)
         pr = min(eh, 0.11 * fw)
         d.ellipse([x - pr, ey - pr, x + pr, ey + pr], fill=(30, 30, 50))
-    # brows: inner ends raised by brow_angle, both by brow_h
     by = ey - 0.26 * fh - 0.14 * fh * brow_h
     for side in (-1, 1):
         inner = (cx + side * 0.12 * fw, by - 0.2 * fh * brow_angle)
         outer = (cx + side * 0.7 * fw, by + 0.08 * fh * brow_angle)
-        d.line([inner, outer], fill=dark, width=2 * lw)
-    # nose, and wrinkles beside it (mostly disgust)
+        d.line([inner, outer], fill=f.dark, width=2 * f.lw)
+    return ex, ey, ew
+
+
+def _draw_nose_mouth(d: ImageDraw.ImageDraw, f: _Face, rng: np.random.Generator, label: int,
+                     curve: float, mouth_open: float, mouth_w: float) -> float:
+    """The nose with wrinkles beside it (mostly disgust), and the mouth: upper lip curve
+    (corners up for ``curve > 0``), lower lip below it when open. Returns the mouth's y."""
+    cx, cy, fw, fh, lw = f.cx, f.cy, f.fw, f.fh, f.lw
     d.line([(cx, cy - 0.05 * fh), (cx - 0.06 * fw, cy + 0.18 * fh), (cx, cy + 0.2 * fh)],
-           fill=tuple(int(c * 0.75) for c in skin), width=lw)
+           fill=tuple(int(c * 0.75) for c in f.skin), width=lw)
     if rng.uniform() < (0.8 if label == 2 else 0.08):
         for side in (-1, 1):
             x = cx + side * 0.14 * fw
             d.line([(x, cy - 0.02 * fh), (x + side * 0.08 * fw, cy + 0.1 * fh)],
-                   fill=tuple(int(c * 0.6) for c in skin), width=lw)
-    # mouth: upper lip curve (corners up for curve > 0), lower lip below it when open
+                   fill=tuple(int(c * 0.6) for c in f.skin), width=lw)
     my, half = cy + 0.5 * fh, 0.42 * fw * mouth_w
     bend = 0.3 * fh * curve
     left, right = (cx - half, my - bend), (cx + half, my - bend)
@@ -150,8 +153,13 @@ def draw_face(label: int, rng: np.random.Generator, size: int, background: int) 
     d.line(upper, fill=(120, 30, 40), width=lw + 1)
     if mouth_open > 0.05:
         d.line(lower, fill=(120, 30, 40), width=lw + 1)
+    return my
 
-    # accessories (no label information)
+
+def _draw_accessories(d: ImageDraw.ImageDraw, f: _Face, rng: np.random.Generator, ex: float,
+                      ey: float, ew: float) -> tuple[bool, bool, bool]:
+    """Glasses, hat and beard, drawn at random (no label information)."""
+    cx, cy, fw, fh, lw = f.cx, f.cy, f.fw, f.fh, f.lw
     glasses, hat, beard = (bool(rng.uniform() < p) for p in (0.25, 0.2, 0.15))
     if beard:
         d.arc([cx - fw, cy - fh, cx + fw, cy + fh], 20, 160, fill=(60, 40, 30), width=3 * lw)
@@ -164,15 +172,46 @@ def draw_face(label: int, rng: np.random.Generator, size: int, background: int) 
     if hat:
         hat_col = tuple(int(v) for v in rng.integers(0, 255, 3))
         d.rectangle([cx - 1.15 * fw, cy - 1.05 * fh, cx + 1.15 * fw, cy - 0.78 * fh], fill=hat_col)
+    return glasses, hat, beard
 
-    # lighting gradient and sensor noise
+
+def _light_and_noise(img: Image.Image, rng: np.random.Generator, size: int
+                     ) -> tuple[Image.Image, float, float]:
+    """Downsample to ``size``, then a lighting gradient and sensor noise."""
     out = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float64)
     angle, strength = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.35)
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     out *= (1 + strength * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
     noise = rng.uniform(0, 8)
     out += rng.normal(0, noise, out.shape)
-    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)), strength, noise
+
+
+def draw_face(label: int, rng: np.random.Generator, size: int, background: int) -> tuple[
+        Image.Image, dict]:
+    """Draw one ``size x size`` RGB face of class ``label`` on background colour index
+    ``background``; return it and the factors drawn (JSON-able)."""
+    s = 2 * size  # draw at twice the size, then downsample: cheap anti-aliasing
+    cue = _CUES[label] + rng.normal(0, 1, 6) * _CUE_JITTER
+    curve, mouth_open, mouth_w, brow_angle, brow_h, eye_open = cue.tolist()
+    mouth_open = max(mouth_open, 0.0)
+    eye_open = max(eye_open, 0.25)
+    img, texture = _canvas(rng, s, background)
+    d = ImageDraw.Draw(img)
+    t = rng.uniform()
+    skin = tuple(int(v) for v in (1 - t) * _SKIN[0] + t * _SKIN[1])
+    scale = rng.uniform(0.85, 1.0)
+    aspect = rng.uniform(0.72, 0.92)
+    cx = s / 2 + rng.uniform(-0.05, 0.05) * s
+    cy = s / 2 + rng.uniform(-0.04, 0.04) * s
+    fh = 0.46 * s * scale
+    # cues are drawn large and thick: they must survive 64 px inputs
+    f = _Face(cx, cy, fh * aspect, fh, skin, max(2, round(0.035 * s)))
+    d.ellipse([cx - f.fw, cy - fh, cx + f.fw, cy + fh], fill=skin)
+    ex, ey, ew = _draw_eyes_brows(d, f, eye_open, brow_angle, brow_h)
+    my = _draw_nose_mouth(d, f, rng, label, curve, mouth_open, mouth_w)
+    glasses, hat, beard = _draw_accessories(d, f, rng, ex, ey, ew)
+    img, strength, noise = _light_and_noise(img, rng, size)
     factors = dict(label=label, background=background, texture=texture, skin=round(t, 4),
                    scale=round(scale, 4), aspect=round(aspect, 4), glasses=glasses, hat=hat,
                    beard=beard, light=round(strength, 4), noise=round(noise, 3),

@@ -1,9 +1,9 @@
-"""DAN, "Distract your Attention" (``shared/papers/dan-distract-your-attention.txt``), as a
-trainer variant: one definition parameterised by :class:`qcs.config.ModelConfig`.
+"""DAN, "Distract your Attention" (``docs/models.md``), as a trainer family: one definition
+parameterised by the ``[dan]`` config section (:class:`qcs.families.dan.DANConfig`).
 
 - FCN: a ResNet built from torchvision's ``BasicBlock`` with the attribute names of
   ``torchvision.models.resnet18`` (``conv1``, ``bn1``, ``layer1..4``), so MS-Celeb ResNet-18
-  weights in torchvision naming load with :meth:`DAN.load_pretrained`. At the default
+  weights in torchvision naming load (:meth:`qcs.families.dan.DANFamily.load_pretrained`). At the default
   widths ``(64, 128, 256, 512)`` and blocks ``(2, 2, 2, 2)`` it *is* resnet18 without
   ``avgpool``/``fc``; the tiny presets shrink both.
 - MAN: ``k`` cross-attention heads, each a spatial unit then a channel unit.
@@ -15,16 +15,18 @@ classes.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from ..config import ModelConfig
-from .fer_losses import affinity_loss, partition_loss
+from .outputs import BranchOutput
 
-__all__ = ["DAN", "ResNetFeatures", "SpatialAttention", "ChannelAttention", "CrossAttentionHead"]
+if TYPE_CHECKING:
+    from ..families.dan import DANConfig
+
+__all__ = ["DAN", "ChannelAttention", "CrossAttentionHead", "ResNetFeatures", "SpatialAttention"]
 
 
 class ResNetFeatures(nn.Module):
@@ -113,31 +115,28 @@ class DAN(nn.Module):
     """DAN as a trainer variant.
 
     ``model(x)``: ``[B, 3, H, W] -> logits [B, K]`` (inference).
-    ``model.forward_branches(xs)``: ``xs [1, B, 3, H, W]`` -> a dict with ``logits``
-    ``[1, B, K]``, ``feat`` ``[B, C]`` (pooled FCN features), ``heads`` ``[B, k, C]``
-    (log-softmaxed across heads) and ``centers`` ``[K, C]``; :meth:`training_loss` turns it
-    into ``CE + lambda1 * affinity + lambda2 * partition``.
+    ``model.forward_branches(xs)``: ``xs [1, B, 3, H, W]`` -> a :class:`BranchOutput` with
+    ``logits [1, B, K]``, ``features [B, C]`` (pooled FCN features) and ``extras``
+    ``heads [B, k, C]`` (log-softmaxed across heads) and ``centers [K, C]``; the family's
+    loss is ``CE + lambda1 * affinity + lambda2 * partition``.
 
     Inputs are resized to ``cfg.backbone_size`` when they differ (paper: 224). No weights
-    are loaded here; see :meth:`load_pretrained`.
+    are loaded here.
     """
 
-    branches = 1
-    cross = None  # no cross branch: the trainer's CSA probes see a single-branch network
-
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: DANConfig, num_classes: int) -> None:
         super().__init__()
-        if cfg.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {cfg.num_classes}")
-        self.variant, self.num_classes = "dan", cfg.num_classes
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
         self.size = cfg.backbone_size
         self.features = ResNetFeatures(cfg.resnet_layers, cfg.resnet_widths)
         c = self.features.out_channels
-        self.heads = nn.ModuleList(CrossAttentionHead(c) for _ in range(cfg.dan_heads))
-        self.fc = nn.Linear(c, cfg.num_classes)
-        self.bn = nn.BatchNorm1d(cfg.num_classes)
+        self.heads = nn.ModuleList(CrossAttentionHead(c) for _ in range(cfg.heads))
+        self.fc = nn.Linear(c, num_classes)
+        self.bn = nn.BatchNorm1d(num_classes)
         # class centres sampled from a standard Gaussian, as in the paper
-        self.centers = nn.Parameter(torch.randn(cfg.num_classes, c))
+        self.centers = nn.Parameter(torch.randn(num_classes, c))
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
@@ -156,49 +155,11 @@ class DAN(nn.Module):
             raise ValueError(f"DAN expects [B, 3, H, W], got shape {tuple(x.shape)}")
         return self._run(x)[0]
 
-    def forward_branches(self, xs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[1, B, 3, H, W]`` -> outputs for :meth:`training_loss` (see the class doc)."""
+    def forward_branches(self, xs: torch.Tensor) -> BranchOutput:
+        """``[1, B, 3, H, W]`` -> outputs for the family's loss (see the class doc)."""
         if xs.dim() != 5 or xs.shape[0] != 1:
             raise ValueError(f"DAN expects [1, B, 3, H, W], got shape {tuple(xs.shape)}")
         logits, feat, heads = self._run(xs[0])
         # the centres travel with the outputs so that DDP sees them used in forward
-        return {"logits": logits[None], "feat": feat, "heads": heads, "centers": self.centers}
-
-    @staticmethod
-    def training_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``CE + affinity_weight * L_af + partition_weight * L_pt``; ``labels [1, B]``;
-        ``cfg`` is :class:`qcs.config.LossConfig`."""
-        y = labels.reshape(-1)
-        logits = out["logits"].float().reshape(len(y), -1)
-        ce = nn.functional.cross_entropy(logits, y)
-        af = affinity_loss(out["feat"].float(), y, out["centers"].float())
-        pt = partition_loss(out["heads"].float())
-        loss = ce + cfg.affinity_weight * af + cfg.partition_weight * pt
-        return loss, {"base": float(ce.detach()), "affinity": float(af.detach()),
-                      "partition": float(pt.detach())}
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()
-
-    def load_pretrained(self, path: str | Path) -> str:
-        """Load ResNet-18 weights (torchvision naming; a ``fc.*`` head and prefixes such as
-        ``module.`` / ``features.`` are dropped) into the FCN. Returns a one-line report."""
-        from .ir50 import _read_state
-        state = _read_state(Path(path))
-        own = self.features.state_dict()
-        matched, skipped = {}, []
-        for key, value in state.items():
-            k = key
-            for prefix in ("module.", "features.", "backbone."):
-                k = k[len(prefix):] if k.startswith(prefix) else k
-            if k in own and own[k].shape == value.shape:
-                matched[k] = value
-            else:
-                skipped.append(key)
-        if not matched:
-            raise ValueError(f"{path}: no tensor matches the ResNet trunk (wrong file?)")
-        self.features.load_state_dict(matched, strict=False)
-        missing = [k for k in own if k not in matched]
-        return (f"ResNet weights {path}: {len(matched)} tensors loaded, {len(missing)} missing, "
-                f"{len(skipped)} unused")
+        return BranchOutput(logits[None], features=feat,
+                            extras={"heads": heads, "centers": self.centers})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["affinity_loss", "partition_loss", "neaa_loss"]
+__all__ = ["affinity_loss", "neaa_loss", "partition_loss"]
 
 
 def affinity_loss(feat: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor,

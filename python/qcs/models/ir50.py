@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IR50", "load_backbone_weights", "LoadReport"]
+from .weights import LoadReport, load_matching
+
+__all__ = ["IR50", "LoadReport", "load_backbone_weights"]
 
 
 class BottleneckIR(nn.Module):
@@ -78,76 +80,10 @@ class IR50(nn.Module):
         return outs
 
 
-class LoadReport:
-    """What :func:`load_backbone_weights` matched, missed and ignored."""
-
-    def __init__(self, path: str, matched: list[str], missing: list[str],
-                 unexpected: list[str], mismatched: list[str]) -> None:
-        self.path, self.matched, self.missing = path, matched, missing
-        self.unexpected, self.mismatched = unexpected, mismatched
-
-    def __str__(self) -> str:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
-        lines = [f"backbone weights {self.path}: {len(self.matched)} matched, "
-                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                 f"{len(self.mismatched)} shape-mismatched"]
-        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                           ("shape-mismatched", self.mismatched)):
-            if keys:
-                lines.append(f"  {name}: {few(keys)}")
-        return "\n".join(lines)
-
-
-_PREFIXES = ("module.", "ir_back.", "backbone.")
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    from ..checkpoint import CheckpointError  # a RuntimeError the CLI reports without traceback
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the file is foreign input: say which and why
-        raise CheckpointError(f"cannot read weights from {path} (tensors only, "
-                              f"weights_only=True): {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def load_backbone_weights(backbone: IR50, path: str | Path) -> LoadReport:
     """Load IR50 weights from ``.pth`` (``weights_only=True``) or ``.safetensors`` into
-    ``backbone``, stripping ``module.`` / ``ir_back.`` prefixes. Keys of a whole-model
-    checkpoint that belong to the backbone (``ir_back.*``) are picked out. Returns a
-    :class:`LoadReport`; tensors with the wrong shape are skipped and reported."""
-    path = Path(path)
-    raw = _read_state(path)
-    if any(k.startswith(("ir_back.", "module.ir_back.")) for k in raw):
-        raw = {k: v for k, v in raw.items() if k.startswith(("ir_back.", "module.ir_back."))}
-    state: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        state[key] = value
-    own = backbone.state_dict()
-    matched, mismatched = [], []
-    for key, value in state.items():
-        if key in own:
-            if own[key].shape == value.shape:
-                matched.append(key)
-            else:
-                mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
-    return LoadReport(str(path), matched, missing, unexpected, mismatched)
+    ``backbone``, stripping ``module.`` / ``ir_back.`` / ``backbone.`` prefixes. Keys of a
+    whole-model checkpoint that belong to the backbone (``ir_back.*``) are picked out.
+    Tensors with the wrong shape are skipped; the :class:`LoadReport` lists them."""
+    return load_matching(backbone, path, prefixes=("module.", "ir_back.", "backbone."),
+                         select=("ir_back.", "module.ir_back."), what="backbone weights")

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-
-from ..config import LossConfig
 
 __all__ = ["qcs_loss"]
 
 
 def qcs_loss(base: torch.Tensor, cross: torch.Tensor | None, labels: torch.Tensor,
-             cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+             cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over all outputs, plus an optional distillation term.
 
     Args:
         base: ``[R, B, K]`` base-network logits.
         cross: ``[R, B, K]`` cross-branch logits or ``None`` (baseline).
         labels: ``[R, B]`` class indices of every branch's image.
-        cfg: ``distill`` none | kl | mse with ``distill_weight`` and ``temperature``.
+        cfg: the ``[qcs]`` section (:class:`qcs.families.qcs.QCSConfig`): ``distill``
+            none | kl | mse with ``distill_weight`` and ``temperature``.
             KL is ``T^2 KL(softmax(cross/T) || softmax(base/T))`` with the cross branch as
             (detached) teacher; MSE compares the logits directly.
 

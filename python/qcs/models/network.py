@@ -1,5 +1,5 @@
-"""The QCS / DCS / baseline network (``shared/spec/qcs-network.md``): one definition,
-parameterised by :class:`qcs.config.ModelConfig` (variant, widths, number of classes).
+"""The QCS / DCS / baseline network (``docs/models.md``): one definition, parameterised by
+the ``[qcs]`` config section (:class:`qcs.families.qcs.QCSConfig`) and the class count.
 
 Shapes: ``R`` branches (4 QCS, 2 DCS, 1 baseline), ``B`` batch, ``K`` classes,
 ``D`` embedding width, ``T = 3 * side^2`` patch tokens (147 in the paper).
@@ -7,7 +7,7 @@ Shapes: ``R`` branches (4 QCS, 2 DCS, 1 baseline), ``B`` batch, ``K`` classes,
 
 from __future__ import annotations
 
-
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +15,15 @@ from torch import nn
 
 from qcs_ext.nn import CrossSimilarity, PairSimilarity
 
-from ..config import ModelConfig
 from .ir50 import IR50
+from .outputs import BranchOutput
+from .variants import BRANCHES
 
-__all__ = ["QCSNet", "build_model", "BRANCHES"]
+if TYPE_CHECKING:
+    from ..families.qcs import QCSConfig
 
-BRANCHES = {"qcs": 4, "dcs": 2, "baseline": 1}
+__all__ = ["BRANCHES", "QCSNet", "count_parameters"]
+
 
 
 class Attention(nn.Module):
@@ -115,19 +118,20 @@ class QCSNet(nn.Module):
 
     ``model(x)`` with ``x: [B, 3, H, W]`` runs the base network only and returns logits
     ``[B, K]`` (inference: the cross branch is never touched).
-    ``model.forward_branches(xs)`` with ``xs: [R, B, 3, H, W]`` returns
-    ``(base logits [R, B, K], cross logits [R, B, K] or None)``.
+    ``model.forward_branches(xs)`` with ``xs: [R, B, 3, H, W]`` returns a
+    :class:`BranchOutput` with base ``logits [R, B, K]`` and ``cross`` logits ``[R, B, K]``
+    (``None`` for the baseline).
 
     No weights are loaded here; see :func:`qcs.models.load_backbone_weights`.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: QCSConfig, num_classes: int) -> None:
         super().__init__()
-        if cfg.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {cfg.num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
         if cfg.variant not in BRANCHES:
-            raise ValueError(f"model.variant must be one of {tuple(BRANCHES)}, got {cfg.variant!r}")
-        self.variant, self.num_classes = cfg.variant, cfg.num_classes
+            raise ValueError(f"qcs.variant must be one of {tuple(BRANCHES)}, got {cfg.variant!r}")
+        self.variant, self.num_classes = cfg.variant, num_classes
         self.branches = BRANCHES[cfg.variant]
         d, side = cfg.embed_dim, cfg.tokens_side
         self.tokens_per_level = side * side
@@ -137,18 +141,12 @@ class QCSNet(nn.Module):
             LevelEmbed(w, s, d, side) for w, s in zip(cfg.backbone_widths, sizes))
         tokens = 3 * self.tokens_per_level
         vit = dict(dim=d, tokens=tokens, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                   drop=cfg.dropout, attn_drop=cfg.attn_dropout, num_classes=cfg.num_classes)
+                   drop=cfg.dropout, attn_drop=cfg.attn_dropout, num_classes=num_classes)
         self.vit_base = ViT(depth=cfg.vit_depth, **vit)
         self.cross: nn.ModuleList | None = None
         self.vit_cross: ViT | None = None
         if cfg.variant != "baseline":
-            def make() -> nn.Module:
-                common = dict(scope=cfg.csa_scope, backend=cfg.backend,
-                              mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout)
-                if cfg.variant == "qcs":
-                    return CrossSimilarity(d, gamma=cfg.csa_gamma, mode=cfg.csa_mode, **common)
-                return PairSimilarity(d, **common)
-            self.cross = nn.ModuleList(make() for _ in range(3))  # own weights per level
+            self.cross = nn.ModuleList(_cross_module(cfg, d) for _ in range(3))  # per level
             self.vit_cross = ViT(depth=cfg.vit_cross_depth, **vit)
         self.apply(_init_linear)
 
@@ -163,8 +161,8 @@ class QCSNet(nn.Module):
                              "use forward_branches for [R, B, 3, H, W]")
         return self.vit_base(self.tokens(x))[0]
 
-    def forward_branches(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[R, B, 3, H, W] -> (base [R, B, K], cross [R, B, K] or None)``."""
+    def forward_branches(self, xs: torch.Tensor) -> BranchOutput:
+        """``[R, B, 3, H, W] ->`` base ``logits [R, B, K]``, ``cross [R, B, K]`` or None."""
         if xs.dim() != 5 or xs.shape[0] != self.branches:
             raise ValueError(f"the {self.variant} network expects [{self.branches}, B, 3, H, W], "
                              f"got shape {tuple(xs.shape)}")
@@ -172,18 +170,27 @@ class QCSNet(nn.Module):
         base, t = self.vit_base(self.tokens(xs.flatten(0, 1)))
         base = base.view(r, b, -1)
         if self.cross is None:
-            return base, None
+            return BranchOutput(base)
         t = t.view(r, b, *t.shape[1:])
         n = self.tokens_per_level
         # each level's tokens go through that level's cross module, all branches at once
         x = torch.cat([m(t[:, :, i * n:(i + 1) * n]) for i, m in enumerate(self.cross)], dim=2)
         cross, _ = self.vit_cross((t + x).flatten(0, 1))  # contrastive residual distillation
-        return base, cross.view(r, b, -1)
+        return BranchOutput(base, cross.view(r, b, -1))
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights inference needs (no ``cross.*`` / ``vit_cross.*``)."""
         return {k: v for k, v in self.state_dict().items()
                 if not k.startswith(("cross.", "vit_cross."))}
+
+
+def _cross_module(cfg: QCSConfig, dim: int) -> nn.Module:
+    """One level's cross module: CSA over quadruplets (QCS) or pairs (DCS)."""
+    common = dict(scope=cfg.csa_scope, backend=cfg.backend, mlp_ratio=cfg.mlp_ratio,
+                  dropout=cfg.dropout)
+    if cfg.variant == "qcs":
+        return CrossSimilarity(dim, gamma=cfg.csa_gamma, mode=cfg.csa_mode, **common)
+    return PairSimilarity(dim, **common)
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -193,12 +200,8 @@ def _init_linear(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(cfg: ModelConfig) -> QCSNet:
-    """The network for ``cfg`` with fresh (seeded by the caller) weights."""
-    return QCSNet(cfg)
-
-
 def count_parameters(module: nn.Module) -> int:
+    """The number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
 
 

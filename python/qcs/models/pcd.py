@@ -1,5 +1,5 @@
-"""PCD, product-cross dual attention (``shared/papers/pcd-product-cross-dual-attention.txt``),
-as a trainer variant: one definition parameterised by :class:`qcs.config.ModelConfig`.
+"""PCD, product-cross dual attention (``docs/models.md``), as a trainer family: one
+definition parameterised by the ``[pcd]`` config section (:class:`qcs.families.pcd.PCDConfig`).
 
 Image features: the trainer's IR50 (stages 1-3), its last map ``f_img [B, C_img, h, h]``
 (paper: 256 x 14 x 14 at 112 px). Landmark features ``f_lm [B, C_lm, h, h]`` come from a
@@ -9,8 +9,8 @@ pluggable source (``model.landmarks``):
   see :mod:`qcs.data.landmarks`), fed as channels 3.. of the input
   (``x [B, 3 + L, H, W]``) and max-pooled to ``h x h``; no parameters.
 - ``mobilefacenet``: a MobileFaceNet-style landmark backbone (:class:`LandmarkNet`) that is
-  frozen; its weights come from ``model.landmark_weights`` via :meth:`PCD.load_pretrained`
-  (none by default: random and frozen, which only makes sense for tests).
+  frozen; its weights come from ``pcd.landmark_weights`` (loaded by the family; none by
+  default: random and frozen, which only makes sense for tests).
 
 Then: dot-product attention ``f_fusion = f_img * max_c(f_lm)`` (the channel max repeated over
 the image channels), tokens of both (``h*h`` each plus a class token), ``vit_depth``
@@ -20,17 +20,19 @@ and a linear head on the fusion class token, which is also the feature of the Ne
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .fer_losses import neaa_loss
-from .ir50 import IR50, load_backbone_weights
+from .ir50 import IR50
+from .outputs import BranchOutput
 
-__all__ = ["PCD", "LandmarkNet", "CrossFeatureBlock"]
+if TYPE_CHECKING:
+    from ..families.pcd import PCDConfig
+
+__all__ = ["PCD", "CrossFeatureBlock", "LandmarkNet"]
 
 
 def _conv_bn(cin: int, cout: int, k: int, s: int, groups: int = 1, act: bool = True):
@@ -73,7 +75,7 @@ class LandmarkNet(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "LandmarkNet":
+    def train(self, mode: bool = True) -> LandmarkNet:
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,23 +118,20 @@ class PCD(nn.Module):
 
     ``model(x)``: ``x [B, 3, H, W]`` (``mobilefacenet``) or ``[B, 3 + L, H, W]`` (image and
     ``L`` heat-map channels, ``heatmap``) -> logits ``[B, K]``.
-    ``model.forward_branches(xs [1, B, C, H, W])`` -> dict with ``logits [1, B, K]`` and
-    ``feat [B, D]`` (the fusion class token); :meth:`training_loss` gives
-    ``CE + neaa_weight * NeAA``.
+    ``model.forward_branches(xs [1, B, C, H, W])`` -> a :class:`BranchOutput` with
+    ``logits [1, B, K]`` and ``features [B, D]`` (the fusion class token); the family's
+    loss is ``CE + neaa_weight * NeAA``.
     """
 
-    branches = 1
-    cross = None
-
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: PCDConfig, num_classes: int) -> None:
         super().__init__()
-        if cfg.num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {cfg.num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
         if cfg.landmarks not in ("heatmap", "mobilefacenet"):
-            raise ValueError(f"model.landmarks must be heatmap or mobilefacenet, got "
+            raise ValueError(f"pcd.landmarks must be heatmap or mobilefacenet, got "
                              f"{cfg.landmarks!r}")
-        self.variant, self.num_classes = "pcd", cfg.num_classes
-        self.landmarks, self.neutral = cfg.landmarks, cfg.neutral_class
+        self.num_classes = num_classes
+        self.landmarks = cfg.landmarks
         self.size = cfg.backbone_size
         self.side = cfg.backbone_size // 8          # the IR50 stage-3 map (14 at 112 px)
         self.ir_back = IR50(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_size)
@@ -152,7 +151,7 @@ class PCD(nn.Module):
             CrossFeatureBlock(d, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_dropout)
             for _ in range(cfg.vit_depth))
         self.norm = nn.LayerNorm(d, eps=1e-6)
-        self.head = nn.Linear(d, cfg.num_classes)
+        self.head = nn.Linear(d, num_classes)
         for p in (self.cls_img, self.cls_lm, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
         for m in self.modules():
@@ -168,7 +167,7 @@ class PCD(nn.Module):
             with torch.no_grad():
                 return self.landmark_net(img)
         if x.shape[1] <= 3:
-            raise ValueError("this PCD network reads landmark heat-maps (model.landmarks = "
+            raise ValueError("this PCD network reads landmark heat-maps (pcd.landmarks = "
                              "'heatmap'): the input needs [B, 3 + L, H, W] with the maps "
                              "after the image channels, got shape " f"{tuple(x.shape)}")
         return F.adaptive_max_pool2d(x[:, 3:], self.side)
@@ -194,42 +193,9 @@ class PCD(nn.Module):
             raise ValueError(f"PCD expects [B, C, H, W], got shape {tuple(x.shape)}")
         return self._run(x)[0]
 
-    def forward_branches(self, xs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_branches(self, xs: torch.Tensor) -> BranchOutput:
+        """``[1, B, C, H, W]`` -> ``logits [1, B, K]``, ``features [B, D]``."""
         if xs.dim() != 5 or xs.shape[0] != 1:
             raise ValueError(f"PCD expects [1, B, C, H, W], got shape {tuple(xs.shape)}")
         logits, feat = self._run(xs[0])
-        return {"logits": logits[None], "feat": feat}
-
-    def training_loss(self, out: dict[str, torch.Tensor], labels: torch.Tensor, cfg
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``CE + neaa_weight * NeAA``; ``labels [1, B]``; ``cfg``: LossConfig."""
-        y = labels.reshape(-1)
-        logits = out["logits"].float().reshape(len(y), -1)
-        ce = F.cross_entropy(logits, y)
-        ne = neaa_loss(out["feat"].float(), logits, y, self.neutral)
-        return ce + cfg.neaa_weight * ne, {"base": float(ce.detach()), "neaa": float(ne.detach())}
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()
-
-    def load_pretrained(self, path: str | Path) -> str:
-        """IR50 weights into the image backbone (see :func:`load_backbone_weights`)."""
-        return str(load_backbone_weights(self.ir_back, path))
-
-    def load_landmark_weights(self, path: str | Path) -> str:
-        """MobileFaceNet-style weights into the frozen landmark trunk (names as in
-        :class:`LandmarkNet`; ``module.`` / ``landmark_net.`` prefixes are dropped)."""
-        if self.landmark_net is None:
-            raise ValueError("model.landmark_weights given but model.landmarks is 'heatmap'")
-        from .ir50 import _read_state
-        own = self.landmark_net.state_dict()
-        state = {}
-        for key, value in _read_state(Path(path)).items():
-            for prefix in ("module.", "landmark_net."):
-                key = key[len(prefix):] if key.startswith(prefix) else key
-            if key in own and own[key].shape == value.shape:
-                state[key] = value
-        if not state:
-            raise ValueError(f"{path}: no tensor matches the landmark trunk (wrong file?)")
-        self.landmark_net.load_state_dict(state, strict=False)
-        return f"landmark weights {path}: {len(state)}/{len(own)} tensors loaded"
+        return BranchOutput(logits[None], features=feat)

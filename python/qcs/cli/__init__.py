@@ -1,0 +1,48 @@
+"""The ``qcs`` command line, on top of the library (no library module imports it).
+
+``qcs train`` with no arguments generates the built-in data (once, cached) and trains the
+``tiny`` QCS preset on it, printing the test accuracy. Every error the package raises on
+purpose (:class:`qcs.errors.QCSError`) is printed as ``qcs COMMAND: error: MESSAGE`` with
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .parser import build_parser
+
+__all__ = ["apply_args", "build_parser", "main"]
+
+
+def apply_args(cfg, args) -> None:
+    """Copy the explicit options of ``args`` into ``cfg`` (see
+    :func:`qcs.cli.commands.apply_args`)."""
+    from .commands import apply_args as apply
+    apply(cfg, args)
+
+
+def _command(name: str):
+    from . import commands, use
+    return {"train": commands.cmd_train, "eval": commands.cmd_eval, "data": commands.cmd_data,
+            "convert": commands.cmd_convert, "config": commands.cmd_config,
+            "predict": use.cmd_predict, "visualize": use.cmd_visualize,
+            "export": use.cmd_export}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qcs`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from ..errors import QCSError
+    try:
+        return _command(args.command)(args)
+    except (QCSError, FileNotFoundError, FileExistsError) as exc:
+        print(f"qcs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # train: SIGINT / SIGTERM after saving (exit_code)
+        print(f"qcs {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)

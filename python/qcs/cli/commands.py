@@ -1,0 +1,228 @@
+"""The ``qcs`` commands of the trainer: ``train``, ``eval``, ``data synth``, ``convert``,
+``config show``. Each takes the parsed arguments and returns the exit status; errors are
+raised as :class:`qcs.errors.QCSError` and reported by :func:`qcs.cli.main`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, apply_overrides, config_from_dict, load_config, to_toml
+from ..errors import DataError, UsageError
+
+__all__ = [
+    "apply_args",
+    "cmd_config",
+    "cmd_convert",
+    "cmd_data",
+    "cmd_eval",
+    "cmd_train",
+    "setup_logging",
+]
+
+log = logging.getLogger("qcs")
+
+
+def _adopt(cfg: Config, new: Config) -> None:
+    """Make ``cfg`` hold ``new``'s sections (callers keep their reference to ``cfg``)."""
+    for f in dataclasses.fields(Config):
+        setattr(cfg, f.name, getattr(new, f.name))
+
+
+def _select_model(cfg: Config, args) -> None:
+    """``--model`` (a family, or a QCS variant) and ``--variant``."""
+    model, variant = getattr(args, "model", None), getattr(args, "variant", None)
+    data: dict[str, dict] = {}
+    if model in ("qcs", "dcs", "baseline"):
+        model, variant = "qcs", variant or model
+    if model is not None:
+        data["model"] = {"family": model}
+    if variant is not None:
+        if (model or cfg.model.family) != "qcs":
+            raise UsageError(f"--variant {variant}: variants belong to the qcs family, not "
+                             f"{model or cfg.model.family}")
+        data["qcs"] = {"variant": variant}
+    if data:
+        _adopt(cfg, config_from_dict(data, "--model/--variant", cfg))
+
+
+_OPTIONS = [  # (section, key, argument) copied when the argument is given
+    ("train", "epochs", "epochs"), ("optim", "lr", "lr"), ("train", "seed", "seed"),
+    ("train", "pretrained", "pretrained"), ("train", "max_steps_per_epoch", "max_steps"),
+    ("train", "device", "device"), ("train", "amp", "amp"), ("train", "threads", "threads"),
+    ("train", "batch_size", "batch_size"), ("data", "num_workers", "workers"),
+    ("data", "format", "data"), ("data", "root", "data_root"),
+    ("data", "train_list", "train_list"), ("data", "test_list", "test_list"),
+    ("data", "image_size", "image_size"), ("data", "cache_in_memory", "cache_in_memory"),
+    ("data", "balanced", "balanced"), ("data", "synth_bias_strength", "bias_strength"),
+    ("data", "synth_seed", "synth_seed"),
+]
+_FLAGS = [("train", "deterministic", "deterministic"), ("data", "check", "check_data"),
+          ("data", "skip_bad", "skip_bad"), ("data", "synth_bias", "bias")]
+
+
+def apply_args(cfg: Config, args) -> None:
+    """Copy the explicit CLI options into ``cfg`` (None means: keep the config's), then
+    ``--set`` overrides; validates."""
+    _select_model(cfg, args)
+    for section, key, name in _OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    for section, key, name in _FLAGS:
+        if getattr(args, name, False):
+            setattr(getattr(cfg, section), key, True)
+    if getattr(args, "set", None):
+        _adopt(cfg, apply_overrides(cfg, args.set))
+    cfg.validate()
+
+
+def setup_logging(quiet: bool) -> None:
+    """The ``qcs`` logger prints plain messages to stdout (INFO and above)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def cmd_train(args) -> int:
+    """``qcs train``: a fresh run from a preset / file and options, or ``--resume``."""
+    from ..training import train
+    setup_logging(args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        log.setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    if args.resume:
+        result = train(load_config("tiny"), ".", resume=args.resume, cache_dir=args.cache_dir,
+                       show_progress=not args.quiet, epochs=args.epochs, handle_signals=True)
+    else:
+        default = f"tiny-{args.model}" if args.model in ("dan", "pcd") else "tiny"
+        cfg = load_config(args.config or default)
+        apply_args(cfg, args)
+        name = cfg.family.run_name(cfg.net)
+        out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
+        log.info("run directory: %s", out)
+        result = train(cfg, out, cache_dir=args.cache_dir, show_progress=not args.quiet,
+                       handle_signals=True)
+    acc = 100 * result.last.get("test_acc", float("nan"))
+    log.info("done in %.1f min: final test accuracy %.2f%%, best %.2f%% at epoch %d; "
+             "checkpoints in %s", (time.perf_counter() - t0) / 60, acc,
+             100 * result.best_acc, result.best_epoch, result.run_dir)
+    if log.isEnabledFor(logging.INFO):
+        print(f"test accuracy: {acc:.2f}%")
+    return 0
+
+
+def _split_dataset(cfg: Config, root: str, split: str):
+    """The images of ``split`` (other than ``test``) as a test-transformed dataset."""
+    from ..data import ImageDataset, load_split, test_transform
+    from ..data.datasets import screen_images, skip_summary
+    lst = load_split(cfg.data.format, cfg.data.root or root, split, skip_bad=cfg.data.skip_bad)
+    if cfg.data.check or cfg.data.skip_bad:
+        lst, bad = screen_images(lst, cfg.data.skip_bad)
+        if bad and not cfg.data.skip_bad:
+            raise DataError(f"{len(bad)} unreadable images:\n  " + "\n  ".join(bad))
+    counts, _ = skip_summary([lst])
+    if counts:
+        log.warning("%s: skipped %s (--skip-bad)", lst.source,
+                    ", ".join(f"{n} {reason}" for reason, n in counts.items()))
+    return ImageDataset(lst, cfg.data.image_size, test_transform(cfg.data.image_size))
+
+
+def _print_eval(ev: dict, classes: list[str], base: Path, epoch, images: int, split: str) -> None:
+    width = max(len(c) for c in classes)
+    print(f"checkpoint {base} (epoch {epoch}), {images} {split} images")
+    print(f"accuracy: {100 * ev['acc']:.2f}%   mean recall: {100 * ev['mean_recall']:.2f}%")
+    print(f"{'class':<{width}}  recall      F1")
+    for name, r, f in zip(classes, ev["recall"], ev["f1"]):
+        print(f"{name:<{width}}  {100 * r:6.2f}  {100 * f:6.2f}")
+    print("confusion (rows: true, columns: predicted, order as above):")
+    for row in ev["confusion"]:
+        print("  " + " ".join(f"{v:5d}" for v in row))
+
+
+def cmd_eval(args) -> int:
+    """``qcs eval``: a checkpoint's inference network on a dataset split."""
+    import torch
+
+    from ..inference import load_model
+    from ..plots import plot_confusion
+    from ..training import evaluate, prepare_data, resolve_device
+    setup_logging(args.quiet)
+    loaded = load_model(args.checkpoint)
+    cfg, meta, base, classes = loaded.config, loaded.meta, loaded.base, loaded.classes
+    if args.data is None and args.data_root is None and meta.get("data_root"):
+        cfg.data.root = meta["data_root"]
+    args.pretrained = None
+    apply_args(cfg, args)
+    cfg.data.cache_in_memory = bool(args.cache_in_memory)
+    data = prepare_data(cfg, args.cache_dir, show_progress=not args.quiet)
+    if list(data.classes) != classes:
+        raise SystemExit(f"qcs eval: the checkpoint's classes {classes} differ from the "
+                         f"dataset's {list(data.classes)}")
+    test = data.test if args.split == "test" else _split_dataset(cfg, data.root, args.split)
+    device = resolve_device(cfg.train.device)
+    loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.batch_size * 4,
+                                         num_workers=cfg.data.num_workers)
+    ev = evaluate(loaded.model.to(device), loader, device, len(classes), cfg.train.amp,
+                  not args.quiet)
+    out = Path(args.out) if args.out else base.parent
+    out.mkdir(parents=True, exist_ok=True)
+    _print_eval(ev, classes, base, meta["epoch"], len(test), args.split)
+    stem = f"eval_{base.name}_{args.split}"
+    (out / f"{stem}.json").write_text(json.dumps({"checkpoint": str(base), "classes": classes,
+                                                  **ev}, indent=2))
+    plot_confusion(ev["confusion"], classes, out / f"{stem}_confusion.png",
+                   f"{base.name} on {args.split}: accuracy {100 * ev['acc']:.2f}%")
+    print(f"written: {out / (stem + '.json')}, {out / (stem + '_confusion.png')}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    """``qcs data synth``: write the built-in dataset."""
+    from ..data.synth import SynthParams, generate
+    from ..progress import Progress
+    if args.data_command != "synth":
+        print("qcs data: choose an action (synth); see qcs data --help", file=sys.stderr)
+        return 2
+    params = SynthParams(seed=args.seed, train_per_class=args.train_per_class,
+                         test_per_class=args.test_per_class, size=args.size, bias=args.bias,
+                         bias_strength=args.bias_strength)
+    bar = Progress(1, "synth", unit="img", enabled=not args.quiet)
+    root = generate(args.out, params, progress=bar.tick)
+    bar.close()
+    print(f"wrote {root} (RAF-DB layout; train with: qcs train --data raf-db --data-root {root})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """``qcs convert``: an official QCS / DCS checkpoint into ours."""
+    import torch
+
+    from ..convert import convert_official
+    cfg = apply_overrides(load_config(args.config), args.set)
+    out = Path(args.out)
+    base = out / "best" if out.is_dir() or args.out.endswith(("/", "\\")) else out
+    torch.manual_seed(args.seed)
+    report = convert_official(args.source, base, config=cfg, data_format=args.data,
+                              strict=args.strict)
+    print(report)
+    print(f"written: {base}.safetensors, {base}.json (use with qcs eval / predict / "
+          f"visualize / export --checkpoint {base})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """``qcs config show``: the resolved config as TOML."""
+    if args.config_command != "show":
+        print("qcs config: choose an action (show); see qcs config --help", file=sys.stderr)
+        return 2
+    print(to_toml(load_config(args.name)), end="")
+    return 0
