@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of Cross Similarity Attention (CSA).
 
-This module is ``shared/spec/csa.md`` written as code: it is the oracle the fused CPU
+This module is ``docs/csa-spec.md`` written as code: it is the oracle the fused CPU
 and CUDA kernels are tested against, and the ``backend="reference"`` path of the
 ``qcs_ext.nn`` modules. It favours readability over speed; autograd provides its
 backward.

@@ -1,4 +1,4 @@
-// CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in shared/spec/csa.md).
+// CPU kernels of the CSA ops (schemas in csrc/schemas.h, math in docs/csa-spec.md).
 //
 // Forward, per call:
 //   0. squared norms of every token;
