@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def _slug(heading: str) -> str:
 
 def _anchors(page: Path) -> set[str]:
     text = _FENCE.sub("", page.read_text(encoding="utf-8"))
-    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M)}
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text,
+                                                       re.MULTILINE)}
 
 
 def _relative_targets(page: Path) -> list[tuple[str, Path, str]]:
@@ -90,7 +92,9 @@ def test_readme_python_example_runs():
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
     assert blocks, "README.md has no ```python example"
     pytest.importorskip("qcs_ext._C", reason="the fused kernels are not built")
-    exec(compile(blocks[0], "README.md example", "exec"), {"__name__": "readme_example"})
+    run = subprocess.run([sys.executable, "-c", blocks[0]], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 0, f"the README's example failed:\n{run.stderr}"
 
 
 def test_no_tracked_file_points_outside_the_repository():
@@ -121,9 +125,9 @@ def test_relative_links_name_existing_files(page):
 def test_anchors_name_existing_headings(page):
     wrong = []
     for link, target, anchor in _relative_targets(page):
-        if anchor and target.suffix == ".md" and target.is_file():
-            if _slug(anchor) not in _anchors(target):
-                wrong.append(link)
+        if (anchor and target.suffix == ".md" and target.is_file()
+                and _slug(anchor) not in _anchors(target)):
+            wrong.append(link)
     for link in _links(page):
         if link.startswith("#") and _slug(link[1:]) not in _anchors(page):
             wrong.append(link)
