@@ -1,4 +1,4 @@
-"""DAN, "Distract your Attention" (Wen et al.; see ``docs/models.md``), as a
+"""DAN, "Distract your Attention" (``shared/papers/dan-distract-your-attention.txt``), as a
 trainer variant: one definition parameterised by :class:`qcs.config.ModelConfig`.
 
 - FCN: a ResNet built from torchvision's ``BasicBlock`` with the attribute names of
