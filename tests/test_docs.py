@@ -87,6 +87,16 @@ def test_readme_is_at_most_250_lines():
         "depth into docs/")
 
 
+def test_readme_commands_are_the_ones_ci_and_users_run():
+    """The README's test command is the one .ci/run executes, and the train command is there."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
+    assert ci, ".ci/run runs no command"
+    assert ci[-1] in readme, f"README.md does not show the command .ci/run runs: {ci[-1]}"
+    assert "bash scripts/bootstrap.sh && .venv/bin/qcs train" in readme
+
+
 def test_readme_python_example_runs():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
