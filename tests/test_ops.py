@@ -1,4 +1,4 @@
-"""The fused CPU ops against the plain-PyTorch reference (docs/csa-spec.md)."""
+"""The fused CPU ops against the plain-PyTorch reference (shared/spec/csa.md)."""
 
 from __future__ import annotations
 

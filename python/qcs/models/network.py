@@ -1,4 +1,4 @@
-"""The QCS / DCS / baseline network (``docs/models.md``): one definition,
+"""The QCS / DCS / baseline network (``shared/spec/qcs-network.md``): one definition,
 parameterised by :class:`qcs.config.ModelConfig` (variant, widths, number of classes).
 
 Shapes: ``R`` branches (4 QCS, 2 DCS, 1 baseline), ``B`` batch, ``K`` classes,

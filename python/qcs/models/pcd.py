@@ -1,4 +1,4 @@
-"""PCD, product-cross dual attention (Nie et al.; ``docs/models.md``),
+"""PCD, product-cross dual attention (``shared/papers/pcd-product-cross-dual-attention.txt``),
 as a trainer variant: one definition parameterised by :class:`qcs.config.ModelConfig`.
 
 Image features: the trainer's IR50 (stages 1-3), its last map ``f_img [B, C_img, h, h]``
