@@ -2,7 +2,7 @@
 //
 // Used by the CPU kernels, the CUDA kernels and the host emulation of the CUDA kernels,
 // so everything here is header-only, free of ATen, and callable on host and device.
-// The math is specified in shared/spec/csa.md; the names below follow it.
+// The math is specified in docs/csa-spec.md; the names below follow it.
 #pragma once
 
 #include <cmath>

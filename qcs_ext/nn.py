@@ -1,4 +1,4 @@
-"""The cross modules of the QCS and DCS networks (``shared/spec/qcs-network.md``).
+"""The cross modules of the QCS and DCS networks (``docs/models.md``).
 
 Each module takes the token features of all branches stacked in the first dimension and
 returns refined features of the same shape::

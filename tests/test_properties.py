@@ -23,7 +23,7 @@ not fit float16, so it is not compared there.
 
 Profiles (registered in ``conftest.py``): ``ci`` (default, derandomized: CI sees the same
 examples every run, ~2 minutes) and ``long`` (``QCS_HYPOTHESIS_PROFILE=long``, fresh random
-examples, >= 10,000 in all). See the README section "Property-based tests".
+examples, >= 10,000 in all). See docs/testing.md, "Property-based tests".
 """
 
 from __future__ import annotations
