@@ -220,7 +220,8 @@ def test_predict_refuses_networks_that_need_landmark_maps(tmp_path, capsys):
     from qcs.checkpoint import save_checkpoint
     from qcs.config import apply_overrides, load_config
     from qcs.families import build_model
-    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7", 'pcd.landmarks="heatmap"'])
+    cfg = apply_overrides(load_config("tiny-pcd"),
+                          ["model.num_classes=7", 'pcd.landmarks="heatmap"'])
     assert cfg.net.landmarks == "heatmap"
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg),
