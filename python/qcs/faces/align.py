@@ -51,10 +51,10 @@ def template_for(name: str) -> np.ndarray:
     return TEMPLATES[key]
 
 
-def _points(a, name: str) -> np.ndarray:
+def _points(a, name: str, least: int = 2) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    if a.ndim != 2 or a.shape[1] != 2 or len(a) < 2:
-        raise ValueError(f"{name} must be [N >= 2, 2] points, got shape {list(a.shape)}")
+    if a.ndim != 2 or a.shape[1] != 2 or len(a) < least:
+        raise ValueError(f"{name} must be [N >= {least}, 2] points, got shape {list(a.shape)}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} has non-finite values")
     return a
@@ -86,7 +86,7 @@ def umeyama(src, dst) -> np.ndarray:
 
 def apply_transform(m: np.ndarray, points) -> np.ndarray:
     """``points [N, 2]`` mapped by the ``2x3`` affine ``m``."""
-    return _points(points, "points") @ np.asarray(m)[:, :2].T + np.asarray(m)[:, 2]
+    return _points(points, "points", 1) @ np.asarray(m)[:, :2].T + np.asarray(m)[:, 2]
 
 
 def _invert(m: np.ndarray) -> np.ndarray:

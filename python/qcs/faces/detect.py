@@ -86,16 +86,19 @@ class Detector:
     Args:
         device: where the networks run (the classifier's device).
         angles: rotations tried when the upright image has no face; ``()`` turns it off.
-        min_face: the smallest face side searched, in pixels.
+        min_face: the smallest face side searched, in pixels...
+        min_face_fraction: ... and as a fraction of the image's shorter side.
         threshold: O-Net face probability needed to report a face.
     """
 
     def __init__(self, device: str | torch.device = "cpu",
                  angles: tuple[float, ...] = (-30.0, 30.0, -60.0, 60.0),
-                 min_face: float = 20.0, threshold: float = 0.9) -> None:
+                 min_face: float = 20.0, min_face_fraction: float = 0.05,
+                 threshold: float = 0.95) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.net = MTCNN(device, min_face=min_face, thresholds=(0.6, 0.7, threshold))
+        self.net = MTCNN(device, min_face=min_face, min_face_fraction=min_face_fraction,
+                         thresholds=(0.6, 0.7, threshold))
         self.angles = tuple(float(a) for a in angles)
         self.landmarks = True
 

@@ -200,26 +200,32 @@ class MTCNN:
     Args:
         device: where the networks run.
         min_face: the smallest face side searched, in pixels.
+        min_face_fraction: ... and at least this fraction of the image's shorter side (a
+            large photo is not searched for faces a few pixels wide).
         factor: ratio between pyramid levels.
         thresholds: face-probability cut of P-Net, R-Net and O-Net.
         batch: crops per R-Net / O-Net forward pass.
     """
 
     def __init__(self, device: str | torch.device = "cpu", min_face: float = 20.0,
-                 factor: float = 0.709, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+                 min_face_fraction: float = 0.05, factor: float = 0.709,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
                  batch: int = 512) -> None:
         if min_face < 12:
             raise ValueError(f"min_face must be >= 12 pixels (P-Net's window), got {min_face}")
+        if not 0 <= min_face_fraction < 1:
+            raise ValueError(f"min_face_fraction must be in [0, 1), got {min_face_fraction}")
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor}")
         self.device = torch.device(device)
         self.pnet, self.rnet, self.onet = (n.to(self.device) for n in load_networks())
-        self.min_face, self.factor, self.thresholds, self.batch = (min_face, factor,
-                                                                   thresholds, batch)
+        self.min_face, self.min_face_fraction = min_face, min_face_fraction
+        self.factor, self.thresholds, self.batch = factor, thresholds, batch
 
     def scales(self, height: int, width: int) -> list[float]:
-        """Pyramid scales: the first maps ``min_face`` onto P-Net's 12 px window."""
-        m = 12.0 / self.min_face
+        """Pyramid scales: the first maps the smallest face searched onto P-Net's 12 px
+        window, the last leaves the shorter side at least 12 px."""
+        m = 12.0 / max(self.min_face, self.min_face_fraction * min(height, width))
         side, out = min(height, width) * m, []
         while side >= 12:
             out.append(m * self.factor ** len(out))
@@ -235,7 +241,8 @@ class MTCNN:
         sizes; image indices start at ``first``)."""
         found = []
         for s in self.scales(images.shape[2], images.shape[3]):
-            size = (max(12, math.ceil(images.shape[2] * s)), max(12, math.ceil(images.shape[3] * s)))
+            size = (max(12, math.ceil(images.shape[2] * s)),
+                    max(12, math.ceil(images.shape[3] * s)))
             level = F.interpolate(images, size=size, mode="area")
             prob, reg = self.pnet(self._normalise(level))
             b, yy, xx = torch.nonzero(prob >= self.thresholds[0], as_tuple=True)
@@ -298,6 +305,8 @@ class MTCNN:
         """Faces in each RGB ``uint8 [H, W, 3]`` image: ``(boxes [n, 4], scores [n],
         landmarks [n, 5, 2])`` (left eye, right eye, nose, left and right mouth corner as
         seen in the image), float64 numpy, best first."""
+        if not images:
+            return []
         groups, first, by_size = [], 0, {}
         for i, im in enumerate(images):
             if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
