@@ -21,9 +21,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from face_helpers import drawn_face, photos, place, similarity  # noqa: E402
-
-from qcs.faces import Detector, HaarDetector, align_face, rotate_image  # noqa: E402
+from face_helpers import drawn_face, photos, place, similarity
+from qcs.faces import Detector, HaarDetector, align_face, rotate_image
 
 
 def photo_table(det: Detector) -> None:

@@ -9,12 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from face_helpers import drawn_face, photos, place, similarity
-from qcs.faces import (Detector, HaarDetector, TEMPLATES, align_face, apply_transform,
-                       estimate_template, landmark_heatmaps, rotate_image, template_for,
-                       umeyama)
+from PIL import Image
+from qcs.faces import (
+    TEMPLATES,
+    Detector,
+    HaarDetector,
+    align_face,
+    apply_transform,
+    estimate_template,
+    landmark_heatmaps,
+    rotate_image,
+    template_for,
+    umeyama,
+)
 from qcs.faces.mtcnn import MTCNN, load_networks, nms
 
 pytest.importorskip("skimage")

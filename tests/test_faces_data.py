@@ -7,13 +7,17 @@ import csv
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from face_helpers import drawn_face, photos
+from PIL import Image
 from qcs.data.landmarks import heatmap_path
 from qcs.faces import TEMPLATES, Detector, align_face
-from qcs.faces.annotations import (five_from_68, landmark_items, raf_aligned_points,
-                                   read_raf_manual, write_landmark_maps)
+from qcs.faces.annotations import (
+    five_from_68,
+    landmark_items,
+    raf_aligned_points,
+    read_raf_manual,
+    write_landmark_maps,
+)
 
 
 def peaks(path, channels: int = 3) -> np.ndarray:
@@ -135,3 +139,19 @@ def test_detector_source_on_a_folder(tmp_path):
                                atol=0.006)
     with pytest.raises(ValueError, match="source must be"):
         list(landmark_items(paths, "nope"))
+
+
+def test_training_reader_applies_exif_orientation_like_predict(tmp_path):
+    from qcs.data.datasets import read_image
+    from qcs.predict import read_rgb
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :20] = 255                      # a white block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6                            # display rotated 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=100)
+    shown = np.asarray(read_image(path))
+    assert shown.shape == (60, 40, 3)
+    # clockwise: the stored top-left block is now at the top-right
+    assert shown[:20, -10:].mean() > 200 and shown[-20:, :10].mean() < 50
+    np.testing.assert_array_equal(shown, np.asarray(read_rgb(path)[0]))

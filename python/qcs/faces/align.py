@@ -22,13 +22,20 @@ left eye, right eye, nose tip, left mouth corner, right mouth corner:
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["TEMPLATES", "LAYOUT_TEMPLATES", "umeyama", "apply_transform", "align_face",
-           "estimate_template", "template_for"]
+__all__ = [
+    "LAYOUT_TEMPLATES",
+    "TEMPLATES",
+    "align_face",
+    "apply_transform",
+    "estimate_template",
+    "template_for",
+    "umeyama",
+]
 
 TEMPLATES: dict[str, np.ndarray] = {
     "raf-db": np.array([[0.350, 0.410], [0.650, 0.410], [0.500, 0.581],

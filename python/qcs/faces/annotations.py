@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -30,9 +30,16 @@ from ..data.landmarks import heatmap_path, render_heatmaps
 from .align import TEMPLATES, apply_transform, estimate_template, umeyama
 from .maps import pcd_points
 
-__all__ = ["landmark_items", "read_raf_manual", "raf_aligned_points", "five_from_68",
-           "read_affectnet_points", "detect_points", "write_landmark_maps",
-           "measure_template"]
+__all__ = [
+    "detect_points",
+    "five_from_68",
+    "landmark_items",
+    "measure_template",
+    "raf_aligned_points",
+    "read_affectnet_points",
+    "read_raf_manual",
+    "write_landmark_maps",
+]
 
 MAX_MAP_SIDE = 256
 
@@ -175,7 +182,7 @@ def _raf_items(paths: list[Path], root: Path, detector) -> Iterator[tuple[Path, 
             side = im.width
         template = measure_template(aligned, detector, side)
     for p in paths:
-        stem = p.stem[:-len("_aligned")] if p.stem.endswith("_aligned") else p.stem
+        stem = p.stem.removesuffix("_aligned")
         pts = manual.get(stem)
         if pts is not None and p.parent.name == "aligned":
             with Image.open(p) as im:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .mtcnn import MTCNN, nms
 
-__all__ = ["Face", "Detector", "HaarDetector", "rotate_image", "make_detector"]
+__all__ = ["Detector", "Face", "HaarDetector", "make_detector", "rotate_image"]
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Face:
 
     Attributes:
         box: ``(x, y, w, h)`` axis-aligned, in input-image pixels.
-        score: the detector's confidence (MTCNN: O-Net's face probability).
+        score: the detector's confidence (MTCNN: O-Net's face probability); ``None``
+            for a face that was given, not detected.
         landmarks: ``[5, 2]`` float ``[x, y]`` points in input-image pixels: left eye,
             right eye, nose tip, left and right mouth corner (left / right as seen in the
             image); ``None`` for detectors without landmarks.
@@ -34,7 +35,7 @@ class Face:
     """
 
     box: tuple[float, float, float, float]
-    score: float
+    score: float | None
     landmarks: np.ndarray | None = None
     angle: float = 0.0
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..data.landmarks import render_heatmaps
 
-__all__ = ["pcd_points", "landmark_heatmaps"]
+__all__ = ["landmark_heatmaps", "pcd_points"]
 
 
 def pcd_points(landmarks, size: float) -> list[tuple[float, float]]:

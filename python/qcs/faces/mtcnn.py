@@ -24,8 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-__all__ = ["PNet", "RNet", "ONet", "MTCNN", "nms", "square_boxes", "apply_regression",
-           "WEIGHTS"]
+__all__ = [
+    "MTCNN",
+    "WEIGHTS",
+    "ONet",
+    "PNet",
+    "RNet",
+    "apply_regression",
+    "nms",
+    "square_boxes",
+]
 
 WEIGHTS = Path(__file__).parent / "weights" / "mtcnn.safetensors"
 
@@ -179,7 +187,7 @@ class _Candidates:
     image: torch.Tensor
     points: torch.Tensor | None = None
 
-    def take(self, idx: torch.Tensor) -> "_Candidates":
+    def take(self, idx: torch.Tensor) -> _Candidates:
         """The candidates at ``idx``."""
         return _Candidates(self.boxes[idx], self.scores[idx], self.image[idx],
                            None if self.points is None else self.points[idx])
