@@ -157,6 +157,7 @@ def test_no_face_on_the_coffee_cup_or_the_cat(detector):
     assert detector.detect([p["coffee"], p["cat"]]) == [[], []]
 
 
+@pytest.mark.slow
 def test_batch_gives_the_same_faces_as_one_by_one(detector):
     face, pts = drawn_face(90, seed=3)
     imgs = [place(face, pts, similarity(a, 1.0, (70 + a, 60)), (260, 260))[0]
@@ -181,6 +182,7 @@ def random_placements(n: int, seed: int):
         yield place(face, pts, m, (320, 320))
 
 
+@pytest.mark.slow
 def test_drawn_faces_landmark_error(detector):
     nme = []
     for img, truth in random_placements(6, seed=1):

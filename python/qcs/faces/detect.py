@@ -110,25 +110,34 @@ class Detector:
                              float(s), p) for b, s, p in zip(boxes, scores, points)])
         return out
 
-    def _rotated(self, rgb: np.ndarray) -> list[Face]:
-        copies = [rotate_image(rgb, a) for a in self.angles]
-        found = []
-        for (boxes, scores, points), (_, m), a in zip(
-                self.net.detect([c for c, _ in copies]), copies, self.angles):
-            found += [_map_face(b, s, p, m, a) for b, s, p in zip(boxes, scores, points)]
-        if len(found) < 2:
-            return found
+    def _rotated(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """Faces of each image found in its rotated copies (all copies of all images in
+        one detector call), mapped back and merged."""
+        copies = [(k, a, *rotate_image(rgb, a)) for k, rgb in enumerate(images)
+                  for a in self.angles]
+        found: list[list[Face]] = [[] for _ in images]
+        for (k, a, _, m), (boxes, scores, points) in zip(
+                copies, self.net.detect([c for _, _, c, _ in copies])):
+            found[k] += [_map_face(b, s, p, m, a) for b, s, p in zip(boxes, scores, points)]
+        return [self._merge(faces) for faces in found]
+
+    @staticmethod
+    def _merge(faces: list[Face]) -> list[Face]:
+        """One face per place: the best of finds covering each other by half or more."""
+        if len(faces) < 2:
+            return faces
         xyxy = torch.tensor([[f.box[0], f.box[1], f.box[0] + f.box[2], f.box[1] + f.box[3]]
-                             for f in found])
-        keep = nms(xyxy, torch.tensor([f.score for f in found]), 0.5, mode="min")
-        return [found[i] for i in keep.tolist()]
+                             for f in faces])
+        keep = nms(xyxy, torch.tensor([f.score for f in faces]), 0.5, mode="min")
+        return [faces[i] for i in keep.tolist()]
 
     def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
         """Faces of each RGB ``uint8 [H, W, 3]`` image, best score first."""
         out = self._upright(images)
-        for i, faces in enumerate(out):
-            if not faces and self.angles:
-                out[i] = self._rotated(images[i])
+        missing = [i for i, faces in enumerate(out) if not faces]
+        if missing and self.angles:
+            for i, faces in zip(missing, self._rotated([images[i] for i in missing])):
+                out[i] = faces
         return out
 
 
