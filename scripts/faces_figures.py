@@ -83,12 +83,13 @@ def builtin_rate(det: Detector, per_class: int) -> None:
                 for r in rows]
     upright = Detector(angles=()).detect(imgs)
     rotated = det.detect(imgs)
-    eye_err = [np.linalg.norm(f[0].landmarks[:2] / 100 - np.array(r["eyes"]), axis=1).mean()
-               for f, r in zip(upright, rows) if f]
+    def eye_err(found):
+        return 100 * np.mean([np.linalg.norm(f[0].landmarks[:2] / 100 - np.array(r["eyes"]),
+                                             axis=1).mean() for f, r in zip(found, rows) if f])
     line = (f"built-in data ({len(imgs)} test images, 100 px): MTCNN upright "
-            f"{sum(map(bool, upright)) / len(imgs):.1%}, with the rotated copies "
-            f"{sum(map(bool, rotated)) / len(imgs):.1%}; eye error of the upright finds "
-            f"{100 * np.mean(eye_err):.2f} px")
+            f"{sum(map(bool, upright)) / len(imgs):.1%} (eye error {eye_err(upright):.2f} px), "
+            f"with the rotated copies {sum(map(bool, rotated)) / len(imgs):.1%} (eye error "
+            f"{eye_err(rotated):.2f} px)")
     try:
         haar = HaarDetector().detect(imgs)
         line += f"; Haar cascade {sum(map(bool, haar)) / len(imgs):.1%}"
