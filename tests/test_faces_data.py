@@ -155,3 +155,31 @@ def test_training_reader_applies_exif_orientation_like_predict(tmp_path):
     # clockwise: the stored top-left block is now at the top-right
     assert shown[:20, -10:].mean() > 200 and shown[-20:, :10].mean() < 50
     np.testing.assert_array_equal(shown, np.asarray(read_rgb(path)[0]))
+
+
+def test_data_landmarks_command(tmp_path, capsys):
+    from qcs.cli import main
+    base, truths = write_raf(tmp_path / "raf")
+    (base / "EmoLabel" / "list_patition_label.txt").write_text(
+        "".join(f"{name}.jpg 4\n" for name in truths))
+    assert main(["data", "landmarks", "--data", "raf-db", "--data-root", str(base),
+                 "--source", "raf-manual", "--split", "train", "--quiet"]) == 0
+    assert "3 maps written, 0 without landmarks" in capsys.readouterr().out
+    for name, (_, where) in truths.items():
+        maps = heatmap_path(base / "Image" / "aligned" / f"{name}_aligned.jpg")
+        np.testing.assert_allclose(peaks(maps), expected(where) / 100, atol=0.006)
+    # any folder, by the detector
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photos()["astronaut"]).resize((200, 200)).save(folder / "a.png")
+    Image.new("RGB", (120, 120), (20, 60, 90)).save(folder / "flat.png")
+    assert main(["data", "landmarks", "--data-root", str(folder), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 images, 1 maps written, 1 without landmarks" in out and "flat.png" in out
+    assert heatmap_path(folder / "a.png").is_file()
+    # running again skips the drawn map and does not read it as an image
+    assert main(["data", "landmarks", "--data-root", str(folder), "--quiet"]) == 0
+    assert "2 images, 0 maps written" in capsys.readouterr().out
+    assert main(["data", "landmarks", "--data", "folder", "--data-root", str(folder),
+                 "--source", "raf-manual"]) == 2
+    assert "--source raf-manual needs --data raf-db" in capsys.readouterr().err

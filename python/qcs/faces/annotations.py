@@ -19,13 +19,13 @@ Maps are written where the trainer reads them (:func:`qcs.data.landmarks.heatmap
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..atomic import atomic_write
 from ..data.landmarks import heatmap_path, render_heatmaps
 from .align import TEMPLATES, apply_transform, estimate_template, umeyama
 from .maps import pcd_points
@@ -164,9 +164,8 @@ def write_landmark_maps(items: Iterable[tuple[Path, np.ndarray | None]], overwri
             frac = np.asarray(pts, dtype=np.float64) / [w, h]
             maps = render_heatmaps(pcd_points(frac, 1.0), side)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.parent / f".{dest.stem}.{os.getpid()}.tmp.png"
-            Image.fromarray(maps).save(tmp)
-            os.replace(tmp, dest)
+            picture = Image.fromarray(maps)
+            atomic_write(dest, lambda tmp: picture.save(tmp, format="PNG"), durable=False)
             written += 1
         if progress is not None:
             progress(k + 1, len(items))
