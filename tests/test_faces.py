@@ -114,7 +114,7 @@ def test_rotate_image_maps_points_back():
 
 # --------------------------------------------------------------------------- photographs
 def test_astronaut_upright_one_face_sane_landmarks(astronaut_face):
-    img, face = astronaut_face
+    _, face = astronaut_face
     sane_layout(face)
     assert face.angle == 0 and abs(face.roll()) < 10
     x, y, w, h = face.box

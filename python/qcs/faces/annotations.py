@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,10 @@ def measure_template(aligned: Iterable[Path], detector, size: float, limit: int 
     return estimate_template(found, size) if len(found) >= 10 else None
 
 
+def _save_png(picture: Image.Image, path: Path) -> None:
+    picture.save(path, format="PNG")
+
+
 def write_landmark_maps(items: Iterable[tuple[Path, np.ndarray | None]], overwrite: bool = False,
                         progress: Callable[[int, int], None] | None = None
                         ) -> tuple[int, list[Path]]:
@@ -164,8 +169,7 @@ def write_landmark_maps(items: Iterable[tuple[Path, np.ndarray | None]], overwri
             frac = np.asarray(pts, dtype=np.float64) / [w, h]
             maps = render_heatmaps(pcd_points(frac, 1.0), side)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            picture = Image.fromarray(maps)
-            atomic_write(dest, lambda tmp: picture.save(tmp, format="PNG"), durable=False)
+            atomic_write(dest, partial(_save_png, Image.fromarray(maps)), durable=False)
             written += 1
         if progress is not None:
             progress(k + 1, len(items))

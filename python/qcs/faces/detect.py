@@ -55,8 +55,8 @@ def rotate_image(rgb: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]
     h, w = rgb.shape[:2]
     t = math.radians(angle)
     c, s = math.cos(t), math.sin(t)
-    nw = int(math.ceil(abs(w * c) + abs(h * s) - 1e-6))
-    nh = int(math.ceil(abs(w * s) + abs(h * c) - 1e-6))
+    nw = math.ceil(abs(w * c) + abs(h * s) - 1e-6)
+    nh = math.ceil(abs(w * s) + abs(h * c) - 1e-6)
     # on screen (y down) a counter-clockwise turn of the picture maps input p to
     # q = R(-t) (p - c_in) + c_out, so q -> p is p = R(t) (q - c_out) + c_in
     a = np.array([[c, -s], [s, c]])
