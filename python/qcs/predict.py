@@ -5,7 +5,7 @@ RGBA inputs are converted to RGB and the conversion is noted in the file's recor
 faces with five landmarks (:mod:`qcs.faces`, a batch of images per call), warp each face
 onto the training data's five-point template at the checkpoint's ``data.image_size``
 (``align=False``: a square box crop with a margin), and classify in batches. Networks that
-read landmark heat maps (PCD with ``model.landmarks = "heatmap"``) get the maps drawn from
+read landmark heat maps (PCD with ``pcd.landmarks = "heatmap"``) get the maps drawn from
 the detected landmarks.
 
 The default detector (MTCNN) ships its weights inside the package: no download, no

@@ -1,4 +1,4 @@
-"""Five landmarks -> the eye and mouth heat maps PCD reads (``model.landmarks =
+"""Five landmarks -> the eye and mouth heat maps PCD reads (``pcd.landmarks =
 "heatmap"``), drawn exactly as the built-in data's maps (:mod:`qcs.data.landmarks`)."""
 
 from __future__ import annotations
