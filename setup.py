@@ -127,7 +127,8 @@ if _env_flag("QCS_BUILD_EMULATION", "0") == "1" and emulation_sources:
 setup(
     packages=["qcs_ext", *find_packages(where="python", include=["qcs", "qcs.*"])],
     package_dir={"qcs_ext": "qcs_ext", "qcs": "python/qcs"},
-    package_data={"qcs": ["configs/*.toml"]},
+    package_data={"qcs": ["configs/*.toml"],
+                  "qcs.faces": ["weights/mtcnn.safetensors", "weights/NOTICE.md"]},
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -76,7 +76,7 @@ def test_data_synth_command(tmp_path, capsys):
                  "--test-per-class", "1", "--size", "24", "--quiet", "--bias"]) == 0
     assert "RAF-DB layout" in capsys.readouterr().out
     labels = (tmp_path / "basic" / "EmoLabel" / "list_patition_label.txt").read_text().split("\n")
-    assert labels[0] == "train_00001.jpg 1" and len([l for l in labels if l]) == 14
+    assert labels[0] == "train_00001.jpg 1" and len([x for x in labels if x]) == 14
     assert json.loads((tmp_path / "basic" / "synth.json").read_text())["bias"] is True
 
 

@@ -54,7 +54,7 @@ def _official_name(key: str, stage_starts: list[int], old_names: bool) -> str:
     return key
 
 
-class RecorderMeter_loss:
+class RecorderMeter_loss:  # noqa: N801 -- the authors' class name, pickled from __main__
     """Like the authors' recorder: numpy arrays in a plain object."""
 
     def __init__(self, epochs: int) -> None:

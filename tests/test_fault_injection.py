@@ -196,7 +196,7 @@ def test_mid_epoch_resume_is_bit_identical_and_needs_the_rng_state(qcs_micro_con
     assert _same(load_weights(snap / "last"), want)
     assert resumed.last["test_acc"] == full.last["test_acc"]
     assert "resumed from" in (snap / "train.log").read_text()
-    rows = lambda run: [{k: v for k, v in json.loads(line).items()
+    rows = lambda run: [{k: v for k, v in json.loads(line).items()  # noqa: E731
                          if k not in ("train_time_s", "train_images_per_s")}
                         for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows(snap) == rows(tmp_path / "full")  # the running sums survived too

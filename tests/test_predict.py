@@ -1,5 +1,6 @@
-"""qcs predict: input collection, image modes, face detection on drawn faces, crops,
-batched classification against the model called directly, output formats, error paths."""
+"""qcs predict: input collection, image modes, face detection and alignment on
+photographs, batched classification against the model called directly, heat-map PCD
+checkpoints, output formats, error paths."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from qcs.cli import main
 from qcs.data import transforms
 from qcs.inference import load_model
 from qcs.predict import CSV_FIXED, Predictor, collect_inputs, read_rgb, square_crop
-from use_helpers import CLASSES, draw_face, face_centre, make_checkpoint
+from face_helpers import photos
+from qcs.faces import TEMPLATES, Detector, align_face, apply_transform, landmark_heatmaps
+from use_helpers import CLASSES, make_checkpoint
+
+pytest.importorskip("skimage")
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +30,17 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """two.jpg (two faces), sub/grey.png (L), sub/rgba.png, blank.png (no face),
-    broken.jpg (not an image), notes.txt (ignored when walking the folder)."""
+    """two.jpg (the astronaut beside her mirror image), sub/grey.png (L), sub/rgba.png,
+    blank.png (no face), broken.jpg (not an image), notes.txt (ignored when walking the
+    folder)."""
     root = tmp_path_factory.mktemp("predict_images")
     (root / "sub").mkdir()
-    two = Image.new("L", (400, 220), 90)
-    two.paste(draw_face(120), (20, 30))
-    two.paste(draw_face(100), (250, 50))
-    two.convert("RGB").save(root / "two.jpg", quality=95)
-    grey = Image.new("L", (300, 300), 90)
-    grey.paste(draw_face(150), (70, 50))
+    small = Image.fromarray(photos()["astronaut"]).resize((256, 256), Image.LANCZOS)
+    two = Image.new("RGB", (512, 256))
+    two.paste(small, (0, 0))
+    two.paste(small.transpose(Image.FLIP_LEFT_RIGHT), (256, 0))
+    two.save(root / "two.jpg", quality=95)
+    grey = small.convert("L")
     grey.save(root / "sub" / "grey.png")
     rgba = grey.convert("RGBA")
     rgba.save(root / "sub" / "rgba.png")
@@ -84,23 +90,19 @@ def test_square_crop_geometry():
     assert edge.size == (40, 40) and a[0, 0].sum() == 0 and a[-1, -1].sum() == 765
 
 
-def test_detector_finds_each_drawn_face_once(images):
-    pytest.importorskip("cv2")
-    from qcs.predict import FaceDetector
-    det = FaceDetector()
+def test_detector_finds_each_face_once(images):
+    det = Detector()
     rgb = np.asarray(Image.open(images / "two.jpg").convert("RGB"))
-    found = det.detect(rgb)
-    assert len(found) == 2
-    for size, at in ((120, (20, 30)), (100, (250, 50))):
-        cx, cy = face_centre(size, at)
-        hits = [b for b, _ in found if b[0] < cx < b[0] + b[2] and b[1] < cy < b[1] + b[3]]
-        assert len(hits) == 1, (size, found)
-        assert 0.5 * size < hits[0][2] < 1.3 * size      # about the face's width
-    assert det.detect(np.full((200, 200, 3), 128, np.uint8)) == []
+    found = det.detect([rgb, np.full((200, 200, 3), 128, np.uint8)])
+    assert len(found[0]) == 2 and found[1] == []
+    # one face in each half, mirror images of each other
+    left, right = sorted(found[0], key=lambda f: f.box[0])
+    assert left.box[0] + left.box[2] < 256 < right.box[0]
+    mirrored = np.stack([512 - right.landmarks[:, 0], right.landmarks[:, 1]], 1)[[1, 0, 2, 4, 3]]
+    assert np.abs(mirrored - left.landmarks).max() < 3
 
 
 def test_predict_cli_json_with_detection_annotation_and_errors(ckpt, images, tmp_path, capsys):
-    pytest.importorskip("cv2")
     ann = tmp_path / "ann"
     rc = main(["predict", "--checkpoint", str(ckpt), str(images), str(tmp_path / "missing.jpg"),
                "--annotate", str(ann), "--threads", "1"])
@@ -123,12 +125,13 @@ def test_predict_cli_json_with_detection_annotation_and_errors(ckpt, images, tmp
             assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-4)
             assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
             assert len(r["box"]) == 4
+            assert np.asarray(r["landmarks"]).shape == (5, 2)
     # the RGBA file is the grey one with an opaque alpha: same face, same result
     assert by_file["rgba.png"][0]["box"] == by_file["grey.png"][0]["box"]
     assert "2 unreadable" in captured.err and "missing.jpg" in captured.err
     written = sorted(p.name for p in ann.iterdir())
     assert written == ["blank.png", "grey.png", "rgba.png", "two.png"]
-    assert Image.open(ann / "two.png").size == (400, 220)
+    assert Image.open(ann / "two.png").size == (512, 256)
 
 
 def test_no_detect_csv_matches_the_model_called_directly(ckpt, tmp_path):
@@ -159,7 +162,6 @@ def test_no_detect_csv_matches_the_model_called_directly(ckpt, tmp_path):
 
 
 def test_batch_size_does_not_change_results(ckpt, images):
-    pytest.importorskip("cv2")
     loaded = load_model(ckpt)
     paths, _ = collect_inputs([str(images)])
     one = list(Predictor(loaded, batch_size=1).run(paths))
@@ -167,6 +169,7 @@ def test_batch_size_does_not_change_results(ckpt, images):
     assert [r["file"] for r in one] == [r["file"] for r in many]
     for a, b in zip(one, many):
         assert a["status"] == b["status"] and a["box"] == b["box"]
+        assert a["landmarks"] == b["landmarks"]
         if a["probabilities"]:
             for c in CLASSES:
                 assert a["probabilities"][c] == pytest.approx(b["probabilities"][c], abs=1e-5)
@@ -182,50 +185,105 @@ def test_predict_usage_errors(ckpt, tmp_path, capsys, monkeypatch):
     assert main(["predict", "--checkpoint", str(ckpt), str(img), "--margin", "-1",
                  "--no-detect"]) == 2
     assert "--margin" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "cv2", None)        # OpenCV not installed
-    assert main(["predict", "--checkpoint", str(ckpt), str(img)]) == 2
-    err = capsys.readouterr().err
-    assert "qcs-ext[predict]" in err and "--no-detect" in err
-    assert main(["predict", "--checkpoint", str(ckpt), str(img), "--no-detect"]) == 0
+    monkeypatch.setitem(sys.modules, "cv2", None)        # OpenCV not installed:
+    assert main(["predict", "--checkpoint", str(ckpt), str(img), "--detector", "haar"]) == 2
+    assert "opencv" in capsys.readouterr().err.lower()
+    assert main(["predict", "--checkpoint", str(ckpt), str(img)]) == 0  # MTCNN needs none
 
 
-def test_detector_tolerates_tilt_and_crop_levels_the_eye_line():
-    pytest.importorskip("cv2")
-    from qcs.predict import FaceDetector
-    det = FaceDetector()
-    for angle in (-10, 10):
-        g = Image.new("L", (420, 420), 90)
-        g.paste(draw_face(160), (130, 100))
-        g = g.rotate(angle, resample=Image.BILINEAR, fillcolor=90)
-        assert len(det.detect(np.asarray(g.convert("RGB")))) == 1, angle
+def test_photographs_rotated_collage_and_no_face(ckpt, tmp_path):
+    """The issue's acceptance: the portrait, the portrait rotated by 25 degrees, the
+    two-face collage, and no face on the coffee cup and the cat."""
+    from qcs.faces import rotate_image
+    p = photos()
+    a = p["astronaut"]
+    files = {"portrait": a, "rotated": rotate_image(a, 25)[0],
+             "collage": np.concatenate([a, a[:, ::-1]], axis=1),
+             "coffee": p["coffee"], "cat": p["cat"]}
+    for name, arr in files.items():
+        Image.fromarray(arr).save(tmp_path / f"{name}.png")
+    out = tmp_path / "pred.json"
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "*.png"), "-o",
+                 str(out)]) == 0
+    by: dict[str, list] = {}
+    for r in json.loads(out.read_text()):
+        by.setdefault(r["file"].replace("\\", "/").rsplit("/", 1)[-1][:-4], []).append(r)
+    assert [len(by[k]) for k in ("portrait", "rotated", "collage")] == [1, 1, 2]
+    assert by["coffee"][0]["status"] == by["cat"][0]["status"] == "no_face"
+    for name in ("portrait", "rotated", "collage"):
+        for r in by[name]:
+            le, re, nose, lm, rm = np.asarray(r["landmarks"])
+            assert r["status"] == "ok"
+            assert np.linalg.norm(re - le) > 25 and lm[1] > le[1] and rm[1] > re[1]
+    assert abs(by["portrait"][0]["roll_deg"]) < 10
+    assert -35 < by["rotated"][0]["roll_deg"] < -15
 
-    class FakeEyes:  # two eye boxes, the right one 10 px lower over 50 px: atan(10/50)
-        def detectMultiScale(self, roi, *args, **kwargs):
-            return np.array([[10, 20, 10, 10], [60, 30, 10, 10]])
-    det.eyes = FakeEyes()
-    rgb = np.zeros((200, 200, 3), np.uint8)
-    angle = det.eye_angle(rgb, (0, 0, 100, 100))
-    assert angle == pytest.approx(np.degrees(np.arctan2(10, 50)))
-    # a crop rotated by that angle brings two dots on the tilted line to one row
-    im = Image.new("RGB", (200, 200))
-    for x, y in ((75, 95), (125, 105)):
-        im.putpixel((x, y), (255, 255, 255))
-    crop = np.asarray(square_crop(im, (50, 50, 100, 100), 0.0, angle))[..., 0]
-    ys, xs = np.nonzero(crop > 40)
-    left, right = ys[xs < 50].mean(), ys[xs >= 50].mean()
-    assert abs(left - right) < 1.5, (left, right)
+
+def test_aligned_crop_is_what_the_network_sees(ckpt, tmp_path):
+    """With alignment the input is the five-point warp onto the template; --no-align
+    gives the square box crop, a different input."""
+    loaded = load_model(ckpt)
+    path = tmp_path / "a.png"
+    Image.fromarray(photos()["astronaut"]).save(path)
+    aligned = list(Predictor(loaded).run([path]))[0]
+    boxed = list(Predictor(loaded, align=False).run([path]))[0]
+    assert aligned["landmarks"] == boxed["landmarks"] and aligned["box"] == boxed["box"]
+    img = Image.open(path).convert("RGB")
+    size, tf = loaded.image_size, transforms.test_transform(loaded.image_size)
+    crop, _ = align_face(img, np.asarray(aligned["landmarks"]), size, TEMPLATES["raf-db"])
+    box = square_crop(img, tuple(boxed["box"]), 0.2).resize((size, size), Image.BILINEAR)
+    for rec, pic in ((aligned, crop), (boxed, box)):
+        x = torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1)
+        with torch.no_grad():
+            p = torch.softmax(loaded.model(tf(x)[None]), 1)[0]
+        got = torch.tensor([rec["probabilities"][c] for c in CLASSES])
+        torch.testing.assert_close(got, p, atol=2e-5, rtol=0)  # landmarks rounded to 0.1 px
+    # the two inputs differ (the box crop is wider and not levelled)
+    assert np.abs(np.asarray(crop, float) - np.asarray(box, float)).mean() > 10
 
 
-def test_predict_refuses_networks_that_need_landmark_maps(tmp_path, capsys):
+def pcd_heatmap_checkpoint(directory):
     from qcs.checkpoint import save_checkpoint
     from qcs.config import apply_overrides, load_config
     from qcs.families import build_model
-    cfg = apply_overrides(load_config("tiny-pcd"), ["model.num_classes=7", 'pcd.landmarks="heatmap"'])
+    cfg = apply_overrides(load_config("tiny-pcd"),
+                          ["model.num_classes=7", 'pcd.landmarks="heatmap"'])
     assert cfg.net.landmarks == "heatmap"
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "pcd" / "best", build_model(cfg),
+    save_checkpoint(directory / "best", build_model(cfg),
                     {"config": cfg.to_dict(), "classes": CLASSES, "epoch": 1})
-    img = tmp_path / "a.png"
-    Image.new("RGB", (20, 20)).save(img)
-    assert main(["predict", "--checkpoint", str(tmp_path / "pcd"), str(img), "--no-detect"]) == 2
-    assert "input channels" in capsys.readouterr().err
+    return directory
+
+
+def test_pcd_heatmap_checkpoint_predicts_on_photos(tmp_path):
+    from qcs.data.landmarks import HeatmapTransform
+    ckpt = pcd_heatmap_checkpoint(tmp_path / "pcd")
+    path = tmp_path / "a.png"
+    Image.fromarray(photos()["astronaut"]).save(path)
+    out = tmp_path / "pred.json"
+    assert main(["predict", "--checkpoint", str(ckpt), str(path), "-o", str(out)]) == 0
+    rec = json.loads(out.read_text())[0]
+    assert rec["status"] == "ok" and np.asarray(rec["landmarks"]).shape == (5, 2)
+    # the same input built by hand: aligned crop + maps of the landmarks in the crop
+    loaded = load_model(ckpt)
+    s = loaded.image_size
+    crop, m = align_face(Image.open(path).convert("RGB"), np.asarray(rec["landmarks"]), s,
+                         TEMPLATES["raf-db"])
+    maps = landmark_heatmaps(apply_transform(m, np.asarray(rec["landmarks"])), s)
+    x = torch.cat([torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1),
+                   torch.from_numpy(maps).permute(2, 0, 1)])
+    with torch.no_grad():
+        p = torch.softmax(loaded.model(HeatmapTransform(train=False)(x)[None]), 1)[0]
+    got = torch.tensor([rec["probabilities"][c] for c in CLASSES])
+    torch.testing.assert_close(got, p, atol=2e-5, rtol=0)
+    # a crop given as is (--no-detect) still gets its maps from the landmarks found in it
+    face = Image.fromarray(np.asarray(crop))
+    face.resize((160, 160)).save(tmp_path / "crop.png")
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "crop.png"),
+                 "--no-detect", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["status"] == "ok"
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(tmp_path / "flat.png")
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "flat.png"),
+                 "--no-detect", "-o", str(out)]) == 0
+    rec = json.loads(out.read_text())[0]
+    assert rec["status"] == "no_face" and "heat maps" in rec["message"]

@@ -114,7 +114,8 @@ def test_ferplus_majority_vote(tmp_path):
 def test_affectnet_official_and_plain_lists(tmp_path):
     lists = tmp_path / "Manually_Annotated_file_lists"
     lists.mkdir()
-    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+    header = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,"
+              "expression,valence,arousal\n")
     codes = [0, 7, 3, 9, 6, 10, 1]
     (lists / "training.csv").write_text(header + "".join(
         f'{i}/img{i}.jpg,0,0,10,10,"1;2",{c},0.1,0.2\n' for i, c in enumerate(codes)))
@@ -180,7 +181,8 @@ def _corner_background(path):
 def test_synth_bias_ties_background_to_class_in_train_split_only(tmp_path):
     root = generate(tmp_path, SynthParams(seed=1, train_per_class=12, test_per_class=12,
                                           size=48, bias=True, bias_strength=0.9))
-    factors = [json.loads(l) for l in (root / "synth_factors.jsonl").read_text().splitlines()]
+    factors = [json.loads(line)
+               for line in (root / "synth_factors.jsonl").read_text().splitlines()]
     for split, lo, hi in (("train", 0.8, 1.0), ("test", 0.0, 0.35)):
         lst = raf_db(root, split)
         seen = [_corner_background(p) for p in lst.paths]

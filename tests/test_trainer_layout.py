@@ -111,8 +111,8 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_import_parser_resolves_relative_and_lazy_imports(tmp_path):
     src = tmp_path / "mod.py"
-    src.write_text("from typing import TYPE_CHECKING\nfrom . import saving\nfrom ..config import X\n"
-                   "if TYPE_CHECKING:\n    from ..cli import main\n"
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import saving\n"
+                   "from ..config import X\nif TYPE_CHECKING:\n    from ..cli import main\n"
                    "def f():\n    from ..inference import load_model\n")
     known = {"qcs.training.saving", "qcs.config", "qcs.cli", "qcs.inference", "qcs.training"}
     got = imports_of("qcs.training.step", src, known)

@@ -117,7 +117,8 @@ def test_inference_uses_base_network_only():
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     out.sum().backward()
-    cross_params = [p for n, p in model.named_parameters() if n.startswith(("cross.", "vit_cross."))]
+    cross_params = [p for n, p in model.named_parameters()
+                    if n.startswith(("cross.", "vit_cross."))]
     assert cross_params and all(p.grad is None for p in cross_params)
     # a baseline network holding only the base weights gives the same logits
     baseline = build_model(small_cfg("baseline")).eval()
@@ -169,8 +170,8 @@ def test_loss_is_mean_of_all_cross_entropies():
     assert math.isclose(float(loss), float(torch.stack(ces).mean()), rel_tol=1e-6)
     assert math.isclose(parts["base"], float(torch.stack(ces[:12]).mean()), rel_tol=1e-6)
     only_base, parts = qcs_loss(base, None, labels, QCSConfig())
-    assert "cross" not in parts and math.isclose(float(only_base), float(torch.stack(ces[:12]).mean()),
-                                                 rel_tol=1e-6)
+    assert "cross" not in parts
+    assert math.isclose(float(only_base), float(torch.stack(ces[:12]).mean()), rel_tol=1e-6)
 
 
 def test_distillation_terms():
@@ -179,7 +180,8 @@ def test_distillation_terms():
     labels = torch.zeros(2, 3, dtype=torch.long)
     plain, _ = qcs_loss(base, cross, labels, QCSConfig())
     t = 2.0
-    kl, parts = qcs_loss(base, cross, labels, QCSConfig(distill="kl", distill_weight=0.5, temperature=t))
+    kl, parts = qcs_loss(base, cross, labels,
+                         QCSConfig(distill="kl", distill_weight=0.5, temperature=t))
     p = torch.softmax(cross.reshape(-1, 4) / t, -1)
     q = torch.softmax(base.reshape(-1, 4) / t, -1)
     manual = (p * (p.log() - q.log())).sum(-1).mean() * t * t

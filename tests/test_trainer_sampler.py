@@ -55,7 +55,8 @@ def test_pairs_and_singles():
     labels = labels_with_counts([3, 4])
     pairs = TupleSampler(labels, 2, 2, seed=0).items()
     assert pairs.shape == (7, 2)
-    assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]]) and (pairs[:, 0] != pairs[:, 1]).all()
+    assert torch.equal(labels[pairs[:, 0]], labels[pairs[:, 1]])
+    assert (pairs[:, 0] != pairs[:, 1]).all()
     singles = TupleSampler(labels, 2, 1, seed=0).items()
     assert sorted(singles[:, 0].tolist()) == list(range(7))
 

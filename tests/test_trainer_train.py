@@ -16,7 +16,7 @@ def _weights(run):
 
 
 def _history(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

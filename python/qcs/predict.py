@@ -1,16 +1,16 @@
 """``qcs predict``: facial-expression labels for the faces in image files.
 
-Pipeline per image: read (any PIL mode; grey-scale, palette, 16-bit and RGBA inputs are
-converted to RGB and the conversion is noted in the file's record), detect faces, square
-crop with a margin (optionally levelled by the eye line), resize to the checkpoint's
-``data.image_size`` and classify with the *base* network in batches.
+Pipeline: read (any PIL mode, EXIF orientation applied; grey-scale, palette, 16-bit and
+RGBA inputs are converted to RGB and the conversion is noted in the file's record), detect
+faces with five landmarks (:mod:`qcs.faces`, a batch of images per call), warp each face
+onto the training data's five-point template at the checkpoint's ``data.image_size``
+(``align=False``: a square box crop with a margin), and classify in batches. Networks that
+read landmark heat maps (PCD with ``pcd.landmarks = "heatmap"``) get the maps drawn from
+the detected landmarks.
 
-Face detection uses OpenCV's frontal-face Haar cascade, which ships inside the
-``opencv-python-headless`` wheel (4.x; the 5.x wheels no longer bundle the cascade
-files), so it works offline with no model download. It is a classic detector: fast on the
-CPU, frontal faces only, no landmarks (we align with the bundled eye cascade when both
-eyes are found). Install it with ``pip install 'qcs-ext[predict]'``; ``--no-detect``
-(images that already are face crops) does not need it.
+The default detector (MTCNN) ships its weights inside the package: no download, no
+OpenCV. OpenCV's Haar cascade (boxes only, no alignment) remains available as
+``detector="haar"`` where ``opencv-python-headless<5`` is installed.
 
 Every input yields records, never an exception: ``status`` is ``ok`` (one record per face),
 ``no_face`` or ``error`` (missing / unreadable file, with the reason).
@@ -22,7 +22,6 @@ import csv
 import glob
 import io
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +32,25 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from .data.datasets import IMAGE_SUFFIXES
+from .data.landmarks import HeatmapTransform
 from .data.transforms import test_transform
 from .errors import MissingDependency, UsageError
+from .faces import (
+    Face,
+    align_face,
+    apply_transform,
+    landmark_heatmaps,
+    make_detector,
+    template_for,
+)
 from .inference import LoadedModel
 
 __all__ = [
     "CSV_FIXED",
-    "FaceDetector",
     "Predictor",
+    "box_crop_points",
     "collect_inputs",
+    "make_face_detector",
     "read_rgb",
     "square_crop",
     "write_records",
@@ -125,86 +134,16 @@ def read_rgb(path: Path) -> tuple[Image.Image, list[str]]:
 
 
 # --------------------------------------------------------------------------- detection
-def _cv2():
+def make_face_detector(name: str, device: str | torch.device = "cpu"):
+    """``mtcnn`` (five landmarks; weights ship with the package) or ``haar`` (OpenCV's
+    cascade, boxes only; needs ``opencv-python-headless<5``), as a :class:`UsageError` /
+    :class:`MissingDependency` for the command line when it cannot be built."""
+    if name not in ("mtcnn", "haar"):
+        raise UsageError(f"--detector must be mtcnn or haar, got {name!r}")
     try:
-        import cv2
-    except ImportError:
-        raise MissingDependency(
-            "face detection needs OpenCV: pip install 'qcs-ext[predict]' (or "
-            "'opencv-python-headless<5'); use --no-detect for images that are already face "
-            "crops") from None
-    return cv2
-
-
-def _overlap(a: Box, b: Box) -> float:
-    """Intersection area over the smaller box's area (1 when one box contains the other)."""
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / max(1, min(a[2] * a[3], b[2] * b[3]))
-
-
-class FaceDetector:
-    """OpenCV's bundled frontal-face Haar cascade (no download).
-
-    ``detect(rgb uint8 [H, W, 3]) -> [(box, score)]``, boxes ``(x, y, w, h)``, best first.
-    Overlapping detections (one box covering more than ``overlap`` of a smaller one) are
-    merged, keeping the higher cascade score, so each face is reported once.
-    """
-
-    def __init__(self, min_neighbors: int = 5, scale_factor: float = 1.1,
-                 min_size: float = 0.06, overlap: float = 0.5, align: bool = True) -> None:
-        cv2 = _cv2()
-        root = Path(getattr(getattr(cv2, "data", None), "haarcascades", "") or "")
-        face_file, eye_file = (root / "haarcascade_frontalface_default.xml",
-                               root / "haarcascade_eye.xml")
-        if not face_file.is_file():
-            raise MissingDependency(
-                f"OpenCV {cv2.__version__} does not ship the Haar cascade files (looked for "
-                f"{face_file}); install 'opencv-python-headless<5', whose 4.x wheels include them")
-        self.cv2 = cv2
-        self.face = cv2.CascadeClassifier(str(face_file))
-        self.eyes = cv2.CascadeClassifier(str(eye_file)) if align and eye_file.is_file() else None
-        self.min_neighbors, self.scale_factor = min_neighbors, scale_factor
-        self.min_size, self.overlap = min_size, overlap
-
-    def _grey(self, rgb: np.ndarray) -> np.ndarray:
-        # no histogram equalisation: the cascade normalises each window's contrast itself,
-        # and equalising flat, mostly uniform images made detection worse in our tests
-        return self.cv2.cvtColor(rgb, self.cv2.COLOR_RGB2GRAY)
-
-    def detect(self, rgb: np.ndarray) -> list[tuple[Box, float]]:
-        grey = self._grey(rgb)
-        side = max(24, int(self.min_size * min(grey.shape)))
-        boxes, _, weights = self.face.detectMultiScale3(
-            grey, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-            minSize=(side, side), outputRejectLevels=True)
-        found = sorted(((tuple(int(v) for v in b), float(w))
-                        for b, w in zip(boxes, np.ravel(weights))), key=lambda t: -t[1])
-        kept: list[tuple[Box, float]] = []
-        for box, score in found:
-            if all(_overlap(box, k) <= self.overlap for k, _ in kept):
-                kept.append((box, score))
-        return kept
-
-    def eye_angle(self, rgb: np.ndarray, box: Box) -> float | None:
-        """Roll of the eye line in degrees (positive: the right eye of the image is lower),
-        from the two largest eye detections in the upper half of ``box``; ``None`` when two
-        plausible eyes are not found."""
-        if self.eyes is None:
-            return None
-        x, y, w, h = box
-        roi = self._grey(rgb[y:y + h // 2 + 1, x:x + w])
-        if roi.size == 0:
-            return None
-        eyes = self.eyes.detectMultiScale(roi, 1.1, 5, minSize=(max(4, w // 10),) * 2)
-        if len(eyes) < 2:
-            return None
-        eyes = sorted(eyes, key=lambda e: -e[2] * e[3])[:2]
-        (x1, y1), (x2, y2) = sorted((ex + ew / 2, ey + eh / 2) for ex, ey, ew, eh in eyes)
-        if x2 - x1 < w / 5:  # the same eye twice, or eye + brow
-            return None
-        angle = math.degrees(math.atan2(y2 - y1, x2 - x1))
-        return angle if abs(angle) <= 30 else None
+        return make_detector(name, device)
+    except ImportError as exc:
+        raise MissingDependency(f"{exc}; or use the default --detector mtcnn") from None
 
 
 def square_crop(image: Image.Image, box: Box, margin: float, angle: float | None = None
@@ -226,104 +165,185 @@ def square_crop(image: Image.Image, box: Box, margin: float, angle: float | None
     return big.crop((round(c - s2), round(c - s2), round(c + s2), round(c + s2)))
 
 
+def box_crop_points(box: Box, margin: float, points: np.ndarray, size: int) -> np.ndarray:
+    """``points`` (image pixels) in the ``size``-pixel resize of ``square_crop(box,
+    margin)`` (no rotation)."""
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    left, top = round(x + w / 2 - side / 2), round(y + h / 2 - side / 2)
+    right = round(x + w / 2 + side / 2)
+    return (np.asarray(points, dtype=np.float64) - [left, top]) * size / max(1, right - left)
+
+
 # --------------------------------------------------------------------------- prediction
 @dataclass
 class _Pending:
     path: Path
     image: Image.Image | None
     notes: list[str]
-    faces: list[tuple[Box, float | None, float | None]] = field(default_factory=list)
+    faces: list[Face] = field(default_factory=list)
     first: int = 0              # index of this file's first crop in the batch buffer
     status: str = "ok"
     error: str = ""
 
 
 class Predictor:
-    """Detect, crop and classify.
+    """Detect, align, crop and classify.
 
     Args:
-        loaded: the checkpoint's base network (:func:`qcs.inference.load_model`).
-        detect: run face detection (``False``: each image is one aligned face crop).
-        margin: crop margin on each side, as a fraction of the detected box.
-        batch_size: crops per forward pass.
-        annotate_dir: write each image with its boxes and labels drawn there.
-        detector: a ready :class:`FaceDetector` (default: built when ``detect``).
+        loaded: the checkpoint's network (:func:`qcs.inference.load_model`).
+        detect: run face detection (``False``: each image is one face crop).
+        margin: box-crop margin on each side, as a fraction of the detected box (used
+            with ``align=False`` or a detector without landmarks).
+        batch_size: images per detector call and crops per forward pass.
+        annotate_dir: write each image with its boxes, landmarks and labels drawn there.
+        align: warp each face's five landmarks onto the training data's template
+            (``False``: the square box crop).
+        device: where the detector and the network run.
+        detector: ``"mtcnn"``, ``"haar"`` or a ready detector (``.detect(list of RGB
+            arrays) -> lists of`` :class:`qcs.faces.Face`).
+        template: alignment template name (default: the checkpoint's data layout's).
     """
 
     def __init__(self, loaded: LoadedModel, *, detect: bool = True, margin: float = 0.2,
                  batch_size: int = 32, annotate_dir: str | Path | None = None,
                  align: bool = True, device: str | torch.device = "cpu",
-                 detector: FaceDetector | None = None) -> None:
+                 detector: str | Any = "mtcnn", template: str | None = None) -> None:
         if margin < 0:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         refusal = loaded.family.input_error(loaded.channels, loaded.base)
-        if refusal is not None:  # e.g. PCD reading heat maps stored beside the images
+        if refusal is not None:  # inputs other than RGB (+ landmark heat maps we can draw)
             raise refusal
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
-        self.transform = test_transform(self.size)
+        self.maps = loaded.channels - 3  # landmark heat-map channels (heat-map PCD)
+        self.transform = HeatmapTransform(train=False) if self.maps else \
+            test_transform(self.size)
         self.margin, self.batch_size, self.device = margin, batch_size, torch.device(device)
-        self.detector = (detector or FaceDetector(align=align)) if detect else None
-        self.align = align
+        self.detect, self.align = detect, align
+        self.detector = None
+        if detect or self.maps:
+            self.detector = (make_face_detector(detector, device) if isinstance(detector, str)
+                             else detector)
+        if self.maps and not getattr(self.detector, "landmarks", False):
+            raise UsageError(f"{loaded.base}: this network reads landmark heat maps, which "
+                             "are drawn from the detected landmarks: use --detector mtcnn")
+        self.template = template_for(template or loaded.config.data.format)
         self.annotate_dir = Path(annotate_dir) if annotate_dir else None
         if self.annotate_dir is not None:
             self.annotate_dir.mkdir(parents=True, exist_ok=True)
         self._annotated: set[str] = set()
 
     @torch.no_grad()
-    def _classify(self, crops: list[Image.Image]) -> torch.Tensor:
-        """PIL crops -> probabilities ``[n, K]`` (float32, CPU)."""
+    def _classify(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 crops ``[3 (+ maps), S, S]`` -> probabilities ``[n, K]`` (float32, CPU)."""
         if not crops:
             return torch.empty(0, len(self.classes))
-        xs = []
-        for crop in crops:
-            crop = crop.resize((self.size, self.size), Image.BILINEAR)
-            xs.append(self.transform(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)))
-        logits = self.loaded.model(torch.stack(xs).to(self.device))
-        return torch.softmax(logits.float(), dim=1).cpu()
+        x = torch.stack([self.transform(c) for c in crops]).to(self.device)
+        return torch.softmax(self.loaded.model(x).float(), dim=1).cpu()
 
-    def _prepare(self, path: Path) -> tuple[_Pending, list[Image.Image]]:
+    def _tensor(self, crop: Image.Image, points: np.ndarray | None) -> torch.Tensor:
+        """A ``size``-pixel crop (+ the heat maps of ``points``, crop pixels) as uint8."""
+        if crop.size != (self.size, self.size):
+            crop = crop.resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)
+        if not self.maps:
+            return x
+        maps = landmark_heatmaps(points, self.size)
+        if self.maps == 1:
+            maps = np.asarray(Image.fromarray(maps).convert("L"))[..., None]
+        return torch.cat([x, torch.from_numpy(maps[..., :self.maps].copy()).permute(2, 0, 1)])
+
+    def _face_input(self, image: Image.Image, face: Face) -> torch.Tensor:
+        """The network input of one detected face: aligned onto the template when it has
+        landmarks and ``align`` is on, else the square box crop."""
+        if self.align and face.landmarks is not None:
+            crop, m = align_face(image, face.landmarks, self.size, self.template)
+            return self._tensor(crop, apply_transform(m, face.landmarks))
+        box = tuple(round(v) for v in face.box)
+        pts = (None if face.landmarks is None
+               else box_crop_points(box, self.margin, face.landmarks, self.size))
+        return self._tensor(square_crop(image, box, self.margin), pts)
+
+    def _whole_image(self, item: _Pending, faces: list[Face] | None) -> list[torch.Tensor]:
+        """``--no-detect``: the image is the face crop; a heat-map network still needs
+        the landmarks of the face in it."""
+        im = item.image
+        face = Face((0.0, 0.0, float(im.width), float(im.height)), None)
+        if self.maps:
+            if not faces:
+                item.status, item.error = "no_face", "no face landmarks found for the heat maps"
+                return []
+            face.landmarks = faces[0].landmarks
+        item.faces.append(face)
+        pts = None if face.landmarks is None else face.landmarks * [self.size / im.width,
+                                                                   self.size / im.height]
+        return [self._tensor(im, pts)]
+
+    def _detect(self, images: list[Image.Image]) -> list[list[Face]]:
+        """Faces of each image. Images given as face crops (``detect=False``) are framed
+        in a black border first: a face that fills its picture is not found without one."""
+        if self.detect:
+            return self.detector.detect([np.asarray(im) for im in images])
+        pads = [round(0.25 * max(im.size)) for im in images]
+        framed = [np.pad(np.asarray(im), ((p, p), (p, p), (0, 0))) for im, p in zip(images, pads)]
+        found = self.detector.detect(framed)
+        for faces, p in zip(found, pads):
+            for f in faces:
+                f.landmarks = None if f.landmarks is None else f.landmarks - p
+        return found
+
+    def _read(self, path: Path) -> _Pending:
         try:
             image, notes = read_rgb(path)
         except FileNotFoundError:
-            return _Pending(path, None, [], status="error", error="file not found"), []
+            return _Pending(path, None, [], status="error", error="file not found")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return _Pending(path, None, [], status="error",
-                            error=f"cannot read image: {exc}"), []
-        item = _Pending(path, image, notes)
-        if self.detector is None:
-            item.faces.append(((0, 0, image.width, image.height), None, None))
-            return item, [image]
-        rgb = np.asarray(image)
-        crops = []
-        for box, score in self.detector.detect(rgb):
-            angle = self.detector.eye_angle(rgb, box) if self.align else None
-            item.faces.append((box, score, angle))
-            crops.append(square_crop(image, box, self.margin, angle))
-        if not crops:
-            item.status = "no_face"
-        return item, crops
+            return _Pending(path, None, [], status="error", error=f"cannot read image: {exc}")
+        return _Pending(path, image, notes)
+
+    def _prepare(self, paths: list[Path]) -> tuple[list[_Pending], list[torch.Tensor]]:
+        """Read ``paths``, detect their faces in one call and build the network inputs."""
+        items = [self._read(p) for p in paths]
+        readable = [it for it in items if it.image is not None]
+        found = (self._detect([it.image for it in readable])
+                 if self.detector is not None and readable else [None] * len(readable))
+        crops: list[torch.Tensor] = []
+        for item, faces in zip(readable, found):
+            item.first = len(crops)
+            if not self.detect:
+                crops += self._whole_image(item, faces)
+                continue
+            item.faces = list(faces)
+            crops += [self._face_input(item.image, f) for f in item.faces]
+            if not item.faces:
+                item.status = "no_face"
+        return items, crops
 
     def _records(self, item: _Pending, probs: torch.Tensor) -> list[dict[str, Any]]:
         base = {"file": str(item.path), "status": item.status}
         if item.status != "ok":
             msg = item.error or "no face detected"
             return [{**base, "face": None, "box": None, "label": None, "confidence": None,
-                     "probabilities": None, "notes": item.notes, "message": msg}]
+                     "probabilities": None, "landmarks": None, "notes": item.notes,
+                     "message": msg}]
         out = []
-        for i, (box, score, angle) in enumerate(item.faces):
+        for i, face in enumerate(item.faces):
             p = probs[item.first + i]
             k = int(p.argmax())
-            rec = {**base, "face": i, "box": list(box), "label": self.classes[k],
-                   "confidence": round(float(p[k]), 6),
+            rec = {**base, "face": i, "box": [round(v) for v in face.box],
+                   "label": self.classes[k], "confidence": round(float(p[k]), 6),
                    "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p)},
+                   "landmarks": (None if face.landmarks is None else
+                                 [[round(float(x), 1), round(float(y), 1)]
+                                  for x, y in face.landmarks]),
                    "notes": item.notes, "message": ""}
-            if score is not None:
-                rec["detector_score"] = round(score, 3)
-            if angle is not None:
-                rec["roll_deg"] = round(angle, 2)
+            if face.score is not None:
+                rec["detector_score"] = round(face.score, 3)
+            if face.roll() is not None:
+                rec["roll_deg"] = round(face.roll(), 2)
             out.append(rec)
         return out
 
@@ -338,6 +358,8 @@ class Predictor:
                 continue
             x, y, w, h = rec["box"]
             draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(255, 40, 40), width=lw)
+            for px, py in rec["landmarks"] or []:
+                draw.ellipse([px - lw, py - lw, px + lw, py + lw], fill=(40, 255, 40))
             text = f"{rec['label']} {100 * rec['confidence']:.0f}%"
             tx, ty = x + lw, max(0, y - 12 - lw) if y >= 12 + lw else y + lw
             bbox = draw.textbbox((tx, ty), text)
@@ -353,29 +375,17 @@ class Predictor:
 
     def run(self, paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
         """Records in input order (one per face; one per file without faces or unreadable),
-        classifying ``batch_size`` crops at a time."""
-        pending: list[_Pending] = []
-        crops: list[Image.Image] = []
-
-        def flush() -> Iterator[dict[str, Any]]:
+        ``batch_size`` images per detector call and crops per forward pass."""
+        paths = [Path(p) for p in paths]
+        for start in range(0, len(paths), self.batch_size):
+            items, crops = self._prepare(paths[start:start + self.batch_size])
             probs = torch.cat([self._classify(crops[i:i + self.batch_size])
                                for i in range(0, len(crops), self.batch_size)]
                               or [torch.empty(0, len(self.classes))])
-            for item in pending:
+            for item in items:
                 recs = self._records(item, probs)
                 self._annotate(item, recs)
                 yield from recs
-            pending.clear()
-            crops.clear()
-
-        for path in paths:
-            item, new = self._prepare(Path(path))
-            item.first = len(crops)
-            pending.append(item)
-            crops.extend(new)
-            if len(crops) >= self.batch_size:
-                yield from flush()
-        yield from flush()
 
 
 # --------------------------------------------------------------------------- output

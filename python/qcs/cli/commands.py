@@ -20,6 +20,7 @@ __all__ = [
     "cmd_config",
     "cmd_convert",
     "cmd_data",
+    "cmd_data_landmarks",
     "cmd_eval",
     "cmd_train",
     "setup_logging",
@@ -185,12 +186,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _landmark_paths(args, split: str) -> list[Path]:
+    """The images of ``split`` of the dataset (all images under the root without
+    ``--data``)."""
+    from ..data.datasets import IMAGE_SUFFIXES, load_split
+    if not args.data:
+        root = Path(args.data_root)
+        if not root.is_dir():
+            raise UsageError(f"--data-root {root} is not a directory")
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                      and p.is_file() and "landmarks" not in p.relative_to(root).parts)
+    return list(load_split(args.data, args.data_root, split).paths)
+
+
+def _landmark_source_check(args) -> None:
+    need = {"raf-manual": ("raf-db",), "affectnet": ("affectnet7", "affectnet8")}
+    if args.source in need and args.data not in need[args.source]:
+        raise UsageError(f"--source {args.source} needs --data {' or '.join(need[args.source])}"
+                         f", got {args.data}")
+
+
+def cmd_data_landmarks(args) -> int:
+    """``qcs data landmarks``: draw PCD's heat maps beside a dataset's images."""
+    from ..faces import Detector
+    from ..faces.annotations import landmark_items, write_landmark_maps
+    from ..progress import Progress
+    _landmark_source_check(args)
+    splits = args.split or (["all"] if not args.data else ["train", "valid", "test"]
+                            if args.data == "ferplus" else ["train", "test"])
+    detector = Detector(args.device) if args.source != "affectnet" else None
+    official = {"train": "training.csv", "test": "validation.csv"}
+    for split in splits:
+        paths = _landmark_paths(args, split)
+        list_file = args.list_file or (Path(args.data_root) / "Manually_Annotated_file_lists"
+                                       / official.get(split, f"{split}.csv"))
+        bar = Progress(len(paths), f"landmarks {split}", unit="img", enabled=not args.quiet)
+        written, missing = write_landmark_maps(
+            landmark_items(paths, args.source, args.data_root, detector, list_file),
+            overwrite=args.overwrite, progress=bar.tick)
+        bar.close()
+        print(f"qcs data landmarks: {split}: {len(paths)} images, {written} maps written, "
+              f"{len(missing)} without landmarks" + "".join(f"\n  {p}" for p in missing[:5])
+              + ("\n  ..." if len(missing) > 5 else ""))
+    return 0
+
+
 def cmd_data(args) -> int:
-    """``qcs data synth``: write the built-in dataset."""
+    """``qcs data synth``: write the built-in dataset; ``qcs data landmarks``: draw PCD's
+    heat maps for a dataset."""
     from ..data.synth import SynthParams, generate
     from ..progress import Progress
+    if args.data_command == "landmarks":
+        return cmd_data_landmarks(args)
     if args.data_command != "synth":
-        print("qcs data: choose an action (synth); see qcs data --help", file=sys.stderr)
+        print("qcs data: choose an action (synth, landmarks); see qcs data --help",
+              file=sys.stderr)
         return 2
     params = SynthParams(seed=args.seed, train_per_class=args.train_per_class,
                          test_per_class=args.test_per_class, size=args.size, bias=args.bias,

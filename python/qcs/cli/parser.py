@@ -127,6 +127,30 @@ def _data_parser(sub) -> None:
     s.add_argument("--bias-strength", type=float, default=0.9,
                    help="probability a biased training image gets its class colour (0.9)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _landmarks_parser(dsub)
+
+
+def _landmarks_parser(dsub) -> None:
+    lm = dsub.add_parser(
+        "landmarks", help="draw PCD's eye / mouth heat maps for a dataset from five landmarks",
+        description="Write DIR/landmarks/NAME.png beside every image of a dataset (the maps "
+        "PCD reads with pcd.landmarks=\"heatmap\"), from RAF-DB's manual five points "
+        "(basic/Annotation/manual), AffectNet's facial_landmarks column, or the face "
+        "detector.")
+    lm.add_argument("--data", choices=_FORMATS[:-1], metavar="FORMAT",
+                    help=f"dataset layout ({', '.join(_FORMATS[:-1])}); without it every image "
+                    "under --data-root")
+    lm.add_argument("--data-root", required=True, metavar="DIR", help="dataset root")
+    lm.add_argument("--source", choices=("raf-manual", "affectnet", "detect"),
+                    default="detect", help="where the landmarks come from (default detect)")
+    lm.add_argument("--split", action="append", metavar="SPLIT",
+                    help="split(s) to draw (default: train and test; FERPlus also valid)")
+    lm.add_argument("--list-file", metavar="CSV",
+                    help="--source affectnet: the list CSV with facial_landmarks (default: "
+                    "the split's official list)")
+    lm.add_argument("--overwrite", action="store_true", help="redraw existing maps")
+    lm.add_argument("--device", default="cpu", help="detector device (cpu, cuda, cuda:N)")
+    lm.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _convert_parser(sub) -> None:
@@ -164,9 +188,11 @@ def _config_parser(sub) -> None:
 def _predict_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="label the facial expressions in images with a trained checkpoint",
-        description="Detect faces (OpenCV's bundled Haar cascade; needs the 'predict' extra), "
-        "crop them with a margin and classify them with the checkpoint's base network. "
-        "Writes one record per face (file, box x/y/w/h, label, per-class probabilities); "
+        description="Detect faces with five landmarks (MTCNN, weights shipped with the "
+        "package), warp each onto the layout of the checkpoint's training data and classify "
+        "it with the checkpoint's network (heat-map PCD networks get the maps drawn from the "
+        "landmarks). Writes one record per face (file, box x/y/w/h, five landmarks, label, "
+        "per-class probabilities); "
         "images without a face or that cannot be read get one record saying so. Exit status "
         "0 when every input was read, 1 when some could not be, 2 on usage errors.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -180,12 +206,19 @@ def _predict_parser(sub) -> None:
     p.add_argument("--no-detect", action="store_true",
                    help="the images are already face crops: classify each whole image")
     p.add_argument("--no-align", action="store_true",
-                   help="do not level the crop by the detected eye line")
+                   help="crop the square face box with --margin instead of warping the five "
+                   "landmarks onto the training data's template")
     p.add_argument("--margin", type=float, default=0.2,
-                   help="crop margin per side as a fraction of the face box (default 0.2)")
+                   help="box-crop margin per side as a fraction of the face box (default 0.2)")
+    p.add_argument("--detector", choices=("mtcnn", "haar"), default="mtcnn",
+                   help="mtcnn (default: five landmarks, no extra package) or haar (OpenCV's "
+                   "cascade, boxes only; needs opencv-python-headless<5)")
+    p.add_argument("--template", choices=("raf-db", "box"),
+                   help="alignment template (default: the one of the checkpoint's data format)")
     p.add_argument("--annotate", metavar="DIR",
                    help="write each image with its face boxes and labels drawn into DIR")
-    p.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per detector call and crops per forward pass (32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
@@ -323,10 +323,11 @@ def load_split(fmt: str, root: str | Path, split: str, list_file: str = "",
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open ``path`` as RGB, or raise :class:`DataError` naming it."""
+    """Open ``path`` as RGB with its EXIF orientation applied (as ``qcs predict`` reads
+    photos), or raise :class:`DataError` naming it."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Exception as exc:  # PIL raises many types for corrupt files

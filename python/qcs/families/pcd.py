@@ -105,11 +105,13 @@ class PCDFamily(Family):
                               require_match=True)]
 
     def input_error(self, channels: int, base) -> UsageError | None:
-        err = super().input_error(channels, base)
-        if err is None:
+        """None for RGB and for RGB + 1 or 3 landmark heat maps (eyes, mouth), which
+        ``qcs predict`` draws from the landmarks it detects (:mod:`qcs.faces`)."""
+        if channels in (3, 4, 6):
             return None
-        return UsageError(f"{err}; train PCD with pcd.landmarks=\"mobilefacenet\" to predict "
-                          "from images")
+        err = super().input_error(channels, base)
+        return UsageError(f"{err}; qcs predict draws 1 or 3 landmark heat maps (eyes, mouth), "
+                          "or train PCD with pcd.landmarks=\"mobilefacenet\"")
 
 
 FAMILY = PCDFamily()

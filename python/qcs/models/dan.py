@@ -3,8 +3,8 @@ parameterised by the ``[dan]`` config section (:class:`qcs.families.dan.DANConfi
 
 - FCN: a ResNet built from torchvision's ``BasicBlock`` with the attribute names of
   ``torchvision.models.resnet18`` (``conv1``, ``bn1``, ``layer1..4``), so MS-Celeb ResNet-18
-  weights in torchvision naming load (:meth:`qcs.families.dan.DANFamily.load_pretrained`). At the default
-  widths ``(64, 128, 256, 512)`` and blocks ``(2, 2, 2, 2)`` it *is* resnet18 without
+  weights in torchvision naming load (:meth:`qcs.families.dan.DANFamily.load_pretrained`).
+  At the default widths ``(64, 128, 256, 512)`` and blocks ``(2, 2, 2, 2)`` it *is* resnet18 without
   ``avgpool``/``fc``; the tiny presets shrink both.
 - MAN: ``k`` cross-attention heads, each a spatial unit then a channel unit.
 - AFN: log-softmax across heads, sum, ``Linear`` + ``BatchNorm1d`` classifier.

@@ -14,21 +14,9 @@
 from .data import Data, prepare_data
 from .epoch import Callback, Run, StepInfo, train_one_epoch
 from .evaluation import evaluate
-from .loop import RunResult, fit, train
+from .loop import RunResult, fit, setup, train
 from .runstate import TrainingInterrupted, resolve_device, seed_everything
 
-__all__ = [
-           "Callback",
-           "Data",
-           "Run",
-           "RunResult",
-           "StepInfo",
-           "TrainingInterrupted",
-           "evaluate",
-           "fit",
-           "prepare_data",
-           "resolve_device",
-           "seed_everything",
-           "train",
-           "train_one_epoch",
-]
+__all__ = ["Callback", "Data", "Run", "RunResult", "StepInfo", "TrainingInterrupted",
+           "evaluate", "fit", "prepare_data", "resolve_device", "seed_everything", "setup",
+           "train", "train_one_epoch"]

@@ -59,7 +59,7 @@ from .runstate import (
 from .saving import RunRecord
 from .step import Optimization, TrainForward, TrainStep
 
-__all__ = ["Callback", "RunResult", "evaluate", "train"]
+__all__ = ["Callback", "RunResult", "evaluate", "fit", "setup", "train"]
 
 log = logging.getLogger("qcs")
 
@@ -100,7 +100,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
                 process_settings(cfg.train):
             for note in point.notes:
                 log.info("%s", note)
-            run = _setup(cfg, run_dir, point, dctx, stop, cache_dir,
+            run = setup(cfg, run_dir, point, dctx, stop, cache_dir,
                          show_progress and dctx.is_main, list(callbacks))
             return fit(run, point)
     finally:
@@ -157,11 +157,12 @@ def _build_model(cfg: Config, fresh: bool, device: torch.device) -> torch.nn.Mod
     return model.to(device)
 
 
-def _setup(cfg: Config, run_dir: Path, point: ResumePoint, dctx: DistContext,
-           stop: StopSignals, cache_dir: str | None, show_progress: bool,
-           callbacks: list[Callback]) -> Run:
-    """Data, model, optimizer, loaders and the record of the run (restored from the
-    checkpoint to resume, if any)."""
+def setup(cfg: Config, run_dir: Path, point: ResumePoint, dctx: DistContext,
+          stop: StopSignals, cache_dir: str | None, show_progress: bool,
+          callbacks: list[Callback]) -> Run:
+    """Data, model, optimizer, loaders and the record of the run (restored from
+    ``point.checkpoint``, if any), written to ``run_dir`` by rank 0: the :class:`Run` that
+    :func:`fit` trains."""
     seed_everything(cfg.train.seed)
     device = dctx.device if dctx.enabled else resolve_device(cfg.train.device)
     with dctx.main_first():  # rank 0 generates / checks cached data before the others read it
