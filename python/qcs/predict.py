@@ -36,6 +36,7 @@ from .data.datasets import IMAGE_SUFFIXES
 from .data.transforms import test_transform
 from .errors import MissingDependency, UsageError
 from .inference import LoadedModel
+from .tta import predict_logits
 
 __all__ = [
     "CSV_FIXED",
@@ -248,12 +249,13 @@ class Predictor:
         batch_size: crops per forward pass.
         annotate_dir: write each image with its boxes and labels drawn there.
         detector: a ready :class:`FaceDetector` (default: built when ``detect``).
+        flip_tta: average the logits of each crop and of its mirror image.
     """
 
     def __init__(self, loaded: LoadedModel, *, detect: bool = True, margin: float = 0.2,
                  batch_size: int = 32, annotate_dir: str | Path | None = None,
                  align: bool = True, device: str | torch.device = "cpu",
-                 detector: FaceDetector | None = None) -> None:
+                 detector: FaceDetector | None = None, flip_tta: bool = False) -> None:
         if margin < 0:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
@@ -263,7 +265,9 @@ class Predictor:
             raise refusal
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
-        self.transform = test_transform(self.size)
+        # the recipe's test transform (a larger resize then the centre crop, where it has one)
+        self.transform = test_transform(self.size, resize=loaded.config.data.resize)
+        self.flip_tta = flip_tta
         self.margin, self.batch_size, self.device = margin, batch_size, torch.device(device)
         self.detector = (detector or FaceDetector(align=align)) if detect else None
         self.align = align
@@ -281,7 +285,8 @@ class Predictor:
         for crop in crops:
             crop = crop.resize((self.size, self.size), Image.BILINEAR)
             xs.append(self.transform(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)))
-        logits = self.loaded.model(torch.stack(xs).to(self.device))
+        logits = predict_logits(self.loaded.model, torch.stack(xs).to(self.device),
+                                self.flip_tta)
         return torch.softmax(logits.float(), dim=1).cpu()
 
     def _prepare(self, path: Path) -> tuple[_Pending, list[Image.Image]]:

@@ -50,7 +50,8 @@ def cmd_predict(args) -> int:
     loaded = load_model(args.checkpoint, device=args.device)
     predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
                           batch_size=args.batch_size, annotate_dir=args.annotate,
-                          align=not args.no_align, device=args.device)
+                          align=not args.no_align, device=args.device,
+                          flip_tta=args.flip_tta)
     records = [_error_record(arg, why) for arg, why in problems]
     records += list(predictor.run(paths))
     out = args.output
