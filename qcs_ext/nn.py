@@ -7,13 +7,17 @@ returns refined features of the same shape::
     maps = CSA(qk)                               # [branches, B, N]
     h = h + maps[..., None] * v
     h = LayerNorm2(h); out = h + MLP(h)          # MLP: C -> 4C -> C, GELU
+
+That is ``residual="normed"``: the residual stream is the normalised input, as in the
+published QCS modules and the 7-class DCS modules. ``residual="input"`` keeps the input
+itself as the stream (``h = x + maps * v; out = h + MLP(LayerNorm2(h))``), as in the
+published 8-class DCS modules (FERPlus, AffectNet-8); the weights are the same.
 """
 
 from __future__ import annotations
 
 import abc
-
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,9 +25,10 @@ from torch import nn
 from . import ops, reference
 from ._checks import MODES, SCOPES, check_choice, check_gamma
 
-__all__ = ["CrossSimilarity", "PairSimilarity", "BACKENDS"]
+__all__ = ["BACKENDS", "RESIDUALS", "CrossSimilarity", "PairSimilarity"]
 
 BACKENDS = ("auto", "fused", "reference")
+RESIDUALS = ("normed", "input")
 
 
 class _Mlp(nn.Sequential):
@@ -39,13 +44,15 @@ class _SimilarityBlock(nn.Module, abc.ABC):
 
     branches: int
 
-    def __init__(self, dim: int, *, scope: str, backend: str, mlp_ratio: float, dropout: float):
+    def __init__(self, dim: int, *, scope: str, backend: str, mlp_ratio: float, dropout: float,
+                 residual: str = "normed"):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.dim = dim
         self.scope = check_choice(scope, "scope", SCOPES)
         self.backend = check_choice(backend, "backend", BACKENDS)
+        self.residual = check_choice(residual, "residual", RESIDUALS)
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 2 * dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -74,8 +81,12 @@ class _SimilarityBlock(nn.Module, abc.ABC):
         h = self.norm1(x)
         qk, v = self.qkv(h).chunk(2, dim=-1)
         maps = self._maps(qk, self._use_fused(x))
-        h = self.norm2(h + maps.unsqueeze(-1) * v)
-        out = h + self.mlp(h)
+        if self.residual == "normed":
+            h = self.norm2(h + maps.unsqueeze(-1) * v)
+            out = h + self.mlp(h)
+        else:
+            h = x + maps.unsqueeze(-1) * v
+            out = h + self.mlp(self.norm2(h))
         return (out, maps) if return_maps else out
 
 
@@ -91,13 +102,17 @@ class CrossSimilarity(_SimilarityBlock):
             ``"auto"`` (fused where a kernel exists for the input's device).
         mlp_ratio: hidden width of the MLP relative to ``dim``.
         dropout: dropout in the MLP.
+        residual: ``"normed"`` (the published modules) or ``"input"`` (see the module
+            docstring).
     """
 
     branches = 4
 
     def __init__(self, dim: int, *, gamma: float = 1.0, mode: str = "sd", scope: str = "batch",
-                 backend: str = "auto", mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
-        super().__init__(dim, scope=scope, backend=backend, mlp_ratio=mlp_ratio, dropout=dropout)
+                 backend: str = "auto", mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 residual: str = "normed") -> None:
+        super().__init__(dim, scope=scope, backend=backend, mlp_ratio=mlp_ratio, dropout=dropout,
+                         residual=residual)
         self.gamma = check_gamma(gamma)
         self.mode = check_choice(mode, "mode", MODES)
         self.theta = nn.Parameter(torch.zeros(()))
@@ -108,7 +123,7 @@ class CrossSimilarity(_SimilarityBlock):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, gamma={self.gamma}, mode={self.mode!r}, scope={self.scope!r}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}, residual={self.residual!r}")
 
 
 class PairSimilarity(_SimilarityBlock):
@@ -118,12 +133,14 @@ class PairSimilarity(_SimilarityBlock):
     branches = 2
 
     def __init__(self, dim: int, *, scope: str = "batch", backend: str = "auto",
-                 mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
-        super().__init__(dim, scope=scope, backend=backend, mlp_ratio=mlp_ratio, dropout=dropout)
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, residual: str = "normed") -> None:
+        super().__init__(dim, scope=scope, backend=backend, mlp_ratio=mlp_ratio, dropout=dropout,
+                         residual=residual)
 
     def _maps(self, qk: torch.Tensor, fused: bool) -> torch.Tensor:
         fn: Callable = ops.pair_similarity_maps if fused else reference.pair_similarity_maps
         return fn(qk, scope=self.scope)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, scope={self.scope!r}, backend={self.backend!r}"
+        return (f"dim={self.dim}, scope={self.scope!r}, backend={self.backend!r}, "
+                f"residual={self.residual!r}")

@@ -119,7 +119,8 @@ def test_convert_official_checkpoint(tmp_path, monkeypatch, old_names, legacy, c
     sets = [a for s in QCS_MICRO_SET for a in ("--set", s)]
     assert main(["convert", str(src), str(tmp_path / "conv"), "--config", "tiny", *sets]) == 0
     out = capsys.readouterr().out
-    assert f"qcs network, 7 classes, epoch 37: {len(ours)} tensors loaded, 4 unused" in out
+    assert (f"qcs network, 7 classes (backbone resize nearest, cross residual normed), "
+            f"epoch 37: {len(ours)} tensors loaded, 4 unused") in out
     assert "__main__.RecorderMeter_loss" in out  # read as an inert stand-in
     weights = load_weights(tmp_path / "conv", expect_epoch=37)
     assert weights.keys() == ours.keys()

@@ -64,6 +64,23 @@ def test_module_rejects_bad_input_and_arguments():
         qnn.CrossSimilarity(8, mode="x")
     with pytest.raises(ValueError, match="dim must be a positive int"):
         qnn.PairSimilarity(0)
+    with pytest.raises(ValueError, match="residual must be one of"):
+        qnn.PairSimilarity(8, residual="pre")
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_input_residual_keeps_the_input_as_stream(backend):
+    """``residual="input"``: ``h = x + maps * v``, ``out = h + MLP(LayerNorm2(h))``; the same
+    weights with ``"normed"`` compute something else."""
+    torch.manual_seed(0)
+    module = qnn.PairSimilarity(8, backend=backend, residual="input").double()
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    out, maps = module(x, return_maps=True)
+    _, v = module.qkv(module.norm1(x)).chunk(2, dim=-1)
+    h = x + maps.unsqueeze(-1) * v
+    assert torch.allclose(out, h + module.mlp(module.norm2(h)), atol=1e-12)
+    module.residual = "normed"
+    assert not torch.allclose(module(x), out, atol=1e-3)
 
 
 def test_fused_backend_without_kernel_raises():

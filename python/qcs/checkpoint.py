@@ -232,8 +232,26 @@ def read_metadata(base: str | Path) -> dict[str, Any]:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise CheckpointError(f"{path} is not a qcs checkpoint (format {found!r})")
-        return meta
+        return _with_trained_resize(meta)
     return _open_committed(b, ".json", "checkpoint metadata", read)
+
+
+def _with_trained_resize(meta: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before ``backbone_resize`` existed were trained with the
+    antialiased resize (converted ones are the published network: nearest); name it, so
+    they keep computing what they were trained to compute. Either config layout: the flat
+    ``[model]`` section of older checkpoints or the ``[qcs]`` / ``[pcd]`` section."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        return meta
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    sections = [config.get("qcs"), config.get("pcd")]
+    if model.get("family", "qcs") in ("qcs", "pcd") and "backbone_size" in model:
+        sections.append(model)  # the flat layout
+    for sec in sections:
+        if isinstance(sec, dict) and "backbone_resize" not in sec:
+            sec["backbone_resize"] = "nearest" if "converted_from" in meta else "antialias"
+    return meta
 
 
 def load_weights(base: str | Path, expect_epoch: Any = None, *,

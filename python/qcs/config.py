@@ -31,6 +31,7 @@ from .families import family_names, get_family
 
 __all__ = [
     "FAMILY_PRESETS",
+    "PAPER_PRESETS",
     "PRESETS",
     "Config",
     "ConfigError",
@@ -43,11 +44,14 @@ __all__ = [
     "config_from_dict",
     "config_of_checkpoint",
     "load_config",
+    "parse_val_split",
     "to_toml",
     "upgrade_legacy",
 ]
 
-PRESETS = ("tiny", "paper-qcs", "paper-dcs", "paper-baseline")
+PAPER_PRESETS = tuple(f"paper-{v}-{d}" for v in ("qcs", "dcs")
+                      for d in ("rafdb", "ferplus", "affectnet7", "affectnet8"))
+PRESETS = ("tiny", "paper-qcs", "paper-dcs", "paper-baseline") + PAPER_PRESETS
 FAMILY_PRESETS = ("tiny-dan", "tiny-pcd", "paper-dan", "paper-pcd")  # DAN / PCD families
 DATA_FORMATS = ("synth", "raf-db", "ferplus", "affectnet7", "affectnet8", "folder")
 SHARED = ("model", "data", "optim", "train")  # sections every config has
@@ -71,7 +75,18 @@ class DataConfig:
     train_list: str = ""                  # optional label-file overrides (relative to root)
     test_list: str = ""
     image_size: int = 224
+    # the recipe's transforms (qcs.data.transforms): resize first to this (0: image_size),
+    # then crop image_size (train: random, test: centre); rotation, jitter, erasing range
+    resize: int = 0
+    rotation: float = 0.0                 # RandomRotation degrees (0: none)
+    color_jitter: bool = True             # ColorJitter(0.2, 0.2, 0.2, 0.1)
+    erasing: list[float] = field(default_factory=lambda: [0.02, 0.1])  # RandomErasing area
     balanced: bool | None = None          # class-balanced anchors; None: on for AffectNet only
+    epoch_divisor: int = 1                # items per epoch: len(train) // epoch_divisor
+    # validation: none | official (FERPlus's FER2013Valid) | a fraction of the training
+    # list held out per class (seeded by val_seed, independent of train.seed)
+    val_split: str = "none"
+    val_seed: int = 0
     cache_in_memory: bool = False         # decode every image once, keep uint8 tensors in RAM
     num_workers: int = 0
     check: bool = False                   # open every image at start-up, report all bad ones
@@ -113,6 +128,9 @@ class TrainConfig:
     pretrained: str = ""                  # backbone weights (.pth or .safetensors)
     max_steps_per_epoch: int = 0          # 0: the whole epoch (a cap for quick runs)
     checkpoint_every: int = 0             # also save last.* every N steps (0: epoch ends only)
+    # which split picks best.*: auto (validation when there is one, else test) | val | test
+    # ("test" as the paper's scripts do: an optimistic estimate, named so in the output)
+    select_on: str = "auto"
 
 
 def _default_net() -> Any:
@@ -156,6 +174,17 @@ class Config:
         check_fields("", self, [
             ("data.format", d.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
             ("data.image_size", d.image_size >= 8, ">= 8"),
+            ("data.resize", d.resize == 0 or d.resize >= d.image_size,
+             "0 or >= data.image_size"),
+            ("data.rotation", 0 <= d.rotation <= 180, "in [0, 180] degrees"),
+            ("data.erasing", len(d.erasing) == 2 and 0 <= d.erasing[0] <= d.erasing[1] <= 1,
+             "[lo, hi] with 0 <= lo <= hi <= 1"),
+            ("data.epoch_divisor", d.epoch_divisor >= 1, ">= 1"),
+            ("data.val_split", _val_split_ok(d.val_split),
+             "none, official or a fraction in (0, 0.5] such as \"0.1\""),
+            ("data.val_split", d.val_split != "official" or d.format == "ferplus",
+             "a fraction such as \"0.1\" (only FERPlus has an official validation split)"),
+            ("train.select_on", t.select_on in ("auto", "val", "test"), "auto, val or test"),
             ("optim.name", o.name in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
             ("optim.lr", o.lr > 0, "> 0"),
             ("train.amp", t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
@@ -165,6 +194,30 @@ class Config:
         ])
         check_fields(self.model.family, self.net, self.family.checks(self.net))
         return self
+
+
+def parse_val_split(value: str) -> str | float:
+    """``data.val_split``: ``"none"``, ``"official"`` or a fraction in ``(0, 0.5]`` given as
+    text (``"0.1"``). Raises :class:`ValueError` naming the accepted forms."""
+    text = str(value).strip().lower()
+    if text in ("none", "official"):
+        return text
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"val_split must be none, official or a fraction in (0, 0.5] of the "
+                         f"training list, got {value!r}")
+    return fraction
+
+
+def _val_split_ok(value: str) -> bool:
+    try:
+        parse_val_split(value)
+    except ValueError:
+        return False
+    return True
 
 
 def check_fields(section: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:

@@ -40,8 +40,10 @@ __all__ = [
     "InertStandIn",
     "convert_official",
     "load_untrusted",
+    "matching_preset",
     "official_key",
     "pickle_globals",
+    "published_form",
 ]
 
 # modules no checkpoint needs; torch's weights_only unpickler refuses them as well
@@ -145,7 +147,8 @@ def load_untrusted(path: str | Path) -> tuple[Any, list[str]]:
 # ----------------------------------------------------------------------------- key mapping
 
 # parts of the official modules that their forward pass never uses: dropped, not errors
-_UNUSED = re.compile(r"^(ir_back\.output_layer\.|VIT_(base|cross)\.(patch_embed\.|eca_block\.|"
+_UNUSED = re.compile(r"^(ir_back\.output_layer\.|fusion\.|"  # fusion: 8-class DCS AffectNet
+                     r"VIT_(base|cross)\.(patch_embed\.|eca_block\.|"
                      r"CON1\.|IRLinear[12]\.|head_dist\.|dist_token$|pre_logits\.|"
                      r"blocks\.\d+\.conv\.))")
 # renames inside a ViT / cross module (the cross module's "proj" is our "qkv")
@@ -209,7 +212,10 @@ class ConvertReport:
     def __str__(self) -> str:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        lines = [f"{self.source}: {self.variant} network, {self.num_classes} classes, epoch "
+        form = published_form(self.variant, self.num_classes)
+        lines = [f"{self.source}: {self.variant} network, {self.num_classes} classes "
+                 f"(backbone resize {form['backbone_resize']}, cross residual "
+                 f"{form['cross_residual']}), epoch "
                  f"{self.epoch}: {self.loaded} tensors loaded, {len(self.dropped)} unused "
                  f"official tensors dropped, {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected"]
@@ -223,6 +229,25 @@ class ConvertReport:
         return "\n".join(lines)
 
 
+def published_form(variant: str, num_classes: int) -> dict[str, str]:
+    """The model settings that make our network compute the published one for a checkpoint
+    of ``variant`` with ``num_classes`` classes: the backbone's nearest-neighbour resize
+    always, and the cross modules' residual stream (the published 8-class DCS modules keep
+    the un-normalised input as their residual; every other published module the
+    normalised one)."""
+    residual = "input" if variant == "dcs" and num_classes == 8 else "normed"
+    return {"backbone_resize": "nearest", "cross_residual": residual}
+
+
+def matching_preset(variant: str, data_format: str) -> str:
+    """The preset of the authors' training script for a checkpoint of ``variant`` trained on
+    ``data_format`` (``paper-baseline`` for the baseline, which has no script): its
+    evaluation transform is the script's."""
+    if variant == "baseline":
+        return "paper-baseline"
+    return f"paper-{variant}-{data_format.replace('-', '')}"
+
+
 def _variant_of(state: dict[str, torch.Tensor]) -> str:
     if "cross_attention_1.theta" in state:
         return "qcs"
@@ -230,13 +255,17 @@ def _variant_of(state: dict[str, torch.Tensor]) -> str:
 
 
 def convert_official(src: str | Path, out_base: str | Path, *, config=None,
-                     data_format: str | None = None, strict: bool = True) -> ConvertReport:
+                     data_format: str | None = None, strict: bool = True,
+                     overrides: list[str] | tuple[str, ...] = ()) -> ConvertReport:
     """Convert the official checkpoint ``src`` into our checkpoint ``out_base``
     (``out_base.safetensors`` + ``.json``; no optimizer state).
 
     Args:
-        config: a :class:`qcs.config.Config` for the model's shape (default: the
-            ``paper-qcs`` preset); variant and class count come from the file.
+        config: a :class:`qcs.config.Config` for the model's shape and the evaluation
+            transform (default: :func:`matching_preset`, the preset of the authors' script);
+            variant and class count come from the file, and :func:`published_form` always
+            applies.
+        overrides: ``section.key=value`` changes to that config (the CLI's ``--set``).
         data_format: whose class order the labels follow (``raf-db``, ``ferplus``,
             ``affectnet7``, ``affectnet8``); default ``raf-db`` for 7 classes, required for
             8 (FERPlus and AffectNet-8 order them differently).
@@ -244,7 +273,7 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
             mismatches are always refused.
     """
     from .checkpoint import save_checkpoint
-    from .config import load_config
+    from .config import apply_overrides, load_config
     from .families import build_model
 
     src = Path(src)
@@ -263,12 +292,17 @@ def convert_official(src: str | Path, out_base: str | Path, *, config=None,
     num_classes = int(head.shape[0])
     data_format, classes = _classes_of(src, num_classes, data_format)
 
-    cfg = config if config is not None else load_config("paper-qcs")
+    cfg = config if config is not None else load_config(matching_preset(_variant_of(state),
+                                                                        data_format))
+    if overrides:
+        cfg = apply_overrides(cfg, list(overrides))
     if cfg.model.family != "qcs":
         raise ConvertError(f"official checkpoints are QCS-family networks; the config's "
                            f"model.family is {cfg.model.family!r}")
     cfg.net.variant = _variant_of(state)
     cfg.model.num_classes = num_classes
+    for key, value in published_form(cfg.net.variant, num_classes).items():
+        setattr(cfg.net, key, value)  # whatever --config says: the published network
     cfg.data.format = data_format
     cfg.validate()
     model = build_model(cfg)

@@ -26,7 +26,7 @@ def plot_losses(history: list[dict], path: str | Path) -> None:
     ax = fig.add_subplot()
     epochs = [h["epoch"] for h in history]
     for key, label in (("train_loss_base", "train: base"), ("train_loss_cross", "train: cross"),
-                       ("test_loss", "test (base)")):
+                       ("val_loss", "validation (base)"), ("test_loss", "test (base)")):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
             ax.plot(epochs, values, marker="o", ms=3, label=label)
@@ -39,14 +39,16 @@ def plot_losses(history: list[dict], path: str | Path) -> None:
 
 
 def plot_accuracy(history: list[dict], path: str | Path) -> None:
-    """Test accuracy per epoch."""
+    """Accuracy per epoch on the split evaluated each epoch (validation, or test when the
+    run has no validation split)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    ax.plot([h["epoch"] for h in history], [100 * h["test_acc"] for h in history], marker="o",
-            ms=3)
+    split = "val" if any("val_acc" in h for h in history) else "test"
+    ax.plot([h["epoch"] for h in history], [100 * h[f"{split}_acc"] for h in history],
+            marker="o", ms=3)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{'validation' if split == 'val' else 'test'} accuracy (%)")
     ax.grid(alpha=0.3)
     _save(fig, Path(path))
 

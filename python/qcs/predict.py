@@ -44,6 +44,7 @@ from .faces import (
     template_for,
 )
 from .inference import LoadedModel
+from .tta import predict_logits
 
 __all__ = [
     "CSV_FIXED",
@@ -203,12 +204,14 @@ class Predictor:
         detector: ``"mtcnn"``, ``"haar"`` or a ready detector (``.detect(list of RGB
             arrays) -> lists of`` :class:`qcs.faces.Face`).
         template: alignment template name (default: the checkpoint's data layout's).
+        flip_tta: average the logits of each crop and of its mirror image.
     """
 
     def __init__(self, loaded: LoadedModel, *, detect: bool = True, margin: float = 0.2,
                  batch_size: int = 32, annotate_dir: str | Path | None = None,
                  align: bool = True, device: str | torch.device = "cpu",
-                 detector: str | Any = "mtcnn", template: str | None = None) -> None:
+                 detector: str | Any = "mtcnn", template: str | None = None,
+                 flip_tta: bool = False) -> None:
         if margin < 0:
             raise UsageError(f"--margin must be >= 0, got {margin}")
         if batch_size < 1:
@@ -219,8 +222,13 @@ class Predictor:
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
         self.maps = loaded.channels - 3  # landmark heat-map channels (heat-map PCD)
+        # the recipe's test transform (a larger resize then the centre crop, where it has one)
         self.transform = HeatmapTransform(train=False) if self.maps else \
-            test_transform(self.size)
+            test_transform(self.size, resize=loaded.config.data.resize)
+        if flip_tta and self.maps:
+            raise UsageError("--flip-tta: not available for heat-map networks (their left and "
+                             "right landmark channels would need swapping)")
+        self.flip_tta = flip_tta
         self.margin, self.batch_size, self.device = margin, batch_size, torch.device(device)
         self.detect, self.align = detect, align
         self.detector = None
@@ -242,7 +250,8 @@ class Predictor:
         if not crops:
             return torch.empty(0, len(self.classes))
         x = torch.stack([self.transform(c) for c in crops]).to(self.device)
-        return torch.softmax(self.loaded.model(x).float(), dim=1).cpu()
+        logits = predict_logits(self.loaded.model, x, self.flip_tta)
+        return torch.softmax(logits.float(), dim=1).cpu()
 
     def _tensor(self, crop: Image.Image, points: np.ndarray | None) -> torch.Tensor:
         """A ``size``-pixel crop (+ the heat maps of ``points``, crop pixels) as uint8."""

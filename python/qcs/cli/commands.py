@@ -61,7 +61,8 @@ _OPTIONS = [  # (section, key, argument) copied when the argument is given
     ("data", "train_list", "train_list"), ("data", "test_list", "test_list"),
     ("data", "image_size", "image_size"), ("data", "cache_in_memory", "cache_in_memory"),
     ("data", "balanced", "balanced"), ("data", "synth_bias_strength", "bias_strength"),
-    ("data", "synth_seed", "synth_seed"),
+    ("data", "synth_seed", "synth_seed"), ("data", "val_split", "val_split"),
+    ("train", "select_on", "select_on"),
 ]
 _FLAGS = [("train", "deterministic", "deterministic"), ("data", "check", "check_data"),
           ("data", "skip_bad", "skip_bad"), ("data", "synth_bias", "bias")]
@@ -112,19 +113,29 @@ def cmd_train(args) -> int:
         log.info("run directory: %s", out)
         result = train(cfg, out, cache_dir=args.cache_dir, show_progress=not args.quiet,
                        handle_signals=True)
-    acc = 100 * result.last.get("test_acc", float("nan"))
-    log.info("done in %.1f min: final test accuracy %.2f%%, best %.2f%% at epoch %d; "
-             "checkpoints in %s", (time.perf_counter() - t0) / 60, acc,
-             100 * result.best_acc, result.best_epoch, result.run_dir)
+    minutes = (time.perf_counter() - t0) / 60
+    if result.test is not None:  # best.* chosen on validation; the test split seen once
+        acc = 100 * result.test["acc"]
+        log.info("done in %.1f min: best validation accuracy %.2f%% at epoch %d; its test "
+                 "accuracy %.2f%%; checkpoints in %s", minutes, 100 * result.best_acc,
+                 result.best_epoch, acc, result.run_dir)
+        note = f" (best.*, epoch {result.best_epoch}, chosen on the validation split)"
+    else:
+        acc = 100 * result.last.get("test_acc", float("nan"))
+        log.info("done in %.1f min: final test accuracy %.2f%%, best %.2f%% at epoch %d "
+                 "(chosen on the test split); checkpoints in %s", minutes, acc,
+                 100 * result.best_acc, result.best_epoch, result.run_dir)
+        note = " (last epoch; best.* chosen on the test split)"
     if log.isEnabledFor(logging.INFO):
-        print(f"test accuracy: {acc:.2f}%")
+        print(f"test accuracy: {acc:.2f}%{note}")
     return 0
 
 
 def _split_dataset(cfg: Config, root: str, split: str):
     """The images of ``split`` (other than ``test``) as a test-transformed dataset."""
-    from ..data import ImageDataset, load_split, test_transform
+    from ..data import ImageDataset, load_split
     from ..data.datasets import screen_images, skip_summary
+    from ..training.data import recipe_transforms
     lst = load_split(cfg.data.format, cfg.data.root or root, split, skip_bad=cfg.data.skip_bad)
     if cfg.data.check or cfg.data.skip_bad:
         lst, bad = screen_images(lst, cfg.data.skip_bad)
@@ -134,12 +145,14 @@ def _split_dataset(cfg: Config, root: str, split: str):
     if counts:
         log.warning("%s: skipped %s (--skip-bad)", lst.source,
                     ", ".join(f"{n} {reason}" for reason, n in counts.items()))
-    return ImageDataset(lst, cfg.data.image_size, test_transform(cfg.data.image_size))
+    return ImageDataset(lst, cfg.data.image_size, recipe_transforms(cfg)[1])
 
 
-def _print_eval(ev: dict, classes: list[str], base: Path, epoch, images: int, split: str) -> None:
+def _print_eval(ev: dict, classes: list[str], base: Path, epoch, images: int, split: str,
+                flip_tta: bool) -> None:
     width = max(len(c) for c in classes)
-    print(f"checkpoint {base} (epoch {epoch}), {images} {split} images")
+    tta = ", flip TTA (logits of the image and its mirror averaged)" if flip_tta else ""
+    print(f"checkpoint {base} (epoch {epoch}), {images} {split} images{tta}")
     print(f"accuracy: {100 * ev['acc']:.2f}%   mean recall: {100 * ev['mean_recall']:.2f}%")
     print(f"{'class':<{width}}  recall      F1")
     for name, r, f in zip(classes, ev["recall"], ev["f1"]):
@@ -168,18 +181,24 @@ def cmd_eval(args) -> int:
     if list(data.classes) != classes:
         raise SystemExit(f"qcs eval: the checkpoint's classes {classes} differ from the "
                          f"dataset's {list(data.classes)}")
-    test = data.test if args.split == "test" else _split_dataset(cfg, data.root, args.split)
+    if args.split == "test":
+        test = data.test
+    elif args.split in ("val", "valid") and data.val is not None:
+        test = data.val  # the run's validation split (official, or its seeded hold-out)
+    else:
+        test = _split_dataset(cfg, data.root, args.split)
     device = resolve_device(cfg.train.device)
     loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.batch_size * 4,
                                          num_workers=cfg.data.num_workers)
     ev = evaluate(loaded.model.to(device), loader, device, len(classes), cfg.train.amp,
-                  not args.quiet)
+                  not args.quiet, flip_tta=args.flip_tta)
     out = Path(args.out) if args.out else base.parent
     out.mkdir(parents=True, exist_ok=True)
-    _print_eval(ev, classes, base, meta["epoch"], len(test), args.split)
-    stem = f"eval_{base.name}_{args.split}"
+    _print_eval(ev, classes, base, meta["epoch"], len(test), args.split, args.flip_tta)
+    stem = f"eval_{base.name}_{args.split}" + ("_flip" if args.flip_tta else "")
     (out / f"{stem}.json").write_text(json.dumps({"checkpoint": str(base), "classes": classes,
-                                                  **ev}, indent=2))
+                                                  "split": args.split,
+                                                  "flip_tta": args.flip_tta, **ev}, indent=2))
     plot_confusion(ev["confusion"], classes, out / f"{stem}_confusion.png",
                    f"{base.name} on {args.split}: accuracy {100 * ev['acc']:.2f}%")
     print(f"written: {out / (stem + '.json')}, {out / (stem + '_confusion.png')}")
@@ -257,12 +276,12 @@ def cmd_convert(args) -> int:
     import torch
 
     from ..convert import convert_official
-    cfg = apply_overrides(load_config(args.config), args.set)
+    cfg = load_config(args.config) if args.config else None
     out = Path(args.out)
     base = out / "best" if out.is_dir() or args.out.endswith(("/", "\\")) else out
     torch.manual_seed(args.seed)
     report = convert_official(args.source, base, config=cfg, data_format=args.data,
-                              strict=args.strict)
+                              strict=args.strict, overrides=args.set)
     print(report)
     print(f"written: {base}.safetensors, {base}.json (use with qcs eval / predict / "
           f"visualize / export --checkpoint {base})")

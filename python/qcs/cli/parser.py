@@ -51,6 +51,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="built-in data: probability that a biased training image carries its "
                    "class colour (default 0.9)")
     g.add_argument("--synth-seed", type=int, help="built-in data: generator seed")
+    g.add_argument("--val-split", metavar="none|official|FRACTION",
+                   help="validation split: FERPlus's official one, or a seeded, stratified "
+                   "hold-out of the training list (e.g. 0.1); best.* is then chosen on it "
+                   "and the test split is evaluated once, at the end")
     g.add_argument("--cache-dir", metavar="DIR",
                    help="where built-in data is cached (default $QCS_CACHE, else "
                    "$XDG_CACHE_HOME/qcs or ~/.cache/qcs)")
@@ -92,6 +96,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--resume", metavar="RUN|CHECKPOINT",
                    help="continue a run from its last checkpoint (a run dir or a checkpoint)")
     t.add_argument("--max-steps", type=int, help="cap on steps per epoch (quick runs)")
+    t.add_argument("--select-on", choices=("auto", "val", "test"),
+                   help="split that picks best.*: auto (validation when there is one, else "
+                   "test), val, or test (as the paper's scripts do; an optimistic estimate)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set qcs.dropout=0.3 (repeatable)")
     _add_common(t)
@@ -104,7 +111,12 @@ def _eval_parser(sub) -> None:
                        "(printed and saved as PNG) of a checkpoint on a dataset's test split.")
     e.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint (run/best, run/best.safetensors or a run dir = its best)")
-    e.add_argument("--split", default="test", help="split to evaluate (default test)")
+    e.add_argument("--split", default="test",
+                   help="split to evaluate: test (default), val (the checkpoint's validation "
+                   "split: FERPlus's official one or its seeded hold-out), train, valid")
+    e.add_argument("--flip-tta", action="store_true",
+                   help="test-time augmentation: average the logits of each image and of its "
+                   "mirror image")
     e.add_argument("--out", metavar="DIR", help="where to write eval.json and the confusion "
                    "PNG (default: beside the checkpoint)")
     _add_common(e)
@@ -163,8 +175,10 @@ def _convert_parser(sub) -> None:
                        "variant and class count come from the file, its shape from --config.")
     v.add_argument("source", metavar="IN", help="the official .pth / .pth.tar file")
     v.add_argument("out", metavar="OUT", help="checkpoint to write (base name or directory)")
-    v.add_argument("--config", default="paper-qcs", metavar="NAME|FILE",
-                   help="preset or TOML file giving the network's shape (default paper-qcs)")
+    v.add_argument("--config", default=None, metavar="NAME|FILE",
+                   help="preset or TOML file giving the network's shape and the evaluation "
+                   "transform (default: the preset of the authors' script for the file's "
+                   "network and --data, e.g. paper-qcs-affectnet7)")
     v.add_argument("--data", choices=("raf-db", "ferplus", "affectnet7", "affectnet8"),
                    help="dataset whose class order the labels follow (default raf-db for 7 "
                    "classes; required for 8)")
@@ -219,6 +233,9 @@ def _predict_parser(sub) -> None:
                    help="write each image with its face boxes and labels drawn into DIR")
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per detector call and crops per forward pass (32)")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="test-time augmentation: average the logits of each face and of its "
+                   "mirror image")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 

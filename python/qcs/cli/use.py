@@ -51,7 +51,8 @@ def cmd_predict(args) -> int:
     predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
                           batch_size=args.batch_size, annotate_dir=args.annotate,
                           align=not args.no_align, device=args.device,
-                          detector=args.detector, template=args.template)
+                          detector=args.detector, template=args.template,
+                          flip_tta=args.flip_tta)
     records = [_error_record(arg, why) for arg, why in problems]
     records += list(predictor.run(paths))
     out = args.output

@@ -32,6 +32,7 @@ class PCDConfig:
     backbone_depths: list[int] = field(default_factory=lambda: [3, 4, 14])
     backbone_widths: list[int] = field(default_factory=lambda: [64, 128, 256])
     backbone_size: int = 112              # the backbone resizes its input to this (paper: 112)
+    backbone_resize: str = "nearest"      # nearest (as published) | antialias (explicit opt-in)
     embed_dim: int = 768
     vit_depth: int = 2                    # cross-feature blocks
     heads: int = 8

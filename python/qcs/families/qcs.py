@@ -32,17 +32,22 @@ class QCSConfig:
     backbone_depths: list[int] = field(default_factory=lambda: [3, 4, 14])  # IR50 stages 1-3
     backbone_widths: list[int] = field(default_factory=lambda: [64, 128, 256])
     backbone_size: int = 112              # the backbone resizes its input to this (paper: 112)
+    backbone_resize: str = "nearest"      # nearest (as published) | antialias (explicit opt-in)
     embed_dim: int = 768
     tokens_side: int = 7                  # each level is embedded to side x side tokens
     vit_depth: int = 2
     vit_cross_depth: int = 1
     heads: int = 8
     mlp_ratio: float = 4.0
-    dropout: float = 0.0                  # dropout in the ViT modules and cross MLPs
+    dropout: float = 0.0                  # ViT_base dropout (and the others' when they are < 0)
+    vit_cross_dropout: float = -1.0       # ViT_cross dropout; < 0: qcs.dropout
+    cross_mlp_dropout: float = -1.0       # the cross modules' MLP dropout; < 0: qcs.dropout
+    attn_proj_dropout: bool = True        # the ViTs' dropout also after the attention projection
     attn_dropout: float = 0.0
     csa_gamma: float = 1.0
     csa_mode: str = "sd"
     csa_scope: str = "batch"
+    cross_residual: str = "normed"        # normed (published QCS, 7-class DCS) | input (8-class DCS)
     backend: str = "auto"                 # qcs_ext backend: auto | fused | reference
     distill: str = "none"                 # none | kl | mse (between base and cross logits)
     distill_weight: float = 0.0
@@ -57,6 +62,8 @@ def _power_of_two_ratio(value: int, unit: int) -> bool:
 def ir50_checks(sec: Any) -> list[tuple[str, bool, str]]:
     """Checks of the IR50 backbone fields shared by the QCS and PCD sections."""
     return [
+        ("backbone_resize", sec.backbone_resize in ("nearest", "antialias"),
+         "nearest (as published) or antialias"),
         ("backbone_depths", len(sec.backbone_depths) == 3
          and all(d >= 1 for d in sec.backbone_depths), "three depths >= 1"),
         ("backbone_widths", len(sec.backbone_widths) == 3
@@ -79,6 +86,10 @@ class QCSFamily(Family):
             ("variant", sec.variant in BRANCHES, f"one of {tuple(BRANCHES)}"),
             ("csa_mode", sec.csa_mode in ("sd", "s", "d"), "sd, s or d"),
             ("csa_scope", sec.csa_scope in ("batch", "sample"), "batch or sample"),
+            ("cross_residual", sec.cross_residual in ("normed", "input"), "normed or input"),
+            ("dropout", 0 <= sec.dropout < 1, "in [0, 1)"),
+            ("vit_cross_dropout", sec.vit_cross_dropout < 1, "< 1 (negative: qcs.dropout)"),
+            ("cross_mlp_dropout", sec.cross_mlp_dropout < 1, "< 1 (negative: qcs.dropout)"),
             ("backend", sec.backend in ("auto", "fused", "reference"),
              "auto, fused or reference"),
             *ir50_checks(sec),

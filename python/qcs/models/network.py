@@ -43,12 +43,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block ``[B, T, D] -> [B, T, D]`` (LayerNorm eps 1e-6)."""
+    """Pre-norm transformer block ``[B, T, D] -> [B, T, D]`` (LayerNorm eps 1e-6); ``drop``
+    in the MLP, ``proj_drop`` after the attention's output projection."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop: float, attn_drop: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop: float, attn_drop: float,
+                 proj_drop: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, attn_drop, drop)
+        self.attn = Attention(dim, heads, attn_drop, proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop),
@@ -67,13 +69,13 @@ class ViT(nn.Module):
     """
 
     def __init__(self, dim: int, tokens: int, depth: int, heads: int, mlp_ratio: float,
-                 drop: float, attn_drop: float, num_classes: int) -> None:
+                 drop: float, attn_drop: float, num_classes: int, proj_drop: bool = True) -> None:
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
         self.pos_drop = nn.Dropout(drop)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, drop, attn_drop)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, drop, attn_drop,
+                                            drop if proj_drop else 0.0) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.se = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid())
         self.head = nn.Linear(dim, num_classes)
@@ -135,19 +137,22 @@ class QCSNet(nn.Module):
         self.branches = BRANCHES[cfg.variant]
         d, side = cfg.embed_dim, cfg.tokens_side
         self.tokens_per_level = side * side
-        self.ir_back = IR50(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_size)
+        self.ir_back = IR50(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_size,
+                            cfg.backbone_resize)
         sizes = [cfg.backbone_size // 2 ** (i + 1) for i in range(3)]
         self.embeds = nn.ModuleList(
             LevelEmbed(w, s, d, side) for w, s in zip(cfg.backbone_widths, sizes))
         tokens = 3 * self.tokens_per_level
         vit = dict(dim=d, tokens=tokens, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                   drop=cfg.dropout, attn_drop=cfg.attn_dropout, num_classes=num_classes)
-        self.vit_base = ViT(depth=cfg.vit_depth, **vit)
+                   attn_drop=cfg.attn_dropout, num_classes=num_classes,
+                   proj_drop=cfg.attn_proj_dropout)
+        self.vit_base = ViT(depth=cfg.vit_depth, drop=cfg.dropout, **vit)
         self.cross: nn.ModuleList | None = None
         self.vit_cross: ViT | None = None
         if cfg.variant != "baseline":
             self.cross = nn.ModuleList(_cross_module(cfg, d) for _ in range(3))  # per level
-            self.vit_cross = ViT(depth=cfg.vit_cross_depth, **vit)
+            self.vit_cross = ViT(depth=cfg.vit_cross_depth,
+                                 drop=_or_dropout(cfg.vit_cross_dropout, cfg), **vit)
         self.apply(_init_linear)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +192,15 @@ class QCSNet(nn.Module):
 def _cross_module(cfg: QCSConfig, dim: int) -> nn.Module:
     """One level's cross module: CSA over quadruplets (QCS) or pairs (DCS)."""
     common = dict(scope=cfg.csa_scope, backend=cfg.backend, mlp_ratio=cfg.mlp_ratio,
-                  dropout=cfg.dropout)
+                  dropout=_or_dropout(cfg.cross_mlp_dropout, cfg), residual=cfg.cross_residual)
     if cfg.variant == "qcs":
         return CrossSimilarity(dim, gamma=cfg.csa_gamma, mode=cfg.csa_mode, **common)
     return PairSimilarity(dim, **common)
+
+
+def _or_dropout(value: float, cfg: QCSConfig) -> float:
+    """A per-module dropout field: negative means ``qcs.dropout``."""
+    return cfg.dropout if value < 0 else value
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -134,7 +134,8 @@ class PCD(nn.Module):
         self.landmarks = cfg.landmarks
         self.size = cfg.backbone_size
         self.side = cfg.backbone_size // 8          # the IR50 stage-3 map (14 at 112 px)
-        self.ir_back = IR50(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_size)
+        self.ir_back = IR50(cfg.backbone_depths, cfg.backbone_widths, cfg.backbone_size,
+                            cfg.backbone_resize)
         self.landmark_net: LandmarkNet | None = None
         if cfg.landmarks == "mobilefacenet":
             self.landmark_net = LandmarkNet(cfg.landmark_widths)

@@ -5,6 +5,7 @@ return a :class:`LoadReport`. Every family's pretrained weights go through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
 
 def load_matching(module: nn.Module, path: str | Path, *, prefixes: tuple[str, ...] = (),
                   select: tuple[str, ...] = (), what: str = "weights",
-                  require_match: bool = False) -> LoadReport:
+                  require_match: bool = False,
+                  rename: Callable[[str], str] | None = None) -> LoadReport:
     """Load the tensors of file ``path`` that fit ``module`` by name and shape.
 
     Args:
@@ -94,11 +96,15 @@ def load_matching(module: nn.Module, path: str | Path, *, prefixes: tuple[str, .
             backbone's part of a whole-model checkpoint).
         what: how the report names the weights.
         require_match: raise :class:`WeightsError` when no tensor fits (a wrong file).
+        rename: applied to each name after the prefixes are stripped (another layout's
+            module names onto ours).
     """
     raw = read_state(path)
     if select and any(k.startswith(select) for k in raw):
         raw = {k: v for k, v in raw.items() if k.startswith(select)}
     state = {strip_prefixes(k, prefixes): v for k, v in raw.items()}
+    if rename is not None:
+        state = {rename(k): v for k, v in state.items()}
     own = module.state_dict()
     report = LoadReport(str(path), what)
     for key, value in state.items():

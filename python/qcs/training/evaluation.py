@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..progress import Progress
+from ..tta import predict_logits
 
 __all__ = ["autocast", "evaluate", "metrics_from_confusion"]
 
@@ -40,11 +41,13 @@ def metrics_from_confusion(confusion: torch.Tensor, loss_sum: float, count: int
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, amp: str = "none",
              show_progress: bool = True, desc: str = "eval",
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             flip_tta: bool = False) -> dict[str, Any]:
     """Base-network evaluation (``model(x [B, C, H, W]) -> [B, K]``): ``loss``, ``acc``,
     per-class ``recall`` / ``f1`` (lists of ``K``), ``mean_recall`` and the ``confusion``
     matrix (``K x K``, rows = true class). ``reduce`` (DDP: a sum over ranks of a float64
-    tensor) combines per-rank shards."""
+    tensor) combines per-rank shards. ``flip_tta``: average the logits of each image and
+    its mirror image (:mod:`qcs.tta`)."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, count = 0.0, 0
@@ -52,7 +55,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, a
     for step, (x, y) in enumerate(loader, 1):
         x, y = x.to(device, non_blocking=True), y.to(device)
         with autocast(device, amp):
-            logits = model(x)
+            logits = predict_logits(model, x, flip_tta)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         count += len(y)

@@ -29,6 +29,7 @@ reproducibility depends on them).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -39,8 +40,10 @@ from typing import Any
 import torch
 
 from ..atomic import write_text_atomic
+from ..checkpoint import load_weights
 from ..config import Config, to_toml
 from ..distributed import DistContext, init_distributed
+from ..errors import ConfigError
 from ..families import build_model
 from . import saving
 from .data import Data, build_loaders, prepare_data
@@ -59,20 +62,36 @@ from .runstate import (
 from .saving import RunRecord
 from .step import Optimization, TrainForward, TrainStep
 
-__all__ = ["Callback", "RunResult", "evaluate", "fit", "setup", "train"]
+__all__ = ["Callback", "RunResult", "evaluate", "fit", "selection_split", "setup",
+           "test_best_once", "train"]
 
 log = logging.getLogger("qcs")
 
 
 @dataclass
 class RunResult:
-    """The outcome of :func:`train`: the run directory, the best test accuracy and its
-    epoch, and the last epoch's metrics row."""
+    """The outcome of :func:`train`: the run directory, the best accuracy (on the selection
+    split, :func:`selection_split`) and its epoch, the last epoch's metrics row and, when
+    ``best.*`` was chosen on a validation split, the test metrics of ``best.*`` (the test
+    split evaluated once, at the end)."""
 
     run_dir: Path
     best_acc: float
     best_epoch: int
     last: dict[str, Any]
+    test: dict[str, Any] | None = None
+    selected_on: str = "test"
+
+
+def selection_split(cfg: Config, has_val: bool) -> str:
+    """The split that picks ``best.*``: ``train.select_on`` (``auto``: the validation split
+    when there is one, else the test split, as the paper's scripts do)."""
+    if cfg.train.select_on == "val" and not has_val:
+        raise ConfigError("train.select_on=val needs a validation split: set data.val_split "
+                          "(--val-split official for FERPlus, or a fraction such as 0.1)")
+    if cfg.train.select_on == "test" or not has_val:
+        return "test"
+    return "val"
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
@@ -190,8 +209,10 @@ def setup(cfg: Config, run_dir: Path, point: ResumePoint, dctx: DistContext,
                record, stop, show_progress, callbacks)
 
 
-def _metrics_row(run: Run, epoch: int, stats: EpochStats, ev: dict[str, Any]) -> dict[str, Any]:
-    """The ``metrics.jsonl`` row of an epoch (training sums averaged over ranks)."""
+def _metrics_row(run: Run, epoch: int, stats: EpochStats, ev: dict[str, Any],
+                 split: str) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of an epoch (training sums averaged over ranks); ``ev`` is
+    the evaluation of ``split`` (``val`` or ``test``), which selects ``best.*``."""
     tc, branches = run.cfg.train, run.branches
     sums = {**stats.sums, **run.dctx.mean_of({k: stats.sums[k] for k in ("loss", "base", "cross")})}
     n = max(stats.steps_done, 1)
@@ -200,19 +221,22 @@ def _metrics_row(run: Run, epoch: int, stats: EpochStats, ev: dict[str, Any]) ->
             "train_loss_cross": sums["cross"] / n if branches > 1 else None,
             "train_time_s": round(stats.train_time, 2),
             "train_images_per_s": round(n * tc.batch_size * branches / stats.train_time, 1),
-            "test_loss": ev["loss"], "test_acc": ev["acc"],
-            "test_mean_recall": ev["mean_recall"], "test_recall": ev["recall"],
-            "test_f1": ev["f1"], "test_confusion": ev["confusion"]}
+            f"{split}_loss": ev["loss"], f"{split}_acc": ev["acc"],
+            f"{split}_mean_recall": ev["mean_recall"], f"{split}_recall": ev["recall"],
+            f"{split}_f1": ev["f1"], f"{split}_confusion": ev["confusion"],
+            "selected_on": split}
 
 
 def _end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
     """Step the scheduler, evaluate, record the metrics and save (rank 0)."""
     run.opt.scheduler.step()
     run.dctx.sync_buffers(run.model)  # rank 0's BN statistics everywhere
-    ev = evaluate(run.model, run.loaders.test, run.device, len(run.record.classes),
-                  run.cfg.train.amp, run.show_progress, desc=f"test {epoch}/{run.cfg.train.epochs}",
+    split = selection_split(run.cfg, run.loaders.val is not None)
+    loader = run.loaders.val if split == "val" else run.loaders.test
+    ev = evaluate(run.model, loader, run.device, len(run.record.classes), run.cfg.train.amp,
+                  run.show_progress, desc=f"{split} {epoch}/{run.cfg.train.epochs}",
                   reduce=run.dctx.all_reduce_sum if run.dctx.enabled else None)
-    row = _metrics_row(run, epoch, stats, ev)
+    row = _metrics_row(run, epoch, stats, ev, split)
     rec = run.record
     rec.history.append(row)
     improved = ev["acc"] > rec.best_acc
@@ -228,13 +252,31 @@ def _end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
 
 
 def _log_epoch(run: Run, row: dict[str, Any]) -> None:
-    rec, cross = run.record, row["train_loss_cross"]
-    log.info("epoch %d/%d: train loss %.4f (base %.4f%s), test loss %.4f, test acc %.2f%% "
+    rec, cross, split = run.record, row["train_loss_cross"], row["selected_on"]
+    log.info("epoch %d/%d: train loss %.4f (base %.4f%s), %s loss %.4f, %s acc %.2f%% "
              "(best %.2f%% @%d), %.1f img/s", row["epoch"], run.cfg.train.epochs,
              row["train_loss"], row["train_loss_base"],
-             f", cross {cross:.4f}" if cross is not None else "", row["test_loss"],
-             100 * row["test_acc"], 100 * rec.best_acc, rec.best_epoch,
+             f", cross {cross:.4f}" if cross is not None else "", split, row[f"{split}_loss"],
+             split, 100 * row[f"{split}_acc"], 100 * rec.best_acc, rec.best_epoch,
              row["train_images_per_s"])
+
+
+def test_best_once(run: Run) -> dict[str, Any]:
+    """The test split, evaluated once: the weights of ``best.*`` (chosen on validation) on
+    the test loader; written to ``test_best.json`` and logged."""
+    run.dctx.barrier()  # rank 0 wrote best.*
+    weights = load_weights(run.run_dir / "best", expect_epoch=run.record.best_epoch)
+    run.model.load_state_dict(weights)
+    ev = evaluate(run.model, run.loaders.test, run.device, len(run.record.classes),
+                  run.cfg.train.amp, run.show_progress, desc="test (best, once)",
+                  reduce=run.dctx.all_reduce_sum if run.dctx.enabled else None)
+    result = {"epoch": run.record.best_epoch, "selected_on": "val", **ev}
+    if run.dctx.is_main:
+        write_text_atomic(run.run_dir / "test_best.json", json.dumps(result, indent=2))
+    log.info("test split, evaluated once: best.* (epoch %d, chosen on the validation split) "
+             "accuracy %.2f%%, mean recall %.2f%%", run.record.best_epoch, 100 * ev["acc"],
+             100 * ev["mean_recall"])
+    return result
 
 
 def fit(run: Run, point: ResumePoint) -> RunResult:
@@ -259,4 +301,10 @@ def fit(run: Run, point: ResumePoint) -> RunResult:
         log.warning("interrupted in epoch %d; the last checkpoint is %s; continue with: qcs "
                     "train --resume %s", epoch, run.run_dir / "last", run.run_dir)
         raise
-    return RunResult(run.run_dir, run.record.best_acc, run.record.best_epoch, last)
+    split = selection_split(run.cfg, run.loaders.val is not None)
+    test = test_best_once(run) if split == "val" and run.record.best_epoch > 0 else None
+    if split == "test":
+        log.info("best.* (epoch %d) was chosen on the test split, as the paper's scripts do: "
+                 "its test accuracy is an optimistic estimate (data.val_split gives a "
+                 "validation split to choose on)", run.record.best_epoch)
+    return RunResult(run.run_dir, run.record.best_acc, run.record.best_epoch, last, test, split)

@@ -26,6 +26,7 @@ __all__ = [
     "repair_best",
     "restore",
     "save_epoch",
+    "selection_of",
     "write_history",
 ]
 
@@ -49,9 +50,15 @@ class RunRecord:
         done = self.history[-1] if self.history else {}
         return {"config": self.cfg.to_dict(), "classes": self.classes, "epoch": epoch,
                 "step": step, "epoch_complete": complete,
-                "metrics": {k: v for k, v in done.items() if k != "test_confusion"},
+                "metrics": {k: v for k, v in done.items() if not k.endswith("_confusion")},
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                 "data_root": self.root}
+
+
+def selection_of(row: dict[str, Any]) -> str:
+    """The split an epoch's metrics row was selected on: ``"val"`` or ``"test"`` (rows
+    written before validation splits existed: test)."""
+    return row.get("selected_on", "test")
 
 
 def read_history(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
@@ -106,8 +113,9 @@ def save_epoch(run_dir: Path, model: nn.Module, record: RunRecord, opt: Optimiza
     if improved:
         row = record.history[-1]
         save_checkpoint(run_dir / "best", model, meta)
-        plot_best_confusion(run_dir, row["test_confusion"], record.classes, epoch,
-                            row["test_acc"])
+        split = selection_of(row)
+        plot_best_confusion(run_dir, row[f"{split}_confusion"], record.classes, epoch,
+                            row[f"{split}_acc"])
     history = record.history
     atomic_write(run_dir / "loss_curves.png", lambda p: plots.plot_losses(history, p),
                  durable=False)
@@ -149,4 +157,6 @@ def repair_best(run_dir: Path, model: nn.Module, meta: dict[str, Any],
     log.info("best.* brought up to epoch %d (its save had been interrupted)", epoch)
     row = next((h for h in history if h["epoch"] == epoch), None)
     if row is not None:
-        plot_best_confusion(run_dir, row["test_confusion"], classes, epoch, row["test_acc"])
+        split = selection_of(row)
+        plot_best_confusion(run_dir, row[f"{split}_confusion"], classes, epoch,
+                            row[f"{split}_acc"])
