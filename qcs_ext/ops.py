@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (importing it registers the native ops)
 from ._checks import SCOPES, check_choice, check_cross_args, check_features
+from ._native import load_or_warn
 
-__all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel", "OpBinding"]
+# Importing qcs_ext._C registers the native ops; None when it did, else why not (warned).
+NATIVE_PROBLEM = load_or_warn("_C")
+
+__all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel", "OpBinding",
+           "NATIVE_PROBLEM"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -197,10 +201,31 @@ class OpBinding:
         return maps.to(qk2.dtype) if cast else maps
 
 
+class _NoKernels:
+    """Stands in for the :class:`OpBinding` of ``qcs_ext`` when the native kernels did not
+    load: no device has a kernel, and calling a fused op raises ``RuntimeError`` with
+    :data:`NATIVE_PROBLEM` (use :mod:`qcs_ext.reference`, or rebuild)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def has_kernel(self, device: torch.device | str) -> bool:
+        """Always ``False``: the native kernels are not loaded."""
+        return False
+
+    def cross_similarity_maps(self, qk: torch.Tensor, theta: torch.Tensor, **options) -> torch.Tensor:
+        """Raises ``RuntimeError`` saying why the fused kernels are off."""
+        raise RuntimeError(self.problem)
+
+    def pair_similarity_maps(self, qk2: torch.Tensor, **options) -> torch.Tensor:
+        """Raises ``RuntimeError`` saying why the fused kernels are off."""
+        raise RuntimeError(self.problem)
+
+
 _binding = OpBinding(
     "qcs_ext",
     {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64, *_HALF_TYPES)},
-)
+) if NATIVE_PROBLEM is None else _NoKernels(NATIVE_PROBLEM)
 cross_similarity_maps = _binding.cross_similarity_maps
 pair_similarity_maps = _binding.pair_similarity_maps
 has_fused_kernel = _binding.has_kernel
