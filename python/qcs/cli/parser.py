@@ -56,11 +56,28 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    "$XDG_CACHE_HOME/qcs or ~/.cache/qcs)")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: like argparse's, but the text (which imports torch) is made only
+    when the option is given."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..about import version_text
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``qcs`` command and its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="qcs", description="Train and evaluate QCS / DCS / baseline facial expression "
         "recognition networks (Quadruplet Cross Similarity, AAAI 2025).")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of qcs-ext, Python, torch and the native "
+                        "kernels, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _eval_parser, _data_parser, _convert_parser, _config_parser,
                 _predict_parser, _visualize_parser, _export_parser):
