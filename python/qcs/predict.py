@@ -33,7 +33,6 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from .data.datasets import IMAGE_SUFFIXES
-from .data.transforms import test_transform
 from .errors import MissingDependency, UsageError
 from .inference import LoadedModel
 
@@ -263,7 +262,7 @@ class Predictor:
             raise refusal
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
-        self.transform = test_transform(self.size)
+        self.transform = loaded.transform()
         self.margin, self.batch_size, self.device = margin, batch_size, torch.device(device)
         self.detector = (detector or FaceDetector(align=align)) if detect else None
         self.align = align

@@ -190,7 +190,8 @@ def _predict_parser(sub) -> None:
                    help="image files, directories (searched recursively) or glob patterns "
                    "(quote them; ** allowed)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint (run dir = its best, run/best, run/best.safetensors)")
+                   help="checkpoint (run dir = its best, run/best, run/best.safetensors), or "
+                   "a .onnx file written by qcs export (run with onnxruntime)")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--format", choices=("json", "jsonl", "csv"),
                    help="output format (default: from --output's suffix, else json)")

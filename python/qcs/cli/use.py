@@ -47,7 +47,11 @@ def cmd_predict(args) -> int:
         for arg, why in problems:
             print(f"qcs predict: {arg}: {why}", file=sys.stderr)
         return 2
-    loaded = load_model(args.checkpoint, device=args.device)
+    if str(args.checkpoint).endswith(".onnx"):  # an exported network, run by onnxruntime
+        from ..onnx_model import load_onnx
+        loaded = load_onnx(args.checkpoint, device=args.device)
+    else:
+        loaded = load_model(args.checkpoint, device=args.device)
     predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
                           batch_size=args.batch_size, annotate_dir=args.annotate,
                           align=not args.no_align, device=args.device)
