@@ -22,6 +22,7 @@ TensorBoard purges events past it.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import os
@@ -31,11 +32,34 @@ from typing import Any, Iterable, Sequence
 
 from .errors import MissingDependency, UsageError
 
-__all__ = ["TRACKERS", "parse_trackers", "flatten", "scalars", "Tracker", "CsvTracker",
+__all__ = ["TRACKERS", "parse_trackers", "require", "flatten", "scalars", "Tracker", "CsvTracker",
            "TensorBoardTracker", "WandbTracker", "open_tracker", "StepClock"]
 
 TRACKERS = ("csv", "tensorboard", "wandb")
 STEP_COLUMNS = ["global_step", "epoch", "step", "loss", "lr", "images_per_s"]
+# tracker -> (module it needs, the message when that is missing)
+_NEEDS = {
+    "tensorboard": ("torch.utils.tensorboard", "--logger tensorboard needs the tensorboard "
+                    "package: pip install tensorboard (the qcs-ext 'tensorboard' extra)"),
+    "wandb": ("wandb", "--logger wandb needs the wandb package: pip install wandb (the "
+              "qcs-ext 'wandb' extra)"),
+}
+
+
+def require(names: Sequence[str]) -> None:
+    """Raise :class:`MissingDependency` now (before a run starts) if a tracker in
+    ``names`` lacks its package."""
+    for name in names:
+        if name in _NEEDS:
+            _import(name)
+
+
+def _import(name: str):
+    module, message = _NEEDS[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(message) from None
 
 
 def parse_trackers(text: str | Sequence[str]) -> list[str]:
@@ -176,11 +200,7 @@ class TensorBoardTracker(Tracker):
     """Event files in ``run_dir/tensorboard`` (needs the ``tensorboard`` package)."""
 
     def __init__(self, run_dir: Path, resume_step: int) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingDependency("--logger tensorboard needs the tensorboard package: pip "
-                                    "install tensorboard (the qcs-ext 'tensorboard' extra)") from None
+        SummaryWriter = _import("tensorboard").SummaryWriter
         self.log_dir = run_dir / "tensorboard"
         self.writer = SummaryWriter(str(self.log_dir), purge_step=resume_step + 1 if resume_step
                                     else None)
@@ -211,12 +231,7 @@ class WandbTracker(Tracker):
     """A Weights & Biases run in ``run_dir/wandb`` (needs the ``wandb`` package)."""
 
     def __init__(self, run_dir: Path) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise MissingDependency("--logger wandb needs the wandb package: pip install wandb "
-                                    "(the qcs-ext 'wandb' extra)") from None
-        self.wandb, self.run_dir, self.run = wandb, run_dir, None
+        self.wandb, self.run_dir, self.run = _import("wandb"), run_dir, None
 
     def start(self, hparams: dict[str, Any], config_text: str) -> None:
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "qcs"),
@@ -236,6 +251,9 @@ class WandbTracker(Tracker):
             self.run.summary.update(final)
             self.run.finish()
             self.run = None
+            # finish() may return before the service has written the run file; teardown
+            # waits for it (a later wandb.init starts the service again)
+            self.wandb.teardown()
 
 
 def open_tracker(name: str, run_dir: Path, resume_step: int = 0, resume_epoch: int = 1
