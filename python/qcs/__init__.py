@@ -34,7 +34,8 @@ _EXPORTS = {
     "QCSError": ("qcs.errors", "QCSError"),
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["load_config", "train", "load_model", "predict_images", "export_onnx", "Config",
+           "RunResult", "Callback", "QCSError", "__version__"]  # = _EXPORTS + __version__
 
 
 def __getattr__(name: str) -> Any:

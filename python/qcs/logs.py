@@ -16,7 +16,7 @@ from typing import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-__all__ = ["log", "setup_logging", "console", "progress", "LEVELS"]
+__all__ = ["log", "setup_logging", "console", "progress", "Ticker", "LEVELS"]
 
 log = logging.getLogger("qcs")
 
@@ -52,18 +52,51 @@ def setup_logging(verbosity: int = 0) -> logging.Logger:
 
 @contextlib.contextmanager
 def console(verbosity: int = 0) -> Iterator[logging.Logger]:
-    """:func:`setup_logging`, with log lines written through tqdm while the block runs so
-    that they never break a progress bar."""
+    """:func:`setup_logging` for the duration of the block, with log lines written through
+    tqdm so that they never break a progress bar; the logger is put back afterwards."""
+    level, propagate = log.level, log.propagate
     setup_logging(verbosity)
-    with logging_redirect_tqdm(loggers=[log]):
-        yield log
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield log
+    finally:  # leave the logger as it was (a later user's stderr may be another stream)
+        for handler in [h for h in log.handlers if getattr(h, "_qcs_console", False)]:
+            log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
-def progress(total: int, desc: str, *, unit: str = "img", enabled: bool = True) -> tqdm:
-    """A tqdm bar on stderr. On a terminal it redraws in place; elsewhere (a log file, CI)
-    it writes a line at most every 30 s. ``enabled=False`` (``-q``, other ranks) draws
-    nothing."""
+def progress(total: int, desc: str, *, unit: str = "img", initial: int = 0,
+             enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr counting ``unit`` up to ``total`` (from ``initial``). On a
+    terminal it redraws in place; elsewhere (a log file, CI) it writes a line at most every
+    30 s. ``enabled=False`` (``-q``, other ranks) draws nothing."""
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    return tqdm(total=max(int(total), 0), desc=desc, unit=unit, unit_scale=False,
+    return tqdm(total=max(int(total), 0), desc=desc, unit=unit, initial=initial,
                 disable=not enabled, file=sys.stderr, dynamic_ncols=tty,
                 mininterval=0.2 if tty else 30.0)
+
+
+class Ticker:
+    """A ``(done, total)`` progress callback (the form the data generators and dataset
+    decoders report in) that draws a :func:`progress` bar, created at the first call so that
+    work that turns out to be cached draws nothing. :meth:`close` ends the bar, if any."""
+
+    def __init__(self, desc: str, *, unit: str = "img", enabled: bool = True) -> None:
+        self.desc, self.unit, self.enabled = desc, unit, enabled
+        self.bar: tqdm | None = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        """Record that ``done`` of ``total`` items are finished."""
+        if self.bar is None:
+            self.bar = progress(total, self.desc, unit=self.unit, enabled=self.enabled)
+        elif self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        """End the bar (a no-op when nothing was reported)."""
+        if self.bar is not None:
+            self.bar.close()

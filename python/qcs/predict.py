@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -381,26 +380,34 @@ class Predictor:
 CSV_FIXED = ["file", "status", "face", "x", "y", "w", "h", "label", "confidence"]
 
 
-def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
+def _csv_row(r: dict[str, Any], classes: list[str]) -> list[Any]:
+    box = r["box"] or [""] * 4
+    probs = r["probabilities"] or {}
+    return ([r["file"], r["status"], "" if r["face"] is None else r["face"], *box,
+             r["label"] or "", "" if r["confidence"] is None else r["confidence"]]
+            + [probs.get(c, "") for c in classes] + ["; ".join(r["notes"]), r["message"]])
+
+
+def write_records(records: Iterable[dict[str, Any]], classes: list[str], fmt: str,
                   out: TextIO) -> None:
     """Write ``records`` as ``json`` (one array), ``jsonl`` (a line each) or ``csv``
-    (``CSV_FIXED`` + one ``p_<class>`` column per class + ``notes`` + ``message``)."""
-    if fmt == "json":
-        json.dump(records, out, indent=2)
-        out.write("\n")
-    elif fmt == "jsonl":
-        out.writelines(json.dumps(rec) + "\n" for rec in records)
-    elif fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CSV_FIXED + [f"p_{c}" for c in classes] + ["notes", "message"])
-        for r in records:
-            box = r["box"] or [""] * 4
-            probs = r["probabilities"] or {}
-            w.writerow([r["file"], r["status"], "" if r["face"] is None else r["face"], *box,
-                        r["label"] or "", "" if r["confidence"] is None else r["confidence"]]
-                       + [probs.get(c, "") for c in classes] + ["; ".join(r["notes"]),
-                                                                 r["message"]])
-        out.write(buf.getvalue())
-    else:
+    (``CSV_FIXED`` + one ``p_<class>`` column per class + ``notes`` + ``message``), each
+    record as it arrives (the stream is flushed after each), so a long run can be followed
+    and what was written survives an interruption."""
+    if fmt not in ("json", "jsonl", "csv"):
         raise ValueError(f"--format must be json, jsonl or csv, got {fmt!r}")
+    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_FIXED + [f"p_{c}" for c in classes] + ["notes", "message"])
+    elif fmt == "json":
+        out.write("[")
+    for n, rec in enumerate(records):
+        if writer is not None:
+            writer.writerow(_csv_row(rec, classes))
+        elif fmt == "jsonl":
+            out.write(json.dumps(rec) + "\n")
+        else:
+            out.write(("," if n else "") + "\n  " + json.dumps(rec, indent=2).replace("\n", "\n  "))
+        out.flush()
+    if fmt == "json":
+        out.write("\n]\n")

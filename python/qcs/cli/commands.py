@@ -22,7 +22,6 @@ __all__ = [
     "cmd_data",
     "cmd_eval",
     "cmd_train",
-    "setup_logging",
 ]
 
 log = logging.getLogger("qcs")
@@ -82,41 +81,37 @@ def apply_args(cfg: Config, args) -> None:
     cfg.validate()
 
 
-def setup_logging(quiet: bool) -> None:
-    """The ``qcs`` logger prints plain messages to stdout (INFO and above)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def cmd_train(args) -> int:
     """``qcs train``: a fresh run from a preset / file and options, or ``--resume``."""
-    from ..training import train
-    setup_logging(args.quiet)
+    from ..tracking import parse_trackers
+    from ..training import resolve_device, train
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         log.setLevel(logging.WARNING)
+    loggers = parse_trackers(args.logger)
     t0 = time.perf_counter()
+    options = dict(cache_dir=args.cache_dir, show_progress=not args.quiet, handle_signals=True,
+                   loggers=loggers)
     if args.resume:
-        result = train(load_config("tiny"), ".", resume=args.resume, cache_dir=args.cache_dir,
-                       show_progress=not args.quiet, epochs=args.epochs, handle_signals=True)
+        if args.device:
+            resolve_device(args.device)  # fail before loading anything
+        result = train(load_config("tiny"), ".", resume=args.resume, epochs=args.epochs,
+                       **options)
     else:
         default = f"tiny-{args.model}" if args.model in ("dan", "pcd") else "tiny"
         cfg = load_config(args.config or default)
         apply_args(cfg, args)
+        resolve_device(cfg.train.device)  # a device that is not there: one line, before work
         name = cfg.family.run_name(cfg.net)
         out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
         log.info("run directory: %s", out)
-        result = train(cfg, out, cache_dir=args.cache_dir, show_progress=not args.quiet,
-                       handle_signals=True)
+        log.debug("resolved config:\n%s", to_toml(cfg))
+        result = train(cfg, out, **options)
     acc = 100 * result.last.get("test_acc", float("nan"))
     log.info("done in %.1f min: final test accuracy %.2f%%, best %.2f%% at epoch %d; "
              "checkpoints in %s", (time.perf_counter() - t0) / 60, acc,
              100 * result.best_acc, result.best_epoch, result.run_dir)
-    if log.isEnabledFor(logging.INFO):
-        print(f"test accuracy: {acc:.2f}%")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"test accuracy: {acc:.2f}%")  # the result: stdout (logs go to stderr)
     return 0
 
 
@@ -155,21 +150,21 @@ def cmd_eval(args) -> int:
     from ..inference import load_model
     from ..plots import plot_confusion
     from ..training import evaluate, prepare_data, resolve_device
-    setup_logging(args.quiet)
+    device = resolve_device(args.device or "auto")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.checkpoint)
     cfg, meta, base, classes = loaded.config, loaded.meta, loaded.base, loaded.classes
     if args.data is None and args.data_root is None and meta.get("data_root"):
         cfg.data.root = meta["data_root"]
-    args.pretrained = None
     apply_args(cfg, args)
-    cfg.data.cache_in_memory = bool(args.cache_in_memory)
+    cfg.data.cache_in_memory = False  # each image is read once
     data = prepare_data(cfg, args.cache_dir, show_progress=not args.quiet)
     if list(data.classes) != classes:
-        raise SystemExit(f"qcs eval: the checkpoint's classes {classes} differ from the "
-                         f"dataset's {list(data.classes)}")
+        raise DataError(f"the checkpoint's {len(classes)} classes {classes} differ from the "
+                        f"dataset's {list(data.classes)} ({cfg.data.format} at {data.root})")
     test = data.test if args.split == "test" else _split_dataset(cfg, data.root, args.split)
-    device = resolve_device(cfg.train.device)
-    loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.batch_size * 4,
+    loader = torch.utils.data.DataLoader(test, batch_size=args.batch_size,
                                          num_workers=cfg.data.num_workers)
     ev = evaluate(loaded.model.to(device), loader, device, len(classes), cfg.train.amp,
                   not args.quiet)
@@ -188,16 +183,16 @@ def cmd_eval(args) -> int:
 def cmd_data(args) -> int:
     """``qcs data synth``: write the built-in dataset."""
     from ..data.synth import SynthParams, generate
-    from ..progress import Progress
+    from ..logs import Ticker
     if args.data_command != "synth":
         print("qcs data: choose an action (synth); see qcs data --help", file=sys.stderr)
         return 2
     params = SynthParams(seed=args.seed, train_per_class=args.train_per_class,
                          test_per_class=args.test_per_class, size=args.size, bias=args.bias,
                          bias_strength=args.bias_strength)
-    bar = Progress(1, "synth", unit="img", enabled=not args.quiet)
-    root = generate(args.out, params, progress=bar.tick)
-    bar.close()
+    ticker = Ticker("synth", enabled=not args.quiet)
+    root = generate(args.out, params, progress=ticker)
+    ticker.close()
     print(f"wrote {root} (RAF-DB layout; train with: qcs train --data raf-db --data-root {root})")
     return 0
 
