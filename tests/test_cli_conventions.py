@@ -116,7 +116,8 @@ def test_loggers_write_tensorboard_and_csv(qcs_micro_root, tmp_path, capsys):
 
 
 def test_class_count_mismatch_is_one_line(qcs_micro_root, tmp_path, capsys):
-    code = main(_train_args(qcs_micro_root, tmp_path / "run") + ["--set", "model.num_classes=5"])
+    code = main(_train_args(qcs_micro_root, tmp_path / "run", "-q")
+                + ["--set", "model.num_classes=5"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "num_classes=5" in err[0] and "7 classes" in err[0]

@@ -35,7 +35,7 @@ def test_reexports_resolve():
     assert qcs.load_model is api.load_model and qcs.predict_images is api.predict_images
     assert qcs.export_onnx is api.export_onnx and qcs.Config is config.Config
     assert qcs.QCSError is errors.QCSError and qcs.Callback is training.Callback
-    assert set(qcs.__all__) <= set(dir(qcs))
+    assert set(qcs.__all__) == {*qcs._EXPORTS, "__version__"} and set(qcs.__all__) <= set(dir(qcs))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         qcs.nope  # noqa: B018
 

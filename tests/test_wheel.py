@@ -99,7 +99,7 @@ def test_installed_wheel_runs(env_with_wheel, tmp_path):
     out = _run([str(bindir / "qcs"), "--version"], tmp_path, 120)
     assert out.stdout.startswith(f"qcs {qcs.__version__}") and torch.__version__ in out.stdout
 
-    op_check = textwrap.dedent(f"""
+    op_check = textwrap.dedent("""
         import sys, torch, qcs_ext, qcs
         from qcs_ext import _build_info, reference
         for mod in (qcs_ext, qcs):
