@@ -15,8 +15,8 @@ After writing, the file is checked with ``onnx.checker`` and run with onnxruntim
 inputs at two batch sizes; the largest absolute logit difference against PyTorch is
 reported and must be at most ``tolerance * max(1, largest |logit|)`` (absolute for the
 usual logits of a few units, relative for networks with large logits).
-Needs ``pip install 'qcs-ext[export]'``
-(onnx, onnxscript, onnxruntime).
+Needs onnx, onnxscript and onnxruntime (the ``export`` extra: ``pip install -e '.[export]'``
+in a clone).
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def need(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise MissingDependency(f"ONNX export needs {module}: pip install 'qcs-ext[export]' "
-                                "(onnx, onnxscript, onnxruntime)") from None
+        raise MissingDependency(f"ONNX export needs {module}: pip install onnx onnxscript "
+                                "onnxruntime (the 'export' extra: pip install -e '.[export]' "
+                                "in a qcs-ext clone)") from None
 
 
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = 18) -> Path:
