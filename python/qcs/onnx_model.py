@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from .errors import CheckpointError, MissingDependency
+from .families import Family, get_family
 
 __all__ = ["OnnxModel", "load_onnx", "read_onnx_metadata", "REQUIRED_KEYS"]
 
@@ -47,7 +48,8 @@ def read_onnx_metadata(path: str | Path, props: dict[str, str]) -> dict[str, Any
                 "image_size": int(props["qcs.image_size"]),
                 "channels": int(props["qcs.channels"]),
                 "mean": tuple(float(v) for v in json.loads(props["qcs.mean"])),
-                "std": tuple(float(v) for v in json.loads(props["qcs.std"]))}
+                "std": tuple(float(v) for v in json.loads(props["qcs.std"])),
+                "network": props.get("qcs.network", "qcs")}
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: malformed qcs.* ONNX metadata: {exc}") from None
     if not meta["classes"] or len(meta["mean"]) != 3 or len(meta["std"]) != 3:
@@ -83,6 +85,13 @@ class OnnxModel:
         self.mean: tuple[float, ...] = meta["mean"]
         self.std: tuple[float, ...] = meta["std"]
         self.meta = meta
+
+    @property
+    def family(self) -> Family:
+        """The model family named in the metadata (``qcs.network = "family/name"``; files
+        written before it was recorded count as ``qcs``): its rules decide what inputs
+        prediction can make for this network."""
+        return get_family(str(self.meta.get("network", "qcs")).split("/")[0])
 
     def transform(self) -> v2.Compose:
         """``uint8 [3, H, W] -> float32 [3, S, S]``: resize, scale to [0, 1], normalise with
