@@ -124,12 +124,33 @@ if _env_flag("QCS_BUILD_EMULATION", "0") == "1" and emulation_sources:
         )
     )
 
+BUILD_INFO = '''"""Written by setup.py when the native extension was built: the torch it was built against
+(qcs_ext._native refuses to load the extension into another torch)."""
+
+TORCH_VERSION = {torch!r}
+TORCH_CUDA = {cuda!r}
+WITH_CUDA = {with_cuda!r}
+'''
+
+
+class QcsBuildExt(BuildExtension.with_options(no_python_abi_suffix=True)):
+    """torch's BuildExtension, then ``qcs_ext/_build_info.py`` beside the built ``_C``
+    (in the build tree for a wheel, in the source tree for an in-place build)."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.get_ext_fullpath("qcs_ext._C")).parent / "_build_info.py"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(BUILD_INFO.format(torch=str(torch.__version__), cuda=torch.version.cuda,
+                                            with_cuda=build_cuda))
+
+
 setup(
     packages=["qcs_ext", *find_packages(where="python", include=["qcs", "qcs.*"])],
     package_dir={"qcs_ext": "qcs_ext", "qcs": "python/qcs"},
-    package_data={"qcs": ["configs/*.toml"],
+    package_data={"qcs": ["configs/*.toml", "py.typed"], "qcs_ext": ["py.typed"],
                   "qcs.faces": ["weights/mtcnn.safetensors", "weights/NOTICE.md"]},
     ext_modules=extensions,
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": QcsBuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from . import _emulated  # noqa: F401  (importing it registers the qcs_emulated ops)
-except ImportError as exc:  # pragma: no cover - depends on how the package was built
+from ._native import load
+
+_PROBLEM = load("_emulated")  # importing qcs_ext._emulated registers the qcs_emulated ops
+if _PROBLEM is not None:  # pragma: no cover - depends on how the package was built
     raise ImportError(
-        "qcs_ext._emulated is not built: rebuild qcs-ext with the emulated CUDA kernels, "
-        "e.g. `QCS_BUILD_EMULATION=1 bash scripts/bootstrap.sh` "
-        "(or `QCS_BUILD_EMULATION=1 pip install --no-build-isolation -e .`)"
-    ) from exc
+        f"{_PROBLEM} (qcs_ext._emulated is built only with QCS_BUILD_EMULATION=1, e.g. "
+        "`QCS_BUILD_EMULATION=1 bash scripts/bootstrap.sh`)")
 
-import functools
+import functools  # noqa: E402
 
-from . import ops as _ops
+from . import ops as _ops  # noqa: E402
 
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "ops"]
 

@@ -21,10 +21,13 @@ import functools
 
 import torch
 
-from . import _C  # noqa: F401  (importing it registers the native ops)
 from ._checks import SCOPES, check_choice, check_cross_args, check_features
+from ._native import load_or_warn
 
-__all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel"]
+# Importing qcs_ext._C registers the native ops; None when it did, else why not (warned).
+NATIVE_PROBLEM = load_or_warn("_C")
+
+__all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel", "NATIVE_PROBLEM"]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -137,20 +140,21 @@ def pair_backward(backward_op, ctx, grad_maps, _grad_distances, _grad_extrema):
     return backward_op(grad_maps.contiguous(), maps, qk, distances, extrema, ctx.scope), None
 
 
-torch.library.register_fake("qcs_ext::cross_similarity_forward", cross_forward_fake)
-torch.library.register_fake("qcs_ext::cross_similarity_backward", cross_backward_fake)
-torch.library.register_fake("qcs_ext::pair_similarity_forward", pair_forward_fake)
-torch.library.register_fake("qcs_ext::pair_similarity_backward", pair_backward_fake)
-torch.library.register_autograd(
-    "qcs_ext::cross_similarity_forward",
-    functools.partial(cross_backward, torch.ops.qcs_ext.cross_similarity_backward.default),
-    setup_context=cross_setup_context,
-)
-torch.library.register_autograd(
-    "qcs_ext::pair_similarity_forward",
-    functools.partial(pair_backward, torch.ops.qcs_ext.pair_similarity_backward.default),
-    setup_context=pair_setup_context,
-)
+if NATIVE_PROBLEM is None:  # without the native ops there is nothing to register
+    torch.library.register_fake("qcs_ext::cross_similarity_forward", cross_forward_fake)
+    torch.library.register_fake("qcs_ext::cross_similarity_backward", cross_backward_fake)
+    torch.library.register_fake("qcs_ext::pair_similarity_forward", pair_forward_fake)
+    torch.library.register_fake("qcs_ext::pair_similarity_backward", pair_backward_fake)
+    torch.library.register_autograd(
+        "qcs_ext::cross_similarity_forward",
+        functools.partial(cross_backward, torch.ops.qcs_ext.cross_similarity_backward.default),
+        setup_context=cross_setup_context,
+    )
+    torch.library.register_autograd(
+        "qcs_ext::pair_similarity_forward",
+        functools.partial(pair_backward, torch.ops.qcs_ext.pair_similarity_backward.default),
+        setup_context=pair_setup_context,
+    )
 
 
 # ---- the public functions ---------------------------------------------------------------
@@ -200,6 +204,7 @@ def cross_similarity_maps(
     Returns:
         ``[4, B, N]`` softmax maps, dtype of ``qk``.
     """
+    _require_native()
     return run_cross(torch.ops.qcs_ext.cross_similarity_forward.default, NATIVE_DTYPES,
                      qk, theta, gamma, mode, scope)
 
@@ -215,13 +220,20 @@ def pair_similarity_maps(qk2: torch.Tensor, *, scope: str = "batch") -> torch.Te
     Returns:
         ``[2, B, N]`` softmax maps, dtype of ``qk2``.
     """
+    _require_native()
     return run_pair(torch.ops.qcs_ext.pair_similarity_forward.default, NATIVE_DTYPES, qk2, scope)
 
 
 def has_fused_kernel(device: torch.device | str) -> bool:
     """Whether qcs_ext has kernels for ``device``'s type (``"cpu"``; ``"cuda"`` when built
-    with CUDA)."""
+    with CUDA); always ``False`` when the native kernels did not load."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "qcs_ext::cross_similarity_forward", key
-    )
+    return NATIVE_PROBLEM is None and key is not None and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("qcs_ext::cross_similarity_forward", key)
+
+
+def _require_native() -> None:
+    """The fused ops raise ``RuntimeError`` saying why when the native kernels are off
+    (use :mod:`qcs_ext.reference`, or rebuild)."""
+    if NATIVE_PROBLEM is not None:
+        raise RuntimeError(NATIVE_PROBLEM)

@@ -209,7 +209,7 @@ def _faulty_micro(qcs_micro_root, tmp_path):
 def test_cli_train_and_eval_with_bad_data(qcs_micro_root, tmp_path, capsys, qcs_log):
     root, list_file = _faulty_micro(qcs_micro_root, tmp_path)
     sets = [a for s in QCS_MICRO_SET for a in ("--set", s)]
-    common = ["--data", "raf-db", "--data-root", str(root), "--quiet", *sets]
+    common = ["--data", "raf-db", "--data-root", str(root), *sets]  # not -q: INFO is read
     assert main(["train", *common, "--out", str(tmp_path / "r0")]) == 2
     err = capsys.readouterr().err
     assert f"{list_file}:11: expected 'name label'" in err and "missing label" in err

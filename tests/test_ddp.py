@@ -177,7 +177,7 @@ def test_torchrun_qcs_train_cli(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "qcs",
            "train", "--data", "raf-db", "--data-root", str(root), "--epochs", "1",
-           "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]
+           "--max-steps", "2", "--batch-size", "4", "--device", "cpu"]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
@@ -187,4 +187,4 @@ def test_torchrun_qcs_train_cli(tmp_path):
     assert len(runs) == 1, runs                                   # one directory for both
     assert (runs[0] / "last.safetensors").is_file()
     assert proc.stdout.count("test accuracy:") == 1                # printed by rank 0 only
-    assert proc.stdout.count("run directory:") == 1
+    assert proc.stderr.count("run directory:") == 1                # logs: stderr, rank 0

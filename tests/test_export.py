@@ -78,4 +78,4 @@ def test_export_cli_reports_difference_and_errors(ckpt, tmp_path, capsys, monkey
     assert "--torch-export" in err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(out)]) == 2
-    assert "qcs-ext[export]" in capsys.readouterr().err
+    assert "pip install onnx onnxscript onnxruntime" in capsys.readouterr().err

@@ -24,7 +24,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli (a dependency)
+    import tomli as tomllib
+
 
 from .errors import CheckpointError, ConfigError
 from .families import family_names, get_family

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .data.sampling import TupleSampler
+from .errors import DeviceError
 
 __all__ = ["DistContext", "ShardedIndices", "ShardedTupleSampler", "init_distributed"]
 
@@ -152,7 +153,7 @@ def init_distributed(device: str = "auto") -> DistContext:
                            "--nproc-per-node K -m qcs train ...") from None
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine")
+        raise DeviceError(f"--device {device}: CUDA is not available on this machine")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

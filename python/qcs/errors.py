@@ -12,9 +12,11 @@ __all__ = [
     "ConfigError",
     "ConvertError",
     "DataError",
+    "DeviceError",
     "ExportError",
     "MissingDependency",
     "QCSError",
+    "RunFailed",
     "UsageError",
     "WeightsError",
 ]
@@ -55,3 +57,14 @@ class MissingDependency(QCSError, ImportError):
 
 class ExportError(QCSError, RuntimeError):
     """The exporter could not convert the network (the message says what failed)."""
+
+
+class DeviceError(QCSError, RuntimeError):
+    """A ``--device`` names no device of this machine (the message says which exist)."""
+
+
+class RunFailed(QCSError, RuntimeError):
+    """A run started but cannot go on (e.g. its loss stopped being finite); the message
+    says where and what to try. The command line exits with :attr:`exit_code` 1."""
+
+    exit_code = 1

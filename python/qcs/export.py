@@ -6,23 +6,28 @@ and its CSA op are training-time only, so the exported graph holds standard ONNX
 runs anywhere onnxruntime does. Input ``images``: float32 ``[batch, C, S, S]`` normalised
 with the ImageNet mean / std (``C = 3``; a PCD network on landmark heat maps takes them as
 extra channels; ``S`` = the checkpoint's ``data.image_size``); output ``logits``:
-``[batch, K]``. The batch axis is dynamic.
+``[batch, K]``. The batch axis is dynamic. The file's metadata (``qcs.classes``,
+``qcs.image_size``, ``qcs.channels``, ``qcs.mean``, ``qcs.std``, ...) holds what is needed
+to use it without the checkpoint: ``qcs predict --checkpoint model.onnx`` does
+(:mod:`qcs.onnx_model`).
 
 After writing, the file is checked with ``onnx.checker`` and run with onnxruntime on seeded
 inputs at two batch sizes; the largest absolute logit difference against PyTorch is
 reported and must be at most ``tolerance * max(1, largest |logit|)`` (absolute for the
 usual logits of a few units, relative for networks with large logits).
-Needs ``pip install 'qcs-ext[export]'``
-(onnx, onnxscript, onnxruntime).
+Needs onnx, onnxscript and onnxruntime (the ``export`` extra: ``pip install -e '.[export]'``
+in a clone).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import ExportError, MissingDependency
 from .inference import LoadedModel
 
@@ -32,6 +37,7 @@ __all__ = [
     "export_onnx",
     "export_program",
     "need",
+    "onnx_metadata",
     "verify_onnx",
 ]
 
@@ -57,8 +63,9 @@ def need(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise MissingDependency(f"ONNX export needs {module}: pip install 'qcs-ext[export]' "
-                                "(onnx, onnxscript, onnxruntime)") from None
+        raise MissingDependency(f"ONNX export needs {module}: pip install onnx onnxscript "
+                                "onnxruntime (the 'export' extra: pip install -e '.[export]' "
+                                "in a qcs-ext clone)") from None
 
 
 def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = 18) -> Path:
@@ -84,8 +91,34 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = 18) -> Path:
         raise ExportError(f"ONNX conversion of the {type(model).__name__} network failed: "
                           f"{type(cause).__name__}: {first}") from exc
     program.save(str(out), external_data=False)
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, onnx_metadata(loaded))
+    proto.doc_string = (f"qcs-ext {__version__}: facial expression logits of {type(model).__name__} "
+                        f"(see the qcs.* metadata for the classes and the input normalisation)")
+    onnx.save(proto, str(out))
     onnx.checker.check_model(str(out), full_check=True)
     return out
+
+
+def onnx_metadata(loaded: LoadedModel) -> dict[str, str]:
+    """What a user of the ``.onnx`` file needs besides the graph, as ONNX metadata
+    (strings; lists as JSON): the class names in logit order, the input size and channels,
+    the test resize before the centre crop (0: none), the data layout (its face-alignment
+    template) and the normalisation ``(x / 255 - mean) / std`` applied to RGB inputs."""
+    return {
+        "qcs.classes": json.dumps(list(loaded.classes)),
+        "qcs.image_size": str(loaded.image_size),
+        "qcs.channels": str(loaded.channels),
+        "qcs.mean": json.dumps(list(loaded.mean)),
+        "qcs.std": json.dumps(list(loaded.std)),
+        "qcs.resize": str(loaded.resize),
+        "qcs.data_format": loaded.data_format,
+        "qcs.input": "images: float32 [batch, channels, image_size, image_size], RGB, normalised",
+        "qcs.output": "logits: float32 [batch, classes]",
+        "qcs.network": f"{loaded.family.name}/{loaded.family.run_name(loaded.config.net)}",
+        "qcs.epoch": str(loaded.meta.get("epoch", "")),
+        "qcs.version": __version__,
+    }
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_base, load_weights, read_metadata
 from .config import Config, config_of_checkpoint
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, test_transform
 from .errors import CheckpointError, ConfigError
 from .families import Family
 
@@ -52,6 +53,31 @@ class LoadedModel:
     def branches(self) -> int:
         """Images per training tuple (QCS 4, DCS 2, others 1)."""
         return self.family.data_needs(self.config.net).branches
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean subtracted from ``[0, 1]`` RGB inputs (ImageNet's)."""
+        return tuple(IMAGENET_MEAN)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation the inputs are divided by (ImageNet's)."""
+        return tuple(IMAGENET_STD)
+
+    @property
+    def resize(self) -> int:
+        """The recipe's test resize before the centre crop (0: resize straight to the input)."""
+        return self.config.data.resize
+
+    @property
+    def data_format(self) -> str:
+        """The training data's layout (it decides the face-alignment template)."""
+        return self.config.data.format
+
+    def transform(self):
+        """``uint8 [3, H, W] -> float32 [3, S, S]``: the recipe's test transform (resize,
+        centre crop where the recipe resizes larger, normalise)."""
+        return test_transform(self.image_size, resize=self.resize)
 
     @property
     def channels(self) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from PIL import Image, ImageDraw, ImageOps
 
 from .data.datasets import IMAGE_SUFFIXES
 from .data.landmarks import HeatmapTransform
-from .data.transforms import test_transform
 from .errors import MissingDependency, UsageError
 from .faces import (
     Face,
@@ -222,9 +220,7 @@ class Predictor:
         self.loaded, self.classes = loaded, loaded.classes
         self.size = loaded.image_size
         self.maps = loaded.channels - 3  # landmark heat-map channels (heat-map PCD)
-        # the recipe's test transform (a larger resize then the centre crop, where it has one)
-        self.transform = HeatmapTransform(train=False) if self.maps else \
-            test_transform(self.size, resize=loaded.config.data.resize)
+        self.transform = HeatmapTransform(train=False) if self.maps else loaded.transform()
         if flip_tta and self.maps:
             raise UsageError("--flip-tta: not available for heat-map networks (their left and "
                              "right landmark channels would need swapping)")
@@ -238,7 +234,7 @@ class Predictor:
         if self.maps and not getattr(self.detector, "landmarks", False):
             raise UsageError(f"{loaded.base}: this network reads landmark heat maps, which "
                              "are drawn from the detected landmarks: use --detector mtcnn")
-        self.template = template_for(template or loaded.config.data.format)
+        self.template = template_for(template or loaded.data_format)
         self.annotate_dir = Path(annotate_dir) if annotate_dir else None
         if self.annotate_dir is not None:
             self.annotate_dir.mkdir(parents=True, exist_ok=True)
@@ -401,26 +397,34 @@ class Predictor:
 CSV_FIXED = ["file", "status", "face", "x", "y", "w", "h", "label", "confidence"]
 
 
-def write_records(records: list[dict[str, Any]], classes: list[str], fmt: str,
+def _csv_row(r: dict[str, Any], classes: list[str]) -> list[Any]:
+    box = r["box"] or [""] * 4
+    probs = r["probabilities"] or {}
+    return ([r["file"], r["status"], "" if r["face"] is None else r["face"], *box,
+             r["label"] or "", "" if r["confidence"] is None else r["confidence"]]
+            + [probs.get(c, "") for c in classes] + ["; ".join(r["notes"]), r["message"]])
+
+
+def write_records(records: Iterable[dict[str, Any]], classes: list[str], fmt: str,
                   out: TextIO) -> None:
     """Write ``records`` as ``json`` (one array), ``jsonl`` (a line each) or ``csv``
-    (``CSV_FIXED`` + one ``p_<class>`` column per class + ``notes`` + ``message``)."""
-    if fmt == "json":
-        json.dump(records, out, indent=2)
-        out.write("\n")
-    elif fmt == "jsonl":
-        out.writelines(json.dumps(rec) + "\n" for rec in records)
-    elif fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(CSV_FIXED + [f"p_{c}" for c in classes] + ["notes", "message"])
-        for r in records:
-            box = r["box"] or [""] * 4
-            probs = r["probabilities"] or {}
-            w.writerow([r["file"], r["status"], "" if r["face"] is None else r["face"], *box,
-                        r["label"] or "", "" if r["confidence"] is None else r["confidence"]]
-                       + [probs.get(c, "") for c in classes] + ["; ".join(r["notes"]),
-                                                                 r["message"]])
-        out.write(buf.getvalue())
-    else:
+    (``CSV_FIXED`` + one ``p_<class>`` column per class + ``notes`` + ``message``), each
+    record as it arrives (the stream is flushed after each), so a long run can be followed
+    and what was written survives an interruption."""
+    if fmt not in ("json", "jsonl", "csv"):
         raise ValueError(f"--format must be json, jsonl or csv, got {fmt!r}")
+    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_FIXED + [f"p_{c}" for c in classes] + ["notes", "message"])
+    elif fmt == "json":
+        out.write("[")
+    for n, rec in enumerate(records):
+        if writer is not None:
+            writer.writerow(_csv_row(rec, classes))
+        elif fmt == "jsonl":
+            out.write(json.dumps(rec) + "\n")
+        else:
+            out.write(("," if n else "") + "\n  " + json.dumps(rec, indent=2).replace("\n", "\n  "))
+        out.flush()
+    if fmt == "json":
+        out.write("\n]\n")

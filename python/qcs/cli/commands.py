@@ -23,7 +23,6 @@ __all__ = [
     "cmd_data_landmarks",
     "cmd_eval",
     "cmd_train",
-    "setup_logging",
 ]
 
 log = logging.getLogger("qcs")
@@ -84,35 +83,31 @@ def apply_args(cfg: Config, args) -> None:
     cfg.validate()
 
 
-def setup_logging(quiet: bool) -> None:
-    """The ``qcs`` logger prints plain messages to stdout (INFO and above)."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def cmd_train(args) -> int:
     """``qcs train``: a fresh run from a preset / file and options, or ``--resume``."""
-    from ..training import train
-    setup_logging(args.quiet)
+    from ..tracking import parse_trackers
+    from ..training import resolve_device, train
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         log.setLevel(logging.WARNING)
+    loggers = parse_trackers(args.logger)
     t0 = time.perf_counter()
+    options = dict(cache_dir=args.cache_dir, show_progress=not args.quiet, handle_signals=True,
+                   loggers=loggers)
     if args.resume:
-        result = train(load_config("tiny"), ".", resume=args.resume, cache_dir=args.cache_dir,
-                       show_progress=not args.quiet, epochs=args.epochs, handle_signals=True)
+        if args.device:
+            resolve_device(args.device)  # fail before loading anything
+        result = train(load_config("tiny"), ".", resume=args.resume, epochs=args.epochs,
+                       **options)
     else:
         default = f"tiny-{args.model}" if args.model in ("dan", "pcd") else "tiny"
         cfg = load_config(args.config or default)
         apply_args(cfg, args)
+        resolve_device(cfg.train.device)  # a device that is not there: one line, before work
         name = cfg.family.run_name(cfg.net)
         out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
         log.info("run directory: %s", out)
-        result = train(cfg, out, cache_dir=args.cache_dir, show_progress=not args.quiet,
-                       handle_signals=True)
+        log.debug("resolved config:\n%s", to_toml(cfg))
+        result = train(cfg, out, **options)
     minutes = (time.perf_counter() - t0) / 60
     if result.test is not None:  # best.* chosen on validation; the test split seen once
         acc = 100 * result.test["acc"]
@@ -126,8 +121,8 @@ def cmd_train(args) -> int:
                  "(chosen on the test split); checkpoints in %s", minutes, acc,
                  100 * result.best_acc, result.best_epoch, result.run_dir)
         note = " (last epoch; best.* chosen on the test split)"
-    if log.isEnabledFor(logging.INFO):
-        print(f"test accuracy: {acc:.2f}%{note}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"test accuracy: {acc:.2f}%{note}")  # the result: stdout (logs go to stderr)
     return 0
 
 
@@ -169,26 +164,26 @@ def cmd_eval(args) -> int:
     from ..inference import load_model
     from ..plots import plot_confusion
     from ..training import evaluate, prepare_data, resolve_device
-    setup_logging(args.quiet)
+    device = resolve_device(args.device or "auto")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.checkpoint)
     cfg, meta, base, classes = loaded.config, loaded.meta, loaded.base, loaded.classes
     if args.data is None and args.data_root is None and meta.get("data_root"):
         cfg.data.root = meta["data_root"]
-    args.pretrained = None
     apply_args(cfg, args)
-    cfg.data.cache_in_memory = bool(args.cache_in_memory)
+    cfg.data.cache_in_memory = False  # each image is read once
     data = prepare_data(cfg, args.cache_dir, show_progress=not args.quiet)
     if list(data.classes) != classes:
-        raise SystemExit(f"qcs eval: the checkpoint's classes {classes} differ from the "
-                         f"dataset's {list(data.classes)}")
+        raise DataError(f"the checkpoint's {len(classes)} classes {classes} differ from the "
+                        f"dataset's {list(data.classes)} ({cfg.data.format} at {data.root})")
     if args.split == "test":
         test = data.test
     elif args.split in ("val", "valid") and data.val is not None:
         test = data.val  # the run's validation split (official, or its seeded hold-out)
     else:
         test = _split_dataset(cfg, data.root, args.split)
-    device = resolve_device(cfg.train.device)
-    loader = torch.utils.data.DataLoader(test, batch_size=cfg.train.batch_size * 4,
+    loader = torch.utils.data.DataLoader(test, batch_size=args.batch_size,
                                          num_workers=cfg.data.num_workers)
     ev = evaluate(loaded.model.to(device), loader, device, len(classes), cfg.train.amp,
                   not args.quiet, flip_tta=args.flip_tta)
@@ -229,21 +224,23 @@ def cmd_data_landmarks(args) -> int:
     """``qcs data landmarks``: draw PCD's heat maps beside a dataset's images."""
     from ..faces import Detector
     from ..faces.annotations import landmark_items, write_landmark_maps
-    from ..progress import Progress
+    from ..logs import Ticker
     _landmark_source_check(args)
     splits = args.split or (["all"] if not args.data else ["train", "valid", "test"]
                             if args.data == "ferplus" else ["train", "test"])
-    detector = Detector(args.device) if args.source != "affectnet" else None
+    from ..training import resolve_device
+    detector = (Detector(resolve_device(args.device)) if args.source != "affectnet"
+                else None)
     official = {"train": "training.csv", "test": "validation.csv"}
     for split in splits:
         paths = _landmark_paths(args, split)
         list_file = args.list_file or (Path(args.data_root) / "Manually_Annotated_file_lists"
                                        / official.get(split, f"{split}.csv"))
-        bar = Progress(len(paths), f"landmarks {split}", unit="img", enabled=not args.quiet)
+        ticker = Ticker(f"landmarks {split}", enabled=not args.quiet)
         written, missing = write_landmark_maps(
             landmark_items(paths, args.source, args.data_root, detector, list_file),
-            overwrite=args.overwrite, progress=bar.tick)
-        bar.close()
+            overwrite=args.overwrite, progress=ticker)
+        ticker.close()
         print(f"qcs data landmarks: {split}: {len(paths)} images, {written} maps written, "
               f"{len(missing)} without landmarks" + "".join(f"\n  {p}" for p in missing[:5])
               + ("\n  ..." if len(missing) > 5 else ""))
@@ -254,7 +251,7 @@ def cmd_data(args) -> int:
     """``qcs data synth``: write the built-in dataset; ``qcs data landmarks``: draw PCD's
     heat maps for a dataset."""
     from ..data.synth import SynthParams, generate
-    from ..progress import Progress
+    from ..logs import Ticker
     if args.data_command == "landmarks":
         return cmd_data_landmarks(args)
     if args.data_command != "synth":
@@ -264,9 +261,9 @@ def cmd_data(args) -> int:
     params = SynthParams(seed=args.seed, train_per_class=args.train_per_class,
                          test_per_class=args.test_per_class, size=args.size, bias=args.bias,
                          bias_strength=args.bias_strength)
-    bar = Progress(1, "synth", unit="img", enabled=not args.quiet)
-    root = generate(args.out, params, progress=bar.tick)
-    bar.close()
+    ticker = Ticker("synth", enabled=not args.quiet)
+    root = generate(args.out, params, progress=ticker)
+    ticker.close()
     print(f"wrote {root} (RAF-DB layout; train with: qcs train --data raf-db --data-root {root})")
     return 0
 

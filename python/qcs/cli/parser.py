@@ -18,7 +18,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--batch-size", type=int, help="items (quadruplets/pairs/images) per step")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -60,16 +59,52 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    "$XDG_CACHE_HOME/qcs or ~/.cache/qcs)")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: like argparse's, but the text (which imports torch) is made only
+    when the option is given."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..about import version_text
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``qcs`` command and its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="qcs", description="Train and evaluate QCS / DCS / baseline facial expression "
         "recognition networks (Quadruplet Cross Similarity, AAAI 2025).")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of qcs-ext, Python, torch and the native "
+                        "kernels, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_train_parser, _eval_parser, _data_parser, _convert_parser, _config_parser,
                 _predict_parser, _visualize_parser, _export_parser):
         add(sub)
+    for leaf in _leaves(parser):
+        _add_verbosity(leaf)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of the commands that run (``train``, ``data synth``, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for p in a.choices.values() for leaf in _leaves(p)]
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-q`` / ``-v``: messages go to stderr through the ``qcs`` logger (stdout keeps the
+    command's result)."""
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings and errors only, no progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also debug messages (the resolved config, ...)")
 
 
 def _train_parser(sub) -> None:
@@ -101,14 +136,25 @@ def _train_parser(sub) -> None:
                    "test), val, or test (as the paper's scripts do; an optimistic estimate)")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config field, e.g. --set qcs.dropout=0.3 (repeatable)")
+    t.add_argument("--logger", default="csv", metavar="NAME[,NAME]",
+                   help="experiment trackers, comma-separated: csv (steps.csv, metrics.csv), "
+                   "tensorboard (RUN/tensorboard), wandb (RUN/wandb; WANDB_MODE=offline keeps "
+                   "it local), or none (default: csv); metrics.jsonl is always written")
     _add_common(t)
     _add_data(t)
 
 
+EVAL_FILES = ("OUT/eval_<checkpoint>_<split>.json (accuracy, mean recall, per-class recall "
+              "and F1, confusion matrix) and OUT/eval_<checkpoint>_<split>_confusion.png, "
+              "<checkpoint> being the checkpoint's name (best, last)")
+
+
 def _eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate a checkpoint (base network only)",
-                       description="Accuracy, per-class recall and F1, confusion matrix "
-                       "(printed and saved as PNG) of a checkpoint on a dataset's test split.")
+    e = sub.add_parser("eval", help="evaluate a checkpoint's inference network on a split",
+                       description="Accuracy, mean recall, per-class recall and F1 and the "
+                       "confusion matrix of a checkpoint's inference network on a split of "
+                       f"its dataset (or another with the same classes). Prints them and writes "
+                       f"{EVAL_FILES}.")
     e.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint (run/best, run/best.safetensors or a run dir = its best)")
     e.add_argument("--split", default="test",
@@ -117,10 +163,28 @@ def _eval_parser(sub) -> None:
     e.add_argument("--flip-tta", action="store_true",
                    help="test-time augmentation: average the logits of each image and of its "
                    "mirror image")
-    e.add_argument("--out", metavar="DIR", help="where to write eval.json and the confusion "
-                   "PNG (default: beside the checkpoint)")
-    _add_common(e)
-    _add_data(e)
+    e.add_argument("--out", metavar="OUT",
+                   help="directory for eval_<checkpoint>_<split>.json and "
+                   "eval_<checkpoint>_<split>_confusion.png (default: the checkpoint's)")
+    e.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+    e.add_argument("--amp", choices=("none", "bf16", "fp16"),
+                   help="autocast precision (default: the checkpoint config's)")
+    e.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--workers", type=int, help="DataLoader worker processes")
+    g = e.add_argument_group("data (default: the dataset the checkpoint was trained on)")
+    g.add_argument("--data", choices=_FORMATS, metavar="FORMAT",
+                   help="dataset layout: " + ", ".join(_FORMATS))
+    g.add_argument("--data-root", metavar="DIR", help="dataset root (see qcs train --help)")
+    g.add_argument("--test-list", metavar="FILE", help="test label file, relative to the root")
+    g.add_argument("--check-data", action="store_true",
+                   help="open every image first and report all unreadable ones by name")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out unreadable images and malformed list lines (counted)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="where built-in data is cached (default $QCS_CACHE, else "
+                   "$XDG_CACHE_HOME/qcs or ~/.cache/qcs)")
 
 
 def _data_parser(sub) -> None:
@@ -138,7 +202,6 @@ def _data_parser(sub) -> None:
                    help="tie the background colour to the class in the training split only")
     s.add_argument("--bias-strength", type=float, default=0.9,
                    help="probability a biased training image gets its class colour (0.9)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     _landmarks_parser(dsub)
 
 
@@ -161,8 +224,8 @@ def _landmarks_parser(dsub) -> None:
                     help="--source affectnet: the list CSV with facial_landmarks (default: "
                     "the split's official list)")
     lm.add_argument("--overwrite", action="store_true", help="redraw existing maps")
-    lm.add_argument("--device", default="cpu", help="detector device (cpu, cuda, cuda:N)")
-    lm.add_argument("--quiet", action="store_true", help="no progress bar")
+    lm.add_argument("--device", default="auto",
+                    help="detector device: auto (default: CUDA when available), cpu, cuda:N")
 
 
 def _convert_parser(sub) -> None:
@@ -213,7 +276,8 @@ def _predict_parser(sub) -> None:
                    help="image files, directories (searched recursively) or glob patterns "
                    "(quote them; ** allowed)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint (run dir = its best, run/best, run/best.safetensors)")
+                   help="checkpoint (run dir = its best, run/best, run/best.safetensors), or "
+                   "a .onnx file written by qcs export (run with onnxruntime)")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--format", choices=("json", "jsonl", "csv"),
                    help="output format (default: from --output's suffix, else json)")
@@ -236,7 +300,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("--flip-tta", action="store_true",
                    help="test-time augmentation: average the logits of each face and of its "
                    "mirror image")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 

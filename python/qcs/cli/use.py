@@ -4,8 +4,10 @@ module of the same name."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 __all__ = ["cmd_export", "cmd_predict", "cmd_visualize"]
 
@@ -21,40 +23,58 @@ def _error_record(arg: str, why: str) -> dict:
             "confidence": None, "probabilities": None, "notes": [], "message": why}
 
 
-def _summary(records: list[dict], output: str | None) -> int:
-    """Print what ``qcs predict`` did to stderr; exit 1 when some input was unreadable."""
-    files = {r["file"] for r in records}
-    faces = sum(r["status"] == "ok" for r in records)
-    bad = sorted({r["file"] for r in records if r["status"] == "error"})
-    nofa = len({r["file"] for r in records if r["status"] == "no_face"})
-    print(f"qcs predict: {len(files)} inputs, {faces} faces classified, {nofa} without a face, "
-          f"{len(bad)} unreadable" + (f"; written to {output}" if output
-                                      and output != "-" else ""), file=sys.stderr)
-    for r in records:
-        if r["status"] == "error":
+class _Tally:
+    """Passes records through while counting what ``qcs predict`` reports at the end."""
+
+    def __init__(self, records: Iterable[dict]) -> None:
+        self.records = records
+        self.files: set[str] = set()
+        self.no_face: set[str] = set()
+        self.faces = 0
+        self.errors: list[dict] = []
+
+    def __iter__(self) -> Iterator[dict]:
+        for r in self.records:
+            self.files.add(r["file"])
+            self.faces += r["status"] == "ok"
+            if r["status"] == "no_face":
+                self.no_face.add(r["file"])
+            elif r["status"] == "error":
+                self.errors.append(r)
+            yield r
+
+    def report(self, output: str | None) -> int:
+        """Print the summary to stderr; exit status 1 when some input was unreadable."""
+        bad = {r["file"] for r in self.errors}
+        print(f"qcs predict: {len(self.files)} inputs, {self.faces} faces classified, "
+              f"{len(self.no_face)} without a face, {len(bad)} unreadable"
+              + (f"; written to {output}" if output and output != "-" else ""), file=sys.stderr)
+        for r in self.errors:
             print(f"qcs predict: {r['file']}: {r['message']}", file=sys.stderr)
-    return 1 if bad else 0
+        return 1 if bad else 0
 
 
 def cmd_predict(args) -> int:
     """``qcs predict``: exit 0 when every input was read, 1 when some could not be (they
     are in the output with ``status: error``), 2 on usage errors."""
-    from ..inference import load_model
+    from ..api import load_model
     from ..predict import Predictor, collect_inputs, write_records
+    from ..training import resolve_device
     _threads(args)
+    device = resolve_device(args.device)
     paths, problems = collect_inputs(args.inputs)
     if not paths and problems:
         for arg, why in problems:
             print(f"qcs predict: {arg}: {why}", file=sys.stderr)
         return 2
-    loaded = load_model(args.checkpoint, device=args.device)
+    loaded = load_model(args.checkpoint, device=str(device))  # a .onnx file: onnxruntime
     predictor = Predictor(loaded, detect=not args.no_detect, margin=args.margin,
                           batch_size=args.batch_size, annotate_dir=args.annotate,
-                          align=not args.no_align, device=args.device,
+                          align=not args.no_align, device=device,
                           detector=args.detector, template=args.template,
                           flip_tta=args.flip_tta)
-    records = [_error_record(arg, why) for arg, why in problems]
-    records += list(predictor.run(paths))
+    records = _Tally(itertools.chain((_error_record(a, why) for a, why in problems),
+                                     predictor.run(paths)))
     out = args.output
     fmt = args.format or ("csv" if out and out.endswith(".csv") else
                           "jsonl" if out and out.endswith(".jsonl") else "json")
@@ -63,7 +83,7 @@ def cmd_predict(args) -> int:
             write_records(records, loaded.classes, fmt, fh)
     else:
         write_records(records, loaded.classes, fmt, sys.stdout)
-    return _summary(records, out)
+    return records.report(out)
 
 
 def _visualize_grid(args, loaded, lst, rng, out: Path) -> None:

@@ -411,14 +411,14 @@ def screen_data(train: ImageList, test: ImageList, *, decode: bool, skip_bad: bo
     class): a training class with fewer images is an error, or with ``skip_bad`` is left
     out of training like an empty class.
     Returns the (possibly reduced) ``(train, test)``."""
-    from ..progress import Progress
+    from ..logs import Ticker
     lists = [train, test]
     if decode:
         unreadable = []
         for k, lst in enumerate(lists):
-            bar = Progress(len(lst), f"checking {lst.source}", unit="img", enabled=show_progress)
-            lists[k], bad = screen_images(lst, skip_bad, lambda i, n: bar.update(i, items=1))
-            bar.close()
+            ticker = Ticker(f"checking {lst.source}", enabled=show_progress)
+            lists[k], bad = screen_images(lst, skip_bad, ticker)
+            ticker.close()
             unreadable += bad
         if unreadable and not skip_bad:
             raise DataError(f"{len(unreadable)} unreadable images (--skip-bad leaves them "

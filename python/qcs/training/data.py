@@ -27,7 +27,7 @@ from ..data.datasets import screen_images
 from ..data.splits import stratified_holdout
 from ..distributed import DistContext, ShardedIndices, ShardedTupleSampler
 from ..families import DataNeeds
-from ..progress import Progress
+from ..logs import Ticker
 
 __all__ = ["Data", "Loaders", "ResumableSampler", "build_loaders", "prepare_data"]
 
@@ -52,10 +52,9 @@ def _synth_root(cfg: Config, cache_dir: str | None, show_progress: bool) -> str:
     params = SynthParams(seed=d.synth_seed, train_per_class=d.synth_train_per_class,
                          test_per_class=d.synth_test_per_class, size=d.synth_size,
                          bias=d.synth_bias, bias_strength=d.synth_bias_strength)
-    bar = Progress(1, "built-in data", unit="img", enabled=show_progress)
-    root = str(ensure_synth(params, cache_dir, progress=bar.tick))
-    if bar.done:
-        bar.close()
+    ticker = Ticker("built-in data", enabled=show_progress)
+    root = str(ensure_synth(params, cache_dir, progress=ticker))
+    ticker.close()
     log.info("built-in data (%s): %s", params.tag(), root)
     return root
 
@@ -117,17 +116,15 @@ def _dataset(lst: ImageList, cfg: Config, train: bool, needs: DataNeeds,
              show_progress: bool) -> ImageDataset:
     """One split as a dataset with the paper's transforms (and heat maps when needed)."""
     d, size = cfg.data, cfg.data.image_size
-    bar = Progress(len(lst), f"decoding {lst.source}", unit="img",
-                   enabled=show_progress and d.cache_in_memory)
+    ticker = Ticker(f"decoding {lst.source}", enabled=show_progress and d.cache_in_memory)
     transform = recipe_transforms(cfg)[0 if train else 1]
     if needs.heatmap_channels:  # PCD's landmark source: maps stored beside the images
         from ..data.landmarks import HeatmapDataset, HeatmapTransform
         ds = HeatmapDataset(lst, size, HeatmapTransform(train), cache=d.cache_in_memory,
-                            channels=needs.heatmap_channels, progress=bar.tick)
+                            channels=needs.heatmap_channels, progress=ticker)
     else:
-        ds = ImageDataset(lst, size, transform, cache=d.cache_in_memory, progress=bar.tick)
-    if d.cache_in_memory:
-        bar.close()
+        ds = ImageDataset(lst, size, transform, cache=d.cache_in_memory, progress=ticker)
+    ticker.close()
     return ds
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import Config
 from ..distributed import DistContext
-from ..progress import Progress
+from ..errors import RunFailed
+from ..logs import progress as progress_bar
 from . import saving
 from .data import Loaders
 from .runstate import (
@@ -46,13 +47,15 @@ log = logging.getLogger("qcs")
 @dataclass
 class StepInfo:
     """What :meth:`Callback.on_step_end` gets: the epoch, the step (1-based) of ``steps``,
-    the step's loss and its parts."""
+    the step's loss and its parts, the learning rate it ran at and the images it took."""
 
     epoch: int
     step: int
     steps: int
     loss: float
     parts: dict[str, float]
+    lr: float = math.nan
+    items: int = 0
 
 
 class Callback:
@@ -168,6 +171,17 @@ def _begin(run: Run, epoch: int, start_step: int, progress: dict[str, Any] | Non
     return skip, stats
 
 
+def _non_finite(run: Run, loss: float, epoch: int, step: int) -> str:
+    """The one-line report of a loss that stopped being finite, with what to try."""
+    tc = run.cfg.train
+    tips = [f"a lower --lr (this run: {run.opt.lr:g})"]
+    if tc.amp != "none":
+        tips.append(f"--amp none (this run: {tc.amp})")
+    tips.append("a larger --batch-size")
+    return (f"the training loss is {loss} at epoch {epoch} step {step}; try "
+            + ", ".join(tips[:-1]) + f" or {tips[-1]}")
+
+
 def train_one_epoch(run: Run, epoch: int, start_step: int = 0,
                     progress: dict[str, Any] | None = None) -> EpochStats:
     """Train ``epoch`` (from step ``start_step + 1`` with the ``progress`` of a mid-epoch
@@ -175,7 +189,9 @@ def train_one_epoch(run: Run, epoch: int, start_step: int = 0,
     signal, saves and raises :class:`TrainingInterrupted`."""
     tc, steps = run.cfg.train, run.loaders.steps
     skip, stats = _begin(run, epoch, start_step, progress)
-    bar = Progress(steps, f"epoch {epoch}/{tc.epochs}", unit="img", enabled=run.show_progress)
+    per_step = tc.batch_size * run.branches
+    bar = progress_bar(steps * per_step, f"epoch {epoch}/{tc.epochs}", initial=skip * per_step,
+                       enabled=run.show_progress)
     t0 = time.perf_counter() - stats.train_time
     for step, (x, y) in enumerate(run.loaders.train if skip < steps else (), skip + 1):
         if step > steps:
@@ -186,15 +202,17 @@ def train_one_epoch(run: Run, epoch: int, start_step: int = 0,
         losses = run.step(xs, ys)
         loss = float(losses.total.detach())
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at epoch {epoch} step {step}; "
-                                     "lower optim.lr or use fp32")
+            bar.close()
+            raise RunFailed(_non_finite(run, loss, epoch, step))
         stats.sums["loss"] += loss
         stats.sums["base"] += losses.parts["base"]
         stats.sums["cross"] += losses.parts.get("cross", 0.0)
         stats.steps_done = step
-        bar.update(step, items=xs.shape[0] * xs.shape[1], loss=stats.sums["loss"] / step)
+        items = xs.shape[0] * xs.shape[1]
+        bar.set_postfix(loss=f"{stats.sums['loss'] / step:.4f}", refresh=False)
+        bar.update(items)
         for cb in run.callbacks:
-            cb.on_step_end(StepInfo(epoch, step, steps, loss, losses.parts))
+            cb.on_step_end(StepInfo(epoch, step, steps, loss, losses.parts, run.opt.lr, items))
         signum = stop_requested(run)
         if signum is not None:
             bar.close()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..progress import Progress
+from ..logs import progress
 from ..tta import predict_logits
 
 __all__ = ["autocast", "evaluate", "metrics_from_confusion"]
@@ -51,8 +51,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, a
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, count = 0.0, 0
-    bar = Progress(len(loader), desc, unit="img", enabled=show_progress)
-    for step, (x, y) in enumerate(loader, 1):
+    sampler = getattr(loader, "sampler", None)
+    bar = progress(len(sampler) if sampler is not None else 0, desc, enabled=show_progress)
+    for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device)
         with autocast(device, amp):
             logits = predict_logits(model, x, flip_tta)
@@ -62,7 +63,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, a
         pred = logits.argmax(dim=1)
         confusion += torch.bincount((y * num_classes + pred).cpu(),
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
-        bar.update(step, items=len(y))
+        bar.update(len(y))
     bar.close()
     if reduce is not None:  # each rank saw its shard of the test set: sum counts and losses
         tot = reduce(torch.cat([confusion.flatten().double(),

@@ -42,6 +42,8 @@ import torch
 from ..atomic import write_text_atomic
 from ..checkpoint import load_weights
 from ..config import Config, to_toml
+from ..errors import ConfigError
+from ..tracking import require as require_trackers
 from ..distributed import DistContext, init_distributed
 from ..errors import ConfigError
 from ..families import build_model
@@ -61,6 +63,7 @@ from .runstate import (
 )
 from .saving import RunRecord
 from .step import Optimization, TrainForward, TrainStep
+from .tracked import Tracking
 
 __all__ = ["Callback", "RunResult", "evaluate", "fit", "selection_split", "setup",
            "test_best_once", "train"]
@@ -96,12 +99,15 @@ def selection_split(cfg: Config, has_val: bool) -> str:
 
 def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
           cache_dir: str | None = None, show_progress: bool = True, epochs: int | None = None,
-          callbacks: Sequence[Callback] = (), handle_signals: bool = False) -> RunResult:
+          callbacks: Sequence[Callback] = (), handle_signals: bool = False,
+          loggers: Sequence[str] = ()) -> RunResult:
     """Train ``cfg`` into ``run_dir`` (or continue the run of checkpoint ``resume``, whose
     saved config is used; ``epochs`` may then extend it). ``callbacks`` are called at each
     step's and epoch's end; ``handle_signals`` turns SIGINT / SIGTERM into a checkpoint and
-    :class:`TrainingInterrupted`. Returns the best test accuracy and the last epoch's
-    metrics."""
+    :class:`TrainingInterrupted`; ``loggers`` names experiment trackers (``csv``,
+    ``tensorboard``, ``wandb``: see :mod:`qcs.tracking`) fed by rank 0. Returns the best
+    test accuracy and the last epoch's metrics."""
+    require_trackers(loggers)  # a missing package fails now, not after the data is ready
     lock = None
     try:
         point = ResumePoint()
@@ -121,10 +127,23 @@ def train(cfg: Config, run_dir: str | Path, *, resume: str | Path | None = None,
                 log.info("%s", note)
             run = setup(cfg, run_dir, point, dctx, stop, cache_dir,
                          show_progress and dctx.is_main, list(callbacks))
-            return fit(run, point)
+            return _fit_tracked(run, point, loggers)
     finally:
         if lock is not None:
             lock.close()
+
+
+def _fit_tracked(run: Run, point: ResumePoint, loggers: Sequence[str]) -> RunResult:
+    """:func:`fit`, with the trackers ``loggers`` open on rank 0 while it runs."""
+    if not loggers or not run.dctx.is_main:
+        return fit(run, point)
+    tracking = Tracking.open(loggers, run.cfg, run.run_dir, run.loaders.steps, point.epoch,
+                             point.step)
+    run.callbacks.append(tracking)
+    try:
+        return fit(run, point)
+    finally:
+        tracking.close()
 
 
 @contextlib.contextmanager
@@ -158,7 +177,7 @@ def _resolve_classes(cfg: Config, data: Data) -> None:
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = len(data.classes)
     elif cfg.model.num_classes != len(data.classes):
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has "
                          f"{len(data.classes)} classes {data.classes}")
     cfg.family.resolve(cfg.net, data.classes)
 

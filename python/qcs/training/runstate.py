@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import checkpoint_base, read_metadata, recover_checkpoint
 from ..config import Config, TrainConfig, config_of_checkpoint, load_config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeviceError
 
 __all__ = [
     "ResumePoint",
@@ -37,12 +37,28 @@ __all__ = [
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` must
+    name a device this machine has. Raises :class:`DeviceError` (one line: the argument,
+    what is wrong and what exists)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or "
+                          "cuda:N") from None
+    if device.type == "cpu" and device.index in (None, 0):
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"--device {name}: not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no CUDA device visible"
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine ({build}); "
+                          "use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"--device {name}: this machine has {count} CUDA device"
+                          f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
     return device
 
 
