@@ -30,6 +30,7 @@ __all__ = ["cross_similarity_maps", "pair_similarity_maps", "ops"]
 _binding = OpBinding(
     "qcs_emulated",
     {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
+    image_device="cpu",  # the emulated kernels play CUDA kernels on the CPU
 )
 ops = _binding.ops
 cross_similarity_maps = _binding.cross_similarity_maps

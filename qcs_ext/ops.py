@@ -11,9 +11,12 @@ The same registration serves two libraries: ``qcs_ext`` (the CPU and CUDA kernel
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _C  # noqa: F401  (importing it registers the native ops)
+from . import reference
 from ._checks import SCOPES, check_choice, check_cross_args, check_features
 
 __all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_fused_kernel", "OpBinding"]
@@ -36,20 +39,43 @@ class OpBinding:
         namespace: the ``TORCH_LIBRARY`` namespace holding the four ops.
         native_dtypes: per device type, the dtypes the kernels take; other floating
             dtypes are computed in float32 and the maps cast back.
+        image_device: the device type whose kernels are CUDA kernel images, which a
+            device may have no image for (``"cuda"``; ``"cpu"`` for the emulation).
     """
 
-    def __init__(self, namespace: str, native_dtypes: dict[str, tuple[torch.dtype, ...]]):
+    def __init__(self, namespace: str, native_dtypes: dict[str, tuple[torch.dtype, ...]],
+                 image_device: str = "cuda"):
         self.namespace = namespace
         self.native_dtypes = native_dtypes
+        self.image_device = image_device
+        self._image_cache: dict[int, bool] = {}
         self.ops = getattr(torch.ops, namespace)
         self._register()
 
     def has_kernel(self, device: torch.device | str) -> bool:
-        """Whether this library has kernels for ``device``'s type."""
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+        """Whether this library has kernels for ``device`` that run on it."""
+        device = torch.device(device)
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
         return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
             f"{self.namespace}::cross_similarity_forward", key
-        )
+        ) and self.image_fits(device)
+
+    @torch.compiler.assume_constant_result
+    def image_fits(self, device: torch.device) -> bool:
+        """Whether the build has a kernel image (SASS or PTX) that runs on ``device``;
+        always True for devices of another type than ``image_device``. Asked once per device."""
+        if device.type != self.image_device or not hasattr(self.ops, "kernel_image_fits"):
+            return True
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else 0)
+        fits = self._image_cache.get(index)
+        if fits is None:
+            fits = self._image_cache[index] = bool(self.ops.kernel_image_fits(index))
+            if not fits:
+                warnings.warn(f"qcs_ext: no kernel image of this build runs on {device}; "
+                              "the CSA ops fall back to qcs_ext.reference there (rebuild qcs-ext "
+                              "with a CUDA toolkit that knows this GPU)", RuntimeWarning, stacklevel=3)
+        return fits
 
     def _compute_dtype(self, qk: torch.Tensor) -> torch.dtype:
         native = self.native_dtypes.get(qk.device.type, ())
@@ -168,6 +194,8 @@ class OpBinding:
             ``[4, B, N]`` softmax maps, dtype of ``qk``.
         """
         qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
+        if qk.device.type == self.image_device and not self.image_fits(qk.device):
+            return reference.cross_similarity_maps(qk, theta, gamma=gamma, mode=mode, scope=scope)
         compute = self._compute_dtype(qk)
         cast = compute != qk.dtype  # usually not: then no cast calls (each costs on this path)
         maps = self.ops.cross_similarity_forward.default(
@@ -189,6 +217,8 @@ class OpBinding:
         """
         qk2 = check_features(qk2, "qk2", 2)
         scope = check_choice(scope, "scope", SCOPES)
+        if qk2.device.type == self.image_device and not self.image_fits(qk2.device):
+            return reference.pair_similarity_maps(qk2, scope=scope)
         compute = self._compute_dtype(qk2)
         cast = compute != qk2.dtype
         maps = self.ops.pair_similarity_forward.default(

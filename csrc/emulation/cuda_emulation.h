@@ -16,6 +16,14 @@
 //   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local.
 // Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
 // must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
+//
+// Every launch is validated before it runs, against the limits of every architecture
+// the package ships for (LaunchError names the kernel and the limit): grid x in
+// [1, 2^31 - 1], grid y and z in [1, 65535], block dimensions (1024, 1024, 64) and at
+// most 1024 threads, dynamic shared memory within 48 KiB unless cudaFuncSetAttribute
+// raised the kernel's limit (to at most 99 KiB, the smallest opt-in limit among the GPUs
+// that run sm_80 code). QCS_EMULATION_DRY_RUN=1 validates launches without running
+// them (to check the launch geometry of problems too large to execute here).
 #pragma once
 
 #include <algorithm>
@@ -26,8 +34,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <functional>
+#include <map>
 #include <memory>
+#include <string>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -49,6 +60,8 @@ struct dim3 {
 };
 using uint3 = dim3;
 using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 constexpr int warpSize = 32;
@@ -84,6 +97,53 @@ inline unsigned warp_id() { return tl_linear / 32; }
 inline unsigned warp_lanes() {
   const unsigned n = blockDim.x * blockDim.y * blockDim.z;
   return std::min(32u, n - 32 * warp_id());
+}
+
+// ---------------------------------------------------------------- launch validation
+struct LaunchError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+constexpr unsigned long long kMaxGridX = 2147483647ull, kMaxGridYZ = 65535;
+constexpr unsigned kMaxThreads = 1024, kMaxBlockXY = 1024, kMaxBlockZ = 64;
+constexpr std::size_t kDefaultSmem = 48 * 1024, kMaxOptInSmem = 99 * 1024;
+
+// Per kernel: the dynamic shared memory limit raised by cudaFuncSetAttribute.
+inline std::map<const void*, std::size_t>& smem_opt_in() {
+  static std::map<const void*, std::size_t> m;
+  return m;
+}
+inline std::mutex& smem_opt_in_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline void validate_launch(const char* kernel, const void* fn, dim3 grid, dim3 block, std::size_t smem) {
+  auto fail = [&](const std::string& what) {
+    throw LaunchError(std::string("emulated launch of ") + kernel + ": " + what + " (grid " + std::to_string(grid.x) +
+                      "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + ", block " +
+                      std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z) +
+                      ", " + std::to_string(smem) + " B dynamic shared memory)");
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid");
+  if (grid.x > kMaxGridX) fail("gridDim.x above 2^31 - 1");
+  if (grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) fail("gridDim.y or gridDim.z above 65535");
+  if (block.x == 0 || block.y == 0 || block.z == 0) fail("empty block");
+  if (block.x > kMaxBlockXY || block.y > kMaxBlockXY || block.z > kMaxBlockZ) fail("block dimension above its limit");
+  if (static_cast<unsigned long long>(block.x) * block.y * block.z > kMaxThreads) fail("more than 1024 threads");
+  std::size_t limit = kDefaultSmem;
+  {
+    std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
+    const auto it = smem_opt_in().find(fn);
+    if (it != smem_opt_in().end()) limit = it->second;
+  }
+  if (smem > limit)
+    fail(limit == kDefaultSmem ? "dynamic shared memory above 48 KiB without cudaFuncSetAttribute"
+                               : "dynamic shared memory above the limit set by cudaFuncSetAttribute");
+}
+
+inline bool dry_run() {
+  const char* v = std::getenv("QCS_EMULATION_DRY_RUN");
+  return v != nullptr && v[0] == '1';
 }
 
 // One launch at a time: `__shared__` statics are shared by every block of a kernel.
@@ -189,9 +249,12 @@ template <typename Kernel>
 struct Bound {
   dim3 grid, block;
   std::size_t smem;
+  const char* name;
   Kernel* kernel;
   template <typename... Args>
   void operator()(Args... args) const {
+    validate_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem);
+    if (dry_run()) return;
     Kernel* k = kernel;
     run_grid(grid, block, smem, [=] { k(args...); });
   }
@@ -200,8 +263,9 @@ struct Bound {
 struct Launch {
   dim3 grid, block;
   std::size_t smem;
+  const char* name;
   template <typename Kernel>
-  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, kernel}; }
+  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, name, kernel}; }
 };
 
 // Publishes this lane's 8-byte value to its warp and returns the slot array (32 values of
@@ -228,6 +292,19 @@ T shuffle_from(T value, int src_lane_in_warp, bool valid) {
 }
 
 }  // namespace qcs_emu
+
+// Raises a kernel's dynamic shared memory limit, as the CUDA runtime call does.
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<std::size_t>(value) > qcs_emu::kMaxOptInSmem)
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(qcs_emu::smem_opt_in_mutex());
+  qcs_emu::smem_opt_in()[reinterpret_cast<const void*>(kernel)] = static_cast<std::size_t>(value);
+  return cudaSuccess;
+}
+
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 inline void __syncthreads() { qcs_emu::tl_block->block.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { qcs_emu::tl_block->warp[qcs_emu::warp_id()]->arrive_and_wait(); }
@@ -292,6 +369,6 @@ T atomicCAS(T* address, T compare, T value) {
 
 // `QCS_LAUNCH(grid, block, smem, stream, kernel)(args...)`: kernel<<<grid, block, smem, stream>>>.
 #define QCS_LAUNCH(grid, block, smem, stream, ...) \
-  ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem)}.bind(&__VA_ARGS__)
+  ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem), #__VA_ARGS__}.bind(&__VA_ARGS__)
 // Dynamic shared memory of the running block (extern __shared__ on the GPU).
 #define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem

@@ -121,11 +121,13 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       qk.data(), sq.data(), rows, C);
   const int tiles = static_cast<int>(std::clamp<int64_t>((NN + kern::kStreamThreads * 16 - 1) / (kern::kStreamThreads * 16), 1, 64));
   std::vector<A> partial(static_cast<size_t>(M) * B * tiles);
-  QCS_LAUNCH(dim3(tiles, M * B), kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
-      qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, p.mode);
+  QCS_LAUNCH(tiles * M * B, kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
+      qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, tiles, p.mode);
   res.extrema.resize(M * B);
-  QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::extrema_kernel<A>)(partial.data(), res.extrema.data(), B, tiles,
-                                                                          p.mode, p.scope);
+  QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr, kern::sample_extrema_kernel<A>)(
+      partial.data(), res.extrema.data(), M, B, tiles, p.mode);
+  if (p.scope == Scope::Batch)
+    QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(res.extrema.data(), B, p.mode);
   res.maps.resize(R * B * N);
   if (!streaming) {
     const size_t smem = (NN + 2 * N + 2 * R * N) * sizeof(A);
@@ -145,7 +147,7 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   std::vector<A> stats(4 * M * B * N), part(3 * M * B), route(M * B), wmat(M * B * NN), wsum(2 * M * B * N);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_stats_kernel<A, A>)(
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), part.data());
-  QCS_LAUNCH(1, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
+  QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
       part.data(), th, p.mode, p.scope, M, B, route.data(), th ? &res.grad_theta : nullptr);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_weights_kernel<A, A>)(
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), route.data(),
