@@ -202,3 +202,20 @@ def test_gpu_check_build_step(tmp_path):
     assert "| build | ok |" in summary and "| import | ok |" in summary
     assert list((src / "qcs_ext").glob("_C*.so"))
     assert "has_fused_kernel cpu True" in (tmp_path / "out" / "import.log").read_text()
+
+
+def test_launch_validator_negative_controls(tmp_path):
+    """Planted over-limit launches (gridDim.y 65536, 2048 threads, block z 65, an empty
+    grid, 49 KiB dynamic shared memory without opt-in, above the opted-in limit) are each
+    refused with the kernel's name and the limit; a launch at the limits runs."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path / "driver_controls"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "controls"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert run.stdout.count(" refused: emulated launch of planted_kernel") == 6
+    assert "all refused as expected" in run.stdout

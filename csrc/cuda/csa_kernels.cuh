@@ -21,7 +21,9 @@
 #if defined(__CUDACC__)
 #define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define QCS_NO_UNROLL _Pragma("unroll 1")
 #else
+#define QCS_NO_UNROLL
 #include "cuda_emulation.h"
 #endif
 
@@ -556,7 +558,7 @@ __global__ void __launch_bounds__(kSmallThreads) backward_reduce_kernel(const A*
   } else {
     // (this loop shape keeps the double division's slow-path call from spilling registers)
     const int step = blockDim.x;
-#pragma unroll 1
+    QCS_NO_UNROLL
     for (int b = threadIdx.x; b < batch; b += step) {
       const A t = ties[b];
       A r = A(0);

@@ -252,8 +252,49 @@ static Problem make(int R, int B, int N, int C, Mode mode, Scope scope, std::mt1
 
 // `csa_emulated_driver quick` (used under ThreadSanitizer, ~10x slower) checks two of the
 // six mode/scope combinations at the first shape instead of all six.
+// ------------------------------------------------- negative controls of the validator
+// Planted launches beyond the CUDA limits must be refused (LaunchError, naming the kernel
+// and the limit), legal ones at the limits must run.
+__global__ void planted_kernel(int* out) {
+  QCS_DYNAMIC_SMEM(smem);
+  (void)smem;
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) out[0] += 1;
+}
+
+static bool refused(const char* what, dim3 grid, dim3 block, size_t smem, const char* expect) {
+  int counter = 0;
+  try {
+    QCS_LAUNCH(grid, block, smem, nullptr, planted_kernel)(&counter);
+  } catch (const qcs_emu::LaunchError& e) {
+    const bool named = std::string(e.what()).find("planted_kernel") != std::string::npos &&
+                       std::string(e.what()).find(expect) != std::string::npos;
+    std::printf("control %-44s refused: %s\n", what, e.what());
+    return named && counter == 0;
+  }
+  std::printf("control %-44s NOT refused\n", what);
+  return false;
+}
+
+static int validator_controls() {
+  int bad = 0;
+  bad += !refused("gridDim.y = 65536 (the old B > 16383 launch)", dim3(1, 65536), 32, 0, "65535");
+  bad += !refused("32 x 32 x 2 = 2048 threads", 1, dim3(32, 32, 2), 0, "more than 1024 threads");
+  bad += !refused("block z = 65", 1, dim3(1, 1, 65), 0, "block dimension");
+  bad += !refused("empty grid", 0, 32, 0, "empty grid");
+  bad += !refused("49 KiB dynamic smem, no opt-in", 1, 32, 49 * 1024, "without cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) != cudaSuccess;
+  bad += !refused("65 KiB dynamic smem, 64 KiB opt-in", 1, 32, 65 * 1024, "limit set by cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024) == cudaSuccess;
+  int counter = 0;  // at the limits (1024 threads, the 64 KiB opted into): runs
+  QCS_LAUNCH(1, 1024, 64 * 1024, nullptr, planted_kernel)(&counter);
+  bad += counter != 1;
+  std::printf(bad ? "validator controls FAILED\n" : "validator controls: all refused as expected\n");
+  return bad;
+}
+
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  if (argc > 1 && std::string(argv[1]) == "controls") return validator_controls() == 0 ? 0 : 1;
   std::mt19937_64 rng(1234);
   const Mode modes[] = {Mode::SD, Mode::S, Mode::D};
   const Scope scopes[] = {Scope::Batch, Scope::Sample};
