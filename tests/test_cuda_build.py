@@ -219,3 +219,20 @@ def test_launch_validator_negative_controls(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:]
     assert run.stdout.count(" refused: emulated launch of planted_kernel") == 6
     assert "all refused as expected" in run.stdout
+
+
+def test_watchdog_reports_a_planted_deadlock(tmp_path):
+    """Negative control of the emulator's watchdog: a kernel whose threads wait for each
+    other forever is reported (kernel, block, barrier, threads arrived) and aborted."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path / "driver_deadlock"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    env = {**os.environ, "QCS_EMULATION_WATCHDOG_S": "2"}
+    run = subprocess.run([str(exe), "deadlock"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
+    assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr

@@ -4,8 +4,12 @@
 // Model (what it guarantees, and what it checks through the sanitizers):
 //   * the blocks of a grid run one after the other; the threads of one block run as
 //     real host threads, so data races between them are real races (ThreadSanitizer);
-//   * __syncthreads() is a std::barrier over the block's threads; a thread that returns
+//   * __syncthreads() is a barrier over the block's threads; a thread that returns
 //     from the kernel drops out of every barrier (arrive_and_drop), as on the GPU;
+//   * a watchdog: a thread that waits at a barrier (__syncthreads, __syncwarp, a shuffle)
+//     longer than QCS_EMULATION_WATCHDOG_S seconds (default 300) prints which kernel,
+//     block and barrier, and how many threads arrived, and aborts: a deadlock becomes a
+//     report instead of a hang;
 //   * __shared__ becomes `static`: with one block at a time (and one launch at a time,
 //     see launch_mutex) a static local is exactly one copy per block;
 //   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
@@ -29,6 +33,8 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <cmath>
 #include <cstddef>
@@ -68,15 +74,69 @@ constexpr int warpSize = 32;
 
 namespace qcs_emu {
 
+inline thread_local const char* tl_kernel = "?";
+
+inline double watchdog_seconds() {
+  static const double s = [] {
+    const char* v = std::getenv("QCS_EMULATION_WATCHDOG_S");
+    const double x = v != nullptr ? std::atof(v) : 0.0;
+    return x > 0 ? x : 300.0;
+  }();
+  return s;
+}
+
+// A reusable barrier over `expected` threads (arrive_and_wait / arrive_and_drop, as
+// std::barrier) whose waits are bounded by the watchdog.
+class WatchedBarrier {
+ public:
+  WatchedBarrier(std::ptrdiff_t expected, const char* what) : expected_(expected), what_(what) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t phase = phase_;
+    if (++arrived_ == expected_) {
+      complete();
+      return;
+    }
+    const auto limit = std::chrono::duration<double>(watchdog_seconds());
+    if (!cv_.wait_for(lock, limit, [&] { return phase_ != phase; })) report(lock);
+  }
+  void arrive_and_drop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --expected_;
+    if (expected_ > 0 && arrived_ == expected_) complete();
+  }
+
+ private:
+  void complete() {
+    arrived_ = 0;
+    ++phase_;
+    cv_.notify_all();
+  }
+  [[noreturn]] void report(std::unique_lock<std::mutex>& lock) {
+    std::fprintf(stderr,
+                 "qcs emulation watchdog: deadlock in kernel %s, block (%u, %u, %u): a thread waited %.0f s "
+                 "at a %s with %td of %td threads arrived\n",
+                 tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z, watchdog_seconds(), what_, arrived_, expected_);
+    std::fflush(stderr);
+    lock.unlock();
+    std::abort();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::ptrdiff_t expected_, arrived_ = 0;
+  uint64_t phase_ = 0;
+  const char* what_;
+};
+
 struct BlockState {
-  using Barrier = std::barrier<>;
-  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads), smem(smem) {
+  using Barrier = WatchedBarrier;
+  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads, "__syncthreads"), smem(smem) {
     const unsigned nwarps = (nthreads + 31) / 32;
     exchange.resize(2 * nwarps * 32);
     parity.resize(nthreads, 0);
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lanes = std::min(32u, nthreads - 32 * w);
-      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes)));
+      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes), "warp barrier (__syncwarp or a shuffle)"));
     }
   }
   Barrier block;
@@ -205,7 +265,8 @@ inline WorkerPool& worker_pool() {
 // reused for block after block: between two blocks all of them meet at a launch-wide
 // barrier whose completion step installs the next block's fresh state (barriers,
 // exchange, poisoned shared memory).
-inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body) {
+inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body,
+                     const char* kernel = "?") {
   std::lock_guard<std::mutex> guard(launch_mutex());
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emulated launch: bad block size");
@@ -226,6 +287,7 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   std::barrier<decltype(next_block)> between_blocks(static_cast<std::ptrdiff_t>(nthreads), next_block);
   worker_pool().run(nthreads, [&](unsigned t) {
     tl_linear = t;
+    tl_kernel = kernel;
     threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     blockDim = block;
     gridDim = grid;
@@ -256,7 +318,7 @@ struct Bound {
     validate_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem);
     if (dry_run()) return;
     Kernel* k = kernel;
-    run_grid(grid, block, smem, [=] { k(args...); });
+    run_grid(grid, block, smem, [=] { k(args...); }, name);
   }
 };
 

@@ -9,6 +9,8 @@
 // Exit status: 0 if every check passed; 1 otherwise. Sanitizer reports abort or set the
 // exit status on their own (TSAN_OPTIONS/ASAN_OPTIONS/UBSAN_OPTIONS from the caller).
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -292,7 +294,24 @@ static int validator_controls() {
   return bad;
 }
 
+// Negative control of the watchdog: thread 0 waits at __syncthreads for the others, which
+// spin until thread 0 has passed it: a deadlock (run with QCS_EMULATION_WATCHDOG_S small).
+__global__ void planted_deadlock(int* flag) {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+    std::atomic_ref<int>(*flag).store(1);
+  } else {
+    while (std::atomic_ref<int>(*flag).load() == 0) std::this_thread::yield();
+  }
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "deadlock") {
+    int flag = 0;
+    QCS_LAUNCH(1, 64, 0, nullptr, planted_deadlock)(&flag);
+    std::printf("the planted deadlock was not reported\n");
+    return 1;
+  }
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";
   if (argc > 1 && std::string(argv[1]) == "controls") return validator_controls() == 0 ? 0 : 1;
   std::mt19937_64 rng(1234);
