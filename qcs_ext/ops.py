@@ -62,10 +62,13 @@ class OpBinding:
 
     @torch.compiler.assume_constant_result
     def image_fits(self, device: torch.device) -> bool:
-        """Whether the build has a kernel image (SASS or PTX) that runs on ``device``;
-        always True for devices of another type than ``image_device``. Asked once per device."""
+        """Whether the build has a kernel image (SASS or PTX) that runs on ``device``
+        (False where torch sees no GPU); always True for devices of another type than
+        ``image_device``. Asked once per device; a device without one gets a warning."""
         if device.type != self.image_device or not hasattr(self.ops, "kernel_image_fits"):
             return True
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return False  # no GPU at all: nothing for the kernels to run on
         index = device.index if device.index is not None else (
             torch.cuda.current_device() if device.type == "cuda" else 0)
         fits = self._image_cache.get(index)
