@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -61,8 +62,11 @@ if build_cuda_flag == "1" and not cuda_possible:
     sys.exit("QCS_BUILD_CUDA=1 but no CUDA toolkit or no CUDA build of torch was found")
 build_cuda = cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
 
-# Without a visible GPU cpp_extension cannot pick architectures itself (IndexError).
+# nvcc flags and target architectures (SASS sm_80/sm_90 + PTX): csrc/cuda/build_flags.py,
+# shared with the compile gate. Its -gencode flags replace TORCH_CUDA_ARCH_LIST (still set:
+# without a visible GPU and without it, cpp_extension's own guess raises IndexError).
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+CUDA_BUILD = runpy.run_path(str(CSRC / "cuda" / "build_flags.py"))
 
 # fp-contract: let the vector kernels fuse multiply-adds (ISO C++ modes turn it off).
 # no-math-errno / no-trapping-math: nothing reads errno or the FP exception flags, and
@@ -95,7 +99,8 @@ if build_cuda:
             extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+                "nvcc": [*CUDA_BUILD["NVCC_FLAGS"],
+                         *CUDA_BUILD["gencode_flags"](str(Path(_cuda_home) / "bin" / "nvcc"))],
             },
             py_limited_api=True,
         )

@@ -26,11 +26,13 @@ import functools  # noqa: E402
 
 from . import ops as _ops  # noqa: E402
 
-__all__ = ["cross_similarity_maps", "pair_similarity_maps", "ops"]
+__all__ = ["cross_similarity_maps", "pair_similarity_maps", "has_kernel", "ops"]
 
 ops = torch.ops.qcs_emulated
 # The emulated kernels take every floating dtype the CUDA kernels take, on the CPU.
 NATIVE_DTYPES = {"cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+# The emulated runtime can answer "no kernel image for this device" like a real one.
+IMAGES = _ops.KernelImages("qcs_emulated", "cpu")
 
 # The same fake kernels and autograd as the qcs_ext library (qcs_ext/ops.py).
 torch.library.register_fake("qcs_emulated::cross_similarity_forward", _ops.cross_forward_fake)
@@ -61,10 +63,16 @@ def cross_similarity_maps(
 ) -> torch.Tensor:
     """:func:`qcs_ext.cross_similarity_maps` through the emulated CUDA kernels (CPU tensors)."""
     return _ops.run_cross(torch.ops.qcs_emulated.cross_similarity_forward.default, NATIVE_DTYPES,
-                          qk, theta, gamma, mode, scope)
+                          IMAGES, qk, theta, gamma, mode, scope)
 
 
 def pair_similarity_maps(qk2: torch.Tensor, *, scope: str = "batch") -> torch.Tensor:
     """:func:`qcs_ext.pair_similarity_maps` through the emulated CUDA kernels (CPU tensors)."""
     return _ops.run_pair(torch.ops.qcs_emulated.pair_similarity_forward.default, NATIVE_DTYPES,
-                         qk2, scope)
+                         IMAGES, qk2, scope)
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """Whether the emulated kernels run on ``device`` (CPU tensors with a kernel image)."""
+    device = torch.device(device)
+    return device.type == "cpu" and IMAGES.fits(device)

@@ -18,9 +18,11 @@ Python pieces for its own library, ``qcs_emulated``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
+from . import reference
 from ._checks import SCOPES, check_choice, check_cross_args, check_features
 from ._native import load_or_warn
 
@@ -157,14 +159,60 @@ if NATIVE_PROBLEM is None:  # without the native ops there is nothing to registe
     )
 
 
+# ---- kernel images: a CUDA build may have no image (SASS or PTX) a newer GPU can run --------
+
+
+class KernelImages:
+    """Whether a library's kernel images run on a device, asked once per device.
+
+    Args:
+        namespace: the ``TORCH_LIBRARY`` namespace; its ``kernel_image_fits(int) -> bool``
+            op answers (libraries without it have no images to miss).
+        image_device: the device type whose kernels are CUDA kernel images (``"cuda"``;
+            ``"cpu"`` for the emulation, which plays CUDA kernels on the CPU).
+    """
+
+    def __init__(self, namespace: str, image_device: str) -> None:
+        self.namespace, self.image_device = namespace, image_device
+        self._image_cache: dict[int, bool] = {}
+
+    @torch.compiler.assume_constant_result
+    def fits(self, device: torch.device) -> bool:
+        """Whether the build has a kernel image that runs on ``device`` (False where torch
+        sees no GPU); always True for devices of another type than ``image_device``. A
+        device without one gets a warning, once."""
+        ops = getattr(torch.ops, self.namespace)
+        if device.type != self.image_device or not hasattr(ops, "kernel_image_fits"):
+            return True
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return False  # no GPU at all: nothing for the kernels to run on
+        index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else 0)
+        fits = self._image_cache.get(index)
+        if fits is None:
+            fits = self._image_cache[index] = bool(ops.kernel_image_fits(index))
+            if not fits:
+                warnings.warn(f"qcs_ext: no kernel image of this build runs on {device}; the "
+                              "CSA ops fall back to qcs_ext.reference there (rebuild qcs-ext "
+                              "with a CUDA toolkit that knows this GPU)", RuntimeWarning,
+                              stacklevel=3)
+        return fits
+
+
+IMAGES = KernelImages("qcs_ext", "cuda")
+
+
 # ---- the public functions ---------------------------------------------------------------
 
 
-def run_cross(forward_op, native_dtypes, qk, theta, gamma, mode, scope) -> torch.Tensor:
+def run_cross(forward_op, native_dtypes, images, qk, theta, gamma, mode, scope) -> torch.Tensor:
     """Check the arguments, call ``forward_op`` (a ``cross_similarity_forward`` op) in a
     dtype its kernels take (``native_dtypes``: per device type) and return the maps in
-    ``qk``'s dtype."""
+    ``qk``'s dtype; the reference where ``images`` (:class:`KernelImages`) has no kernel
+    image for ``qk``'s device."""
     qk, theta, gamma, mode, scope = check_cross_args(qk, theta, gamma, mode, scope)
+    if not images.fits(qk.device):
+        return reference.cross_similarity_maps(qk, theta, gamma=gamma, mode=mode, scope=scope)
     compute = qk.dtype if qk.dtype in native_dtypes.get(qk.device.type, ()) else torch.float32
     if compute == qk.dtype:  # the usual case: no cast calls (each costs on this path)
         return forward_op(qk.contiguous(), theta, gamma, mode, scope)[0]
@@ -172,10 +220,12 @@ def run_cross(forward_op, native_dtypes, qk, theta, gamma, mode, scope) -> torch
     return maps.to(qk.dtype)
 
 
-def run_pair(forward_op, native_dtypes, qk2, scope) -> torch.Tensor:
+def run_pair(forward_op, native_dtypes, images, qk2, scope) -> torch.Tensor:
     """:func:`run_cross` for a ``pair_similarity_forward`` op."""
     qk2 = check_features(qk2, "qk2", 2)
     scope = check_choice(scope, "scope", SCOPES)
+    if not images.fits(qk2.device):
+        return reference.pair_similarity_maps(qk2, scope=scope)
     compute = qk2.dtype if qk2.dtype in native_dtypes.get(qk2.device.type, ()) else torch.float32
     if compute == qk2.dtype:
         return forward_op(qk2.contiguous(), scope)[0]
@@ -205,7 +255,7 @@ def cross_similarity_maps(
         ``[4, B, N]`` softmax maps, dtype of ``qk``.
     """
     _require_native()
-    return run_cross(torch.ops.qcs_ext.cross_similarity_forward.default, NATIVE_DTYPES,
+    return run_cross(torch.ops.qcs_ext.cross_similarity_forward.default, NATIVE_DTYPES, IMAGES,
                      qk, theta, gamma, mode, scope)
 
 
@@ -221,15 +271,19 @@ def pair_similarity_maps(qk2: torch.Tensor, *, scope: str = "batch") -> torch.Te
         ``[2, B, N]`` softmax maps, dtype of ``qk2``.
     """
     _require_native()
-    return run_pair(torch.ops.qcs_ext.pair_similarity_forward.default, NATIVE_DTYPES, qk2, scope)
+    return run_pair(torch.ops.qcs_ext.pair_similarity_forward.default, NATIVE_DTYPES, IMAGES,
+                    qk2, scope)
 
 
 def has_fused_kernel(device: torch.device | str) -> bool:
-    """Whether qcs_ext has kernels for ``device``'s type (``"cpu"``; ``"cuda"`` when built
-    with CUDA); always ``False`` when the native kernels did not load."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    """Whether qcs_ext has kernels that run on ``device`` (``"cpu"``; ``"cuda"`` when built
+    with CUDA and a kernel image fits the GPU); always ``False`` when the native kernels did
+    not load."""
+    device = torch.device(device)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return NATIVE_PROBLEM is None and key is not None and \
-        torch._C._dispatch_has_kernel_for_dispatch_key("qcs_ext::cross_similarity_forward", key)
+        torch._C._dispatch_has_kernel_for_dispatch_key("qcs_ext::cross_similarity_forward",
+                                                       key) and IMAGES.fits(device)
 
 
 def _require_native() -> None:

@@ -4,8 +4,10 @@
 
 Works without a GPU (only nvcc is needed). Prints one row per kernel and architecture:
 registers, static shared memory, stack frame (local memory) and spill bytes. The flags
-are the ones setup.py builds qcs_ext._C with (``-O3 --use_fast_math -std=c++20`` plus
-torch's own nvcc flags), so the gate sees the code that ships.
+are the ones setup.py builds qcs_ext._C with (csrc/cuda/build_flags.py plus torch's own
+nvcc flags), so the gate sees the code that ships. It also fails when the PTX carries
+flush-to-zero or approximate sqrt/division (what --use_fast_math brings), or when the
+build embeds no PTX for GPUs newer than the SASS targets.
 
 Usage: .venv/bin/python -m qcs_tools.cuda_compile_gate [--arch 80 --arch 90] [--markdown FILE]
 Exit status: 0 clean, 1 spills/local memory found, 2 compilation failed / no nvcc.
@@ -17,6 +19,7 @@ import argparse
 import glob
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -25,8 +28,23 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The flags of setup.py's CUDAExtension (keep in sync).
-QCS_NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
+BUILD_FLAGS = ROOT / "csrc" / "cuda" / "build_flags.py"  # setup.py reads the same file
+# Instructions --use_fast_math brings: flush-to-zero arithmetic, approximate sqrt/division.
+# Left out: ex2.approx.ftz.f32 (libdevice's exact expf is built on it) and
+# rcp.approx.ftz.f64 (the seed of the IEEE double division), fast math or not.
+FAST_MATH_PTX = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?!ex2\.approx\.ftz\.f32|rcp\.approx\.ftz\.f64)"
+                           r"(?:[a-z]+(?:\.[a-z0-9]+)*\.ftz\b[.a-z0-9]*|(?:sqrt|div|rcp)\.approx[.a-z0-9]*|"
+                           r"div\.full[.a-z0-9]*))", re.M)
+
+
+def build_flags() -> dict:
+    """NVCC_FLAGS, SASS_ARCHS, ptx_archs(nvcc), gencode_flags(nvcc) of csrc/cuda/build_flags.py."""
+    return runpy.run_path(str(BUILD_FLAGS))
+
+
+def fast_math_instructions(ptx: str) -> list[str]:
+    """The flush-to-zero / approximate instructions in a PTX text (empty when exact)."""
+    return sorted({m.group(1) for m in FAST_MATH_PTX.finditer(ptx)})
 
 
 def find_nvcc() -> str | None:
@@ -99,37 +117,67 @@ def demangle(names: list[str]) -> dict[str, str]:
     return pretty
 
 
+def check_ptx(keep_dir: Path, obj: Path, ptx_archs: list[int]) -> list[str]:
+    """Problems with the PTX of one compiled source: fast-math instructions in any kept
+    .ptx file, no PTX generated for some compute_XX in ``ptx_archs``, or (where cuobjdump
+    exists) that PTX missing from the object."""
+    problems = []
+    ptx_files = sorted(keep_dir.glob("*.ptx"))
+    if not ptx_files:
+        return [f"nvcc kept no PTX for {obj.name}"]
+    for a in ptx_archs:
+        if not any(f"compute_{a}" in f.name for f in ptx_files):
+            problems.append(f"{obj.name}: nvcc generated no PTX for compute_{a}")
+    for f in ptx_files:
+        found = fast_math_instructions(f.read_text(errors="replace"))
+        if found:
+            problems.append(f"{f.name}: fast-math instructions {', '.join(found[:8])}")
+        f.unlink()  # the next source's files must not be mistaken for these
+    cuobjdump = shutil.which("cuobjdump") or (str(Path(find_nvcc()).parent / "cuobjdump"))
+    if Path(cuobjdump).exists():
+        listing = subprocess.run([cuobjdump, "--list-ptx", str(obj)], capture_output=True, text=True).stdout
+        for a in ptx_archs:
+            if f"sm_{a}" not in listing and f"compute_{a}" not in listing:
+                problems.append(f"{obj.name}: no embedded PTX for compute_{a} (cuobjdump --list-ptx: {listing!r})")
+    return problems
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", action="append", default=None, help="SM version, e.g. 80 (repeatable)")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file (markdown)")
     ap.add_argument("--source", action="append", type=Path, help="the .cu files (default: csrc/cuda/*.cu)")
     args = ap.parse_args()
-    archs = args.arch or ["80", "90"]
+    flags = build_flags()
+    archs = args.arch or [str(a) for a in flags["SASS_ARCHS"]]
     nvcc = find_nvcc()
     if nvcc is None:
         print("cuda_compile_gate: no nvcc found (set CUDA_HOME)", file=sys.stderr)
         return 2
+    ptx_archs = flags["ptx_archs"](nvcc)
     sources = args.source or sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     if not sources:
         print("cuda_compile_gate: no .cu sources", file=sys.stderr)
         return 2
-    gencode = []
-    for a in archs:
-        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    base = [nvcc, *QCS_NVCC_FLAGS, "-Xptxas", "-v", *gencode, f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-            *torch_flags()]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode += [f"-gencode=arch=compute_{a},code=compute_{a}" for a in ptx_archs]
+    base = [nvcc, *flags["NVCC_FLAGS"], "-Xptxas", "-v", *gencode, f"-I{ROOT / 'csrc'}",
+            f"-I{ROOT / 'csrc' / 'cuda'}", *torch_flags()]
     rows: list[dict] = []
+    problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources:
-            cmd = [*base, "-c", str(src), "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
-            print(f"cuda_compile_gate: nvcc {src.name} for sm_{', sm_'.join(archs)}", file=sys.stderr, flush=True)
+            obj = Path(tmp) / (Path(src).stem + ".o")
+            cmd = [*base, "--keep", f"--keep-dir={tmp}", "-c", str(src), "-o", str(obj)]
+            print(f"cuda_compile_gate: nvcc {src.name} for sm_{', sm_'.join(archs)} + PTX compute_"
+                  f"{', compute_'.join(map(str, ptx_archs))}", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
                 print(f"cuda_compile_gate: FAILED to compile {src}", file=sys.stderr)
                 return 2
             rows += parse_ptxas(proc.stdout + proc.stderr)
+            problems += check_ptx(Path(tmp), obj, ptx_archs)
     if not rows:
         print("cuda_compile_gate: ptxas reported no kernels", file=sys.stderr)
         return 2
@@ -151,12 +199,16 @@ def main() -> int:
           "bytes of dynamic shared memory, <= 48 KiB, chosen at launch)")
     if args.markdown:
         args.markdown.write_text(table + "\n")
-    if bad:
+    for p in problems:
+        print(f"cuda_compile_gate: FAIL {p}", file=sys.stderr)
+    if bad or problems:
         for r in bad:
             print(f"cuda_compile_gate: FAIL {names[r['kernel']]} on {r['arch']}: stack {r['stack']} B, "
                   f"spills {r['spill_st']}/{r['spill_ld']} B (local memory)", file=sys.stderr)
         return 1
-    print(f"cuda_compile_gate: OK, {len(rows)} kernel builds, no spills, no local memory", file=sys.stderr)
+    print(f"cuda_compile_gate: OK, {len(rows)} kernel builds, no spills, no local memory; PTX for compute_"
+          f"{', compute_'.join(map(str, ptx_archs))} embedded; no flush-to-zero or approximate sqrt/division",
+          file=sys.stderr)
     return 0
 
 

@@ -26,11 +26,11 @@ SHAPES = [(24, 49, 768), (8, 196, 768), (8, 784, 768)]
 IMPLEMENTATIONS = ("fused", "eager", "compiled", "sdpa", "gemms")
 
 
-def make_inputs(shape, dtype=torch.float32, seed=0):
+def make_inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     b, n, c = shape
-    qk = torch.randn(4, b, n, c, generator=gen, dtype=dtype).requires_grad_(True)
-    theta = torch.zeros((), dtype=dtype, requires_grad=True)
+    qk = torch.randn(4, b, n, c, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    theta = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
     return qk, theta
 
 
@@ -48,7 +48,7 @@ def _bare_gemms(qk: torch.Tensor, backward: bool) -> Callable[[], object]:
     a, p, n, n2 = qk.detach().unbind(0)
     rows_pn = torch.cat([p, n], dim=1)          # [B, 2N, C]: D_pa and D_na against a
     cols_np = torch.cat([n, p], dim=1)          # [B, 2N, C]: D_n2n and D_n2p for n2
-    weights = torch.randn(qk.shape[1], qk.shape[2], qk.shape[2], dtype=qk.dtype)
+    weights = torch.randn(qk.shape[1], qk.shape[2], qk.shape[2], dtype=qk.dtype, device=qk.device)
 
     def run():
         torch.bmm(rows_pn, a.transpose(1, 2))
@@ -60,9 +60,11 @@ def _bare_gemms(qk: torch.Tensor, backward: bool) -> Callable[[], object]:
     return run
 
 
-def case(impl: str, shape, backward: bool, dtype=torch.float32) -> Callable[[], object]:
-    """A callable running one forward (or forward + backward) of ``impl`` at ``shape``."""
-    qk, theta = make_inputs(shape, dtype)
+def case(impl: str, shape, backward: bool, dtype=torch.float32, device="cpu") -> Callable[[], object]:
+    """A callable running one forward (or forward + backward) of ``impl`` at ``shape`` on
+    ``device``; the backward takes a random upstream gradient (fixed seed), as in training
+    (an all-ones gradient of a softmax output is a degenerate, cheaper case)."""
+    qk, theta = make_inputs(shape, dtype, device=device)
     if impl == "gemms":
         return _bare_gemms(qk, backward)
     if impl == "sdpa":
@@ -90,10 +92,14 @@ def case(impl: str, shape, backward: bool, dtype=torch.float32) -> Callable[[], 
 
         return run_forward
 
+    with torch.no_grad():
+        out_like = forward()
+    gen = torch.Generator().manual_seed(1)
+    upstream = torch.randn(out_like.shape, generator=gen).to(device=device, dtype=out_like.dtype)
+
     def run_backward():
         out = forward()
-        grads = torch.autograd.grad(out, (qk, theta) if impl != "sdpa" else (qk,),
-                                    torch.ones_like(out), allow_unused=True)
+        grads = torch.autograd.grad(out, (qk, theta) if impl != "sdpa" else (qk,), upstream, allow_unused=True)
         return grads
 
     return run_backward

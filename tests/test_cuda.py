@@ -141,3 +141,90 @@ def test_opcheck():
                           (torch.randn_like(maps), maps, qk.detach(), dist, ext, theta.detach(), 1.0, "sd", "sample"))
     qk2 = _features(2, 2, 5, 3, torch.float16, seed=8)
     torch.library.opcheck(ops.pair_similarity_forward, (qk2, "batch"))
+
+
+# ---- the review's GPU risks -------------------------------------------------------------
+
+
+def test_tf32_switches_do_not_reach_the_gemms():
+    """Risk 1: with TF32 switched on globally, float32 results keep float32 accuracy."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        qk = _features(4, 2, 49, 256, torch.float32, seed=11)
+        _, dist, _ = ops.cross_similarity_forward(qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample")
+        q = qk.double()
+        exact = torch.cdist(q[1], q[0])
+        assert (dist[0].double() - exact).abs().max().item() <= 2e-5 * exact.max().item()
+        _check(qk, torch.tensor(0.3, device="cuda"), "sd", "batch")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+
+
+def test_subnormal_squared_distances_stay_nonzero():
+    """Risk 2: no flush-to-zero: squared distances below 1.2e-38 survive."""
+    qk = (1e-20 * _features(4, 2, 5, 3, torch.float64, seed=12)).float()
+    _, dist, _ = ops.cross_similarity_forward(qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample")
+    exact = torch.cdist(qk[1].double(), qk[0].double())
+    assert (exact.square() < 1.2e-38).all() and (dist[0] > 0).all()
+    torch.testing.assert_close(dist[0].double(), exact, rtol=2e-2, atol=0)
+
+
+def test_has_fused_kernel_tells_the_truth_and_the_fallback_works():
+    """Risk 3: the runtime has an image for this GPU (else has_fused_kernel is False), and
+    a device without one gets the reference through the wrappers."""
+    from qcs_ext import ops as ops_module
+
+    index = torch.cuda.current_device()
+    assert ops.kernel_image_fits(index) is True
+    binding = ops_module.IMAGES
+    saved = dict(binding._image_cache)
+    binding._image_cache[index] = False  # as if the build had no image for this GPU
+    try:
+        assert not qcs_ext.has_fused_kernel("cuda")
+        qk = _features(4, 2, 7, 5, torch.float64, seed=13)
+        theta = torch.tensor(0.3, device="cuda", dtype=torch.float64)
+        assert torch.equal(qcs_ext.cross_similarity_maps(qk, theta), ref.cross_similarity_maps(qk, theta))
+    finally:
+        binding._image_cache.clear()
+        binding._image_cache.update(saved)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_of_20000_small_n(scope, dtype):
+    """Risk 4: B > 16383 (4B blocks no longer in gridDim.y)."""
+    qk = _features(4, 20000, 3, 8, dtype, seed=14)
+    _check(qk, torch.tensor(0.3, device="cuda", dtype=dtype), "sd", scope)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_large_common_offset(scope):
+    """Risk 5: every entry recomputed (a warp each); the backward centred per pair."""
+    gen = torch.Generator().manual_seed(15)
+    qk = (1000.0 + 0.05 * torch.randn(4, 8, 49, 256, generator=gen, dtype=torch.float64)).float().cuda()
+    _check(qk, torch.tensor(0.3, device="cuda"), "sd", scope)
+
+
+def test_cuda_graph_capture():
+    """The op (forward and backward) is capturable in a CUDA graph and replays exactly."""
+    qk = _features(4, 4, 49, 64, torch.float32, seed=16).requires_grad_(True)
+    theta = torch.tensor(0.3, device="cuda", requires_grad=True)
+    g = torch.randn(4, 4, 49, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        out = qcs_ext.cross_similarity_maps(qk, theta)
+        torch.autograd.grad(out, (qk, theta), g)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qcs_ext.cross_similarity_maps(qk, theta)
+        gq, gt = torch.autograd.grad(out, (qk, theta), g)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = qcs_ext.cross_similarity_maps(qk, theta)
+    eq, et = torch.autograd.grad(expected, (qk, theta), g)
+    assert torch.equal(out, expected) and torch.equal(gq, eq) and torch.equal(gt, et)

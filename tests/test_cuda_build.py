@@ -115,3 +115,116 @@ def test_tsan_detects_a_missing_syncthreads(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
     assert "WARNING: ThreadSanitizer: data race" in run.stderr, run.stderr[-3000:]
     assert run.returncode == 66
+
+
+# ---- build flags (risks 2 and 3) and the one-command GPU check ---------------------------
+
+
+def _gate_module():
+    from qcs_tools import cuda_compile_gate
+    return cuda_compile_gate
+
+
+def test_build_flags_exact_math_and_ptx(monkeypatch):
+    """No --use_fast_math; SASS for sm_80 and sm_90 plus PTX for compute_90 and the newest
+    architecture nvcc names; QCS_CUDA_ARCHS replaces the SASS list and is checked."""
+    import runpy
+    flags = runpy.run_path(str(ROOT / "csrc" / "cuda" / "build_flags.py"))
+    assert not any("fast_math" in f or "ftz" in f for f in flags["NVCC_FLAGS"])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="compute_80\ncompute_90\ncompute_100\ncompute_120\n", stderr=""))
+    monkeypatch.delenv("QCS_CUDA_ARCHS", raising=False)
+    gen = flags["gencode_flags"]("nvcc")
+    assert gen == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_120,code=compute_120"]
+    monkeypatch.setenv("QCS_CUDA_ARCHS", "9.0")
+    assert flags["gencode_flags"]("nvcc")[0] == "-gencode=arch=compute_90,code=sm_90"
+    monkeypatch.setenv("QCS_CUDA_ARCHS", "sm90")
+    with pytest.raises(SystemExit, match="QCS_CUDA_ARCHS"):
+        flags["sass_archs"]()
+    setup = (ROOT / "setup.py").read_text()
+    assert "use_fast_math" not in setup and "build_flags.py" in setup
+
+
+def test_gate_spots_fast_math_instructions():
+    """The gate's PTX scan: fast-math PTX is caught, the exact instructions libdevice uses
+    either way (ex2.approx.ftz.f32 in expf, rcp.approx.ftz.f64 in double division) are not."""
+    gate = _gate_module()
+    exact = "\tsqrt.rn.f32 \t%f2, %f1;\n\tdiv.rn.f32 %f3, %f1, %f2;\n\tex2.approx.ftz.f32 %f4, %f3;\n" \
+            "\trcp.approx.ftz.f64 %fd2, %fd1;\n\tfma.rn.f32 %f5, %f1, %f2, %f3;\n"
+    assert gate.fast_math_instructions(exact) == []
+    fast = "\tadd.ftz.f32 %f2, %f1, %f1;\n@%p1 sqrt.approx.ftz.f32 %f3, %f2;\n\tdiv.full.f32 %f4, %f3, %f2;\n"
+    assert gate.fast_math_instructions(fast) == ["add.ftz.f32", "div.full.f32", "sqrt.approx.ftz.f32"]
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_3(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_gpu_check_usage_errors(tmp_path):
+    for args in ([], [str(tmp_path), "--everything"]):
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_build_step(tmp_path):
+    """The script's build step (here: the CPU extension, in a copy of the sources) builds
+    against the installed torch, logs, and checks the import; summary.md says ok."""
+    src = tmp_path / "src"
+    for part in ("csrc", "qcs_ext", "python", "scripts", "setup.py", "pyproject.toml"):
+        p = ROOT / part
+        if p.is_dir():
+            shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("*.so", "__pycache__", "build"))
+        elif p.exists():
+            shutil.copy2(p, src / part)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
+           "QCS_GPU_CHECK_BUILD_ONLY_ON_CPU": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(["bash", str(src / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--build-only"],
+                          capture_output=True, text=True, env=env, timeout=3000)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert proc.returncode == 0, summary + (tmp_path / "out" / "build.log").read_text()[-3000:]
+    assert "| build | ok |" in summary and "| import | ok |" in summary
+    assert list((src / "qcs_ext").glob("_C*.so"))
+    assert "has_fused_kernel cpu True" in (tmp_path / "out" / "import.log").read_text()
+
+
+def test_launch_validator_negative_controls(tmp_path):
+    """Planted over-limit launches (gridDim.y 65536, 2048 threads, block z 65, an empty
+    grid, 49 KiB dynamic shared memory without opt-in, above the opted-in limit) are each
+    refused with the kernel's name and the limit; a launch at the limits runs."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path / "driver_controls"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "controls"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert run.stdout.count(" refused: emulated launch of planted_kernel") == 6
+    assert "all refused as expected" in run.stdout
+
+
+def test_watchdog_reports_a_planted_deadlock(tmp_path):
+    """Negative control of the emulator's watchdog: a kernel whose threads wait for each
+    other forever is reported (kernel, block, barrier, threads arrived) and aborted."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path / "driver_deadlock"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    env = {**os.environ, "QCS_EMULATION_WATCHDOG_S": "2"}
+    run = subprocess.run([str(exe), "deadlock"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
+    assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr

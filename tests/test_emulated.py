@@ -315,3 +315,108 @@ def test_non_contiguous_input():
     qk = _features(4, 2, 6, 5, torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
     assert not qk.is_contiguous()
     _check_close_to_reference(qk, _theta(torch.float64), "sd", "batch")
+
+
+# ---- the review's GPU risks, as far as the emulation sees them --------------------------
+
+
+@pytest.fixture
+def tf32_switches_on():
+    """The global TF32 switches many training scripts turn on (restored afterwards)."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before[0]
+    torch.set_float32_matmul_precision(before[1])
+
+
+def test_tf32_switches_do_not_reach_the_gemms(tf32_switches_on):
+    """Risk 1: the emulation rounds GEMM operands to TF32 where cuBLAS would (global
+    switches on, no NoTF32Guard); the op pins full float32, so distances, maps and
+    gradients keep float32 accuracy with the switches on."""
+    assert torch.backends.cuda.matmul.allow_tf32
+    qk = _features(4, 2, 7, 64, torch.float32, seed=91)
+    _, dist, _ = em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", "sample")
+    q = qk.double()
+    rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)
+    for m in range(4):
+        exact = torch.cdist(q[rows[m]], q[cols[m]])
+        err = (dist[m].double() - exact).abs().max().item()
+        assert err <= 2e-5 * exact.max().item(), f"matrix {m}: {err} (TF32 gives ~1e-3)"
+    _check_close_to_reference(qk, _theta(torch.float32), "sd", "batch")
+
+
+def test_subnormal_squared_distances_stay_nonzero():
+    """Risk 2: squared distances below float32's smallest normal (1.2e-38) are kept, not
+    flushed to zero (no --use_fast_math): a nearly-duplicated token is no duplicate."""
+    qk = 1e-20 * _features(4, 2, 5, 3, torch.float64, seed=92)  # squared norms ~1e-40
+    qk = qk.float()
+    _, dist, _ = em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", "sample")
+    q = qk.double()
+    exact = torch.cdist(q[1], q[0])  # D_pa
+    got = dist[0].double()
+    assert (exact.square() < 1.2e-38).all() and (got > 0).all()
+    torch.testing.assert_close(got, exact, rtol=2e-2, atol=0)
+
+
+@pytest.fixture
+def no_kernel_image(monkeypatch):
+    """The emulated runtime answers "no kernel image for this device" (a GPU newer than
+    every image of the build); the binding's per-device cache starts empty."""
+    monkeypatch.setenv("QCS_EMULATED_NO_KERNEL_IMAGE", "1")
+    monkeypatch.setattr(em.IMAGES, "_image_cache", {})
+    yield
+    em.IMAGES._image_cache = {}
+
+
+def test_no_kernel_image_falls_back_to_the_reference(no_kernel_image):
+    """Risk 3: without a kernel image for the device, has_fused_kernel says False, the
+    wrappers warn once and compute with the reference, the raw op explains itself."""
+    qk = _features(4, 2, 5, 3, torch.float64, seed=94)
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        assert not em.has_kernel("cpu")
+    out = em.cross_similarity_maps(qk, _theta(torch.float64), mode="d", scope="sample")
+    assert torch.equal(out, ref.cross_similarity_maps(qk, _theta(torch.float64), mode="d", scope="sample"))
+    assert torch.equal(em.pair_similarity_maps(qk[:2]), ref.pair_similarity_maps(qk[:2]))
+    with pytest.raises(RuntimeError, match="no CUDA kernel image"):
+        em.ops.cross_similarity_forward(qk, _theta(torch.float64), 1.0, "sd", "batch")
+
+
+def test_kernel_image_present_by_default():
+    em.IMAGES._image_cache = {}
+    assert em.has_kernel("cpu") and em.ops.kernel_image_fits(0)
+
+
+@pytest.mark.parametrize("batch", [16384, 20000, 70000])
+def test_launch_geometry_of_large_batches(monkeypatch, batch):
+    """Risk 4: every launch of forward and backward at B > 16383 (4B > gridDim.y's 65535)
+    passes the emulator's launch validator. Dry run: validated, not executed (executing
+    80,000 blocks of host threads takes hours here; test_cuda.py runs it on a GPU)."""
+    monkeypatch.setenv("QCS_EMULATION_DRY_RUN", "1")
+    qk = torch.zeros(4, batch, 2, 2)
+    for scope in SCOPES:
+        maps, dist, ext = em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", scope)
+        em.ops.cross_similarity_backward(maps, maps, qk, dist, ext, _theta(torch.float32), 1.0, "sd", scope)
+        maps, dist, ext = em.ops.pair_similarity_forward(qk[:2], scope)
+        em.ops.pair_similarity_backward(maps, maps, qk[:2], dist, ext, scope)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_large_common_offset_recomputes_every_entry(dtype, scope):
+    """Risk 5: a large common offset makes the Gram form cancel for every entry, so every
+    distance is recomputed (a warp per entry, lanes over the channels, C > 32 so each lane
+    sums several channels) and must still match the reference."""
+    gen = torch.Generator().manual_seed(95)
+    qk = (1000.0 + 0.05 * torch.randn(4, 2, 9, 70, generator=gen, dtype=torch.float64)).to(dtype)
+    _check_close_to_reference(qk, _theta(dtype), "sd", scope)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+def test_extrema_and_routing_over_many_samples(scope):
+    """Risk 5: the per-sample extremes (a warp per sample, several blocks) and the routed
+    gradient (parallel over the batch) at a batch spread over many warps and blocks."""
+    qk = _features(4, 37, 2, 3, torch.float64, seed=96)
+    qk[:, 5] = qk[:, 4]  # a tie across samples
+    _check_close_to_reference(qk, _theta(torch.float64), "sd", scope)

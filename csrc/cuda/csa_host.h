@@ -7,7 +7,15 @@
 //   QCS_HOST_LAUNCH_CHECK() checks the last launch (C10_CUDA_KERNEL_LAUNCH_CHECK)
 //   QCS_HOST_GUARD(t)      a device guard for tensor t
 //   QCS_HOST_DEVICE        the c10::DeviceType the ops run on
+//   QCS_HOST_IMAGE_FITS(i) whether a kernel image of this build runs on device i
+//   QCS_HOST_GEMM_INPUT(t) a GEMM operand as the BLAS will see it (the identity on the
+//                          GPU; the emulation rounds to TF32 where cuBLAS would)
 // Nothing here synchronises with the device: theta is read by the kernels.
+//
+// Precision: the GEMMs run with TF32 pinned off (at::NoTF32Guard), whatever the global
+// switches (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision) say:
+// the Gram identity loses digits to cancellation and TF32's 10-bit mantissa would leave
+// float32 distances ~1e-3 off.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +44,46 @@ inline void check_qk(const at::Tensor& qk, int64_t branches) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---------------------------------------------------------------------------- launches
+// The CUDA limits every launch is checked against (the same on every architecture the
+// package ships for): a 1-D grid of at most 2^31 - 1 blocks, blocks of at most the
+// kernel's __launch_bounds__ threads (a multiple of the warp), dynamic shared memory
+// within the 48 KiB a kernel gets without cudaFuncSetAttribute.
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr size_t kMaxDefaultSmem = 48 * 1024;
+
+// The 1-D grid of a launch of `blocks` blocks of `threads` threads (bounds: the kernel's
+// __launch_bounds__) with `smem` bytes of dynamic shared memory, checked.
+inline dim3 checked_grid(const char* kernel, int64_t blocks, int threads, int bounds, size_t smem = 0) {
+  TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX, "qcs_ext: ", kernel, " needs ", blocks,
+              " blocks, beyond CUDA's grid limit of 2^31 - 1 (input too large)");
+  TORCH_CHECK(threads >= 32 && threads <= bounds && threads % 32 == 0, "qcs_ext: ", kernel, " launched with ",
+              threads, " threads, its __launch_bounds__ is ", bounds);
+  TORCH_CHECK(smem <= kMaxDefaultSmem, "qcs_ext: ", kernel, " needs ", smem,
+              " bytes of dynamic shared memory, more than the 48 KiB available without opt-in");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+// Refuses to launch on a device this build has no kernel image for (no SASS of its
+// architecture and no PTX old enough to be compiled for it): the message says why,
+// instead of "no kernel image is available" from the first launch. The Python wrappers
+// fall back to the reference on such a device (has_fused_kernel says False).
+inline void require_kernel_image(const at::Tensor& qk) {
+  const int index = qk.device().has_index() ? qk.device().index() : 0;
+  TORCH_CHECK(QCS_HOST_IMAGE_FITS(index), "qcs_ext: this build has no CUDA kernel image for device ", qk.device(),
+              " (it carries SASS for sm_80 and sm_90 and PTX for newer GPUs; rebuild qcs-ext with nvcc from a "
+              "CUDA toolkit that knows the device); qcs_ext.reference runs anywhere");
+}
+
+// out = a @ b (batched), with the operands as the BLAS sees them.
+inline void gemm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::bmm_out(out, QCS_HOST_GEMM_INPUT(a), QCS_HOST_GEMM_INPUT(b));
+}
+// acc -= a @ b (batched).
+inline void gemm_sub(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  acc.baddbmm_(QCS_HOST_GEMM_INPUT(a), QCS_HOST_GEMM_INPUT(b), 1, -1);
+}
+
 // Matrix m of a library with `nmat` matrices multiplies branch row_branch(m) by col_branch(m).
 inline bool fused_fits(int64_t n, int64_t nbranch, size_t elem) {
   if (const char* force = std::getenv("QCS_CSA_FORCE_STREAMING"); force != nullptr && force[0] == '1') return false;
@@ -47,6 +95,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& qk, const T* theta, double gamma,
                                                              Mode mode, Scope scope, int nmat) {
   using A = at::opmath_type<T>;
+  const at::NoTF32Guard full_fp32_gemms;  // see "Precision" above
   const int nbranch = static_cast<int>(qk.size(0));
   const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2)), c = static_cast<int>(qk.size(3));
   const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -59,42 +108,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
   for (int m = 0; m < nmat; ++m) {
     if (!matrix_used(m, mode)) continue;
     at::Tensor out = dist.select(0, m);
-    at::bmm_out(out, qka.select(0, row_branch(m)), qka.select(0, col_branch(m)).transpose(1, 2));
+    gemm_into(out, qka.select(0, row_branch(m)), qka.select(0, col_branch(m)).transpose(1, 2));
   }
 
   at::Tensor sq = at::empty({nbranch, batch, n}, acc);
   const int64_t rows = static_cast<int64_t>(nbranch) * batch * n;
-  const int sq_blocks = static_cast<int>(std::min<int64_t>(ceil_div(rows, kern::kStreamThreads / 32), 4096));
-  QCS_LAUNCH(sq_blocks, kern::kStreamThreads, 0, stream, kern::sqnorm_kernel<T, A>)(qk.data_ptr<T>(),
-                                                                                     sq.data_ptr<A>(), rows, c);
+  const dim3 sq_grid = checked_grid("sqnorm_kernel", std::min<int64_t>(ceil_div(rows, kern::kStreamThreads / 32), 4096),
+                                    kern::kStreamThreads, kern::kStreamThreads);
+  QCS_LAUNCH(sq_grid, kern::kStreamThreads, 0, stream, kern::sqnorm_kernel<T, A>)(qk.data_ptr<T>(),
+                                                                                   sq.data_ptr<A>(), rows, c);
   QCS_HOST_LAUNCH_CHECK();
 
   const int64_t nn = static_cast<int64_t>(n) * n;
   const int tiles = static_cast<int>(std::clamp<int64_t>(ceil_div(nn, kern::kStreamThreads * 16), 1, 64));
   at::Tensor partial = at::empty({nmat, batch, tiles}, acc);
-  QCS_LAUNCH(dim3(tiles, nmat * batch), kern::kStreamThreads, 0, stream, kern::distance_kernel<T, A>)(
-      qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, mode);
+  const dim3 dist_grid = checked_grid("distance_kernel", int64_t{tiles} * nmat * batch, kern::kStreamThreads,
+                                      kern::kStreamThreads);
+  QCS_LAUNCH(dist_grid, kern::kStreamThreads, 0, stream, kern::distance_kernel<T, A>)(
+      qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
 
+  // Extremes in two fixed-order phases: per sample (a warp each), then per batch.
   at::Tensor extrema = at::empty({nmat, batch}, acc);
-  QCS_LAUNCH(nmat, kern::kSmallThreads, 0, stream, kern::extrema_kernel<A>)(
-      partial.data_ptr<A>(), extrema.data_ptr<A>(), batch, tiles, mode, scope);
+  const dim3 ext_grid = checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
+                                     kern::kSmallThreads, kern::kSmallThreads);
+  QCS_LAUNCH(ext_grid, kern::kSmallThreads, 0, stream, kern::sample_extrema_kernel<A>)(
+      partial.data_ptr<A>(), extrema.data_ptr<A>(), nmat, batch, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
+  if (scope == Scope::Batch) {
+    QCS_LAUNCH(checked_grid("batch_extrema_kernel", nmat, kern::kSmallThreads, kern::kSmallThreads),
+               kern::kSmallThreads, 0, stream, kern::batch_extrema_kernel<A>)(extrema.data_ptr<A>(), batch, mode);
+    QCS_HOST_LAUNCH_CHECK();
+  }
 
   at::Tensor maps = at::empty({nbranch, batch, n}, qk.options());
   if (fused_fits(n, nbranch, sizeof(A))) {
     const size_t smem = static_cast<size_t>(nn + 2 * n + 2 * nbranch * n) * sizeof(A);
-    QCS_LAUNCH(batch, kern::kSmallThreads, smem, stream, kern::fused_epilogue_kernel<T, A>)(
+    QCS_LAUNCH(checked_grid("fused_epilogue_kernel", batch, kern::kSmallThreads, kern::kSmallThreads, smem),
+               kern::kSmallThreads, smem, stream, kern::fused_epilogue_kernel<T, A>)(
         dist.data_ptr<A>(), extrema.data_ptr<A>(), theta, gamma, mode, nmat, nbranch, batch, n, maps.data_ptr<T>());
     QCS_HOST_LAUNCH_CHECK();
   } else {
     at::Tensor norms = at::empty({2, nmat, batch, n}, acc);
     at::Tensor scores = at::empty({2, nbranch, batch, n}, acc);
-    QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::stream_aggregate_kernel<A>)(
+    QCS_LAUNCH(checked_grid("stream_aggregate_kernel", int64_t{nmat} * batch, kern::kStreamThreads,
+                            kern::kStreamThreads),
+               kern::kStreamThreads, 0, stream, kern::stream_aggregate_kernel<A>)(
         dist.data_ptr<A>(), extrema.data_ptr<A>(), norms.data_ptr<A>(), scores.data_ptr<A>(), nmat, nbranch, batch,
         n, mode);
     QCS_HOST_LAUNCH_CHECK();
-    QCS_LAUNCH(batch, kern::kSmallThreads, 0, stream, kern::fuse_softmax_kernel<T, A>)(
+    QCS_LAUNCH(checked_grid("fuse_softmax_kernel", batch, kern::kSmallThreads, kern::kSmallThreads),
+               kern::kSmallThreads, 0, stream, kern::fuse_softmax_kernel<T, A>)(
         scores.data_ptr<A>(), theta, gamma, mode, nbranch, batch, n, maps.data_ptr<T>());
     QCS_HOST_LAUNCH_CHECK();
   }
@@ -107,48 +171,60 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
                                                   const at::Tensor& extrema, const T* theta, double gamma, Mode mode,
                                                   Scope scope, int nmat, bool want_theta) {
   using A = at::opmath_type<T>;
+  const at::NoTF32Guard full_fp32_gemms;  // see "Precision" above
   const int nbranch = static_cast<int>(qk.size(0));
   const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2));
   const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
   auto stream = QCS_HOST_STREAM;
 
   at::Tensor gscore = at::empty({nbranch, batch, n}, acc);
-  QCS_LAUNCH(batch, kern::kSmallThreads, 0, stream, kern::softmax_backward_kernel<T, A>)(
+  QCS_LAUNCH(checked_grid("softmax_backward_kernel", batch, kern::kSmallThreads, kern::kSmallThreads),
+             kern::kSmallThreads, 0, stream, kern::softmax_backward_kernel<T, A>)(
       grad_maps.data_ptr<T>(), maps.data_ptr<T>(), gscore.data_ptr<A>(), nbranch, batch, n);
   QCS_HOST_LAUNCH_CHECK();
 
   at::Tensor stats = at::empty({4, nmat, batch, n}, acc);
   at::Tensor part = at::empty({3, nmat, batch}, acc);
-  QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::backward_stats_kernel<T, A>)(
+  const dim3 per_matrix = checked_grid("backward_stats_kernel", int64_t{nmat} * batch, kern::kStreamThreads,
+                                      kern::kStreamThreads);
+  QCS_LAUNCH(per_matrix, kern::kStreamThreads, 0, stream, kern::backward_stats_kernel<T, A>)(
       dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat, batch, n,
       stats.data_ptr<A>(), part.data_ptr<A>());
   QCS_HOST_LAUNCH_CHECK();
 
   at::Tensor route = at::empty({nmat, batch}, acc);
   at::Tensor grad_theta = at::empty({}, qk.options());
-  QCS_LAUNCH(1, kern::kSmallThreads, 0, stream, kern::backward_reduce_kernel<T, A>)(
+  QCS_LAUNCH(checked_grid("backward_reduce_kernel", nmat, kern::kSmallThreads, kern::kSmallThreads),
+             kern::kSmallThreads, 0, stream, kern::backward_reduce_kernel<T, A>)(
       part.data_ptr<A>(), theta, mode, scope, nmat, batch, route.data_ptr<A>(),
       want_theta ? grad_theta.data_ptr<T>() : nullptr);
   QCS_HOST_LAUNCH_CHECK();
 
   at::Tensor wmat = at::empty({nmat, batch, n, n}, acc);
   at::Tensor wsum = at::empty({2, nmat, batch, n}, acc);
-  QCS_LAUNCH(nmat * batch, kern::kStreamThreads, 0, stream, kern::backward_weights_kernel<T, A>)(
+  QCS_LAUNCH(per_matrix, kern::kStreamThreads, 0, stream, kern::backward_weights_kernel<T, A>)(
       dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat, batch, n,
       stats.data_ptr<A>(), route.data_ptr<A>(), wmat.data_ptr<A>(), wsum.data_ptr<A>());
   QCS_HOST_LAUNCH_CHECK();
 
   // dL/dX = diag(W 1) X - W Y (rows), dL/dY = diag(W^T 1) Y - W^T X (columns); each
-  // branch sits in two matrices: accumulate (fixed order, deterministic).
+  // branch sits in two matrices: accumulate (fixed order, deterministic). Both terms are
+  // unchanged when X and Y are shifted by one common vector o per sample, so they are
+  // computed from X - o and Y - o (o: the mean token of the pair): with a large common
+  // offset the two terms would otherwise cancel and lose float32's digits.
   const at::Tensor qka = qk.scalar_type() == acc.dtype().toScalarType() ? qk : qk.to(acc.dtype());
   at::Tensor grad = at::zeros(qk.sizes(), acc);
   for (int m = 0; m < nmat; ++m) {
     if (!matrix_used(m, mode)) continue;
-    const at::Tensor x = qka.select(0, row_branch(m)), y = qka.select(0, col_branch(m));
+    const at::Tensor xr = qka.select(0, row_branch(m)), yr = qka.select(0, col_branch(m));
+    const at::Tensor o = (xr.mean(1, true) + yr.mean(1, true)) * 0.5;
+    const at::Tensor x = xr - o, y = yr - o;
     const at::Tensor w = wmat.select(0, m);
     at::Tensor gx = grad.select(0, row_branch(m)), gy = grad.select(0, col_branch(m));
-    gx.addcmul_(wsum.select(0, 0).select(0, m).unsqueeze(-1), x).baddbmm_(w, y, 1, -1);
-    gy.addcmul_(wsum.select(0, 1).select(0, m).unsqueeze(-1), y).baddbmm_(w.transpose(1, 2), x, 1, -1);
+    gx.addcmul_(wsum.select(0, 0).select(0, m).unsqueeze(-1), x);
+    gemm_sub(gx, w, y);
+    gy.addcmul_(wsum.select(0, 1).select(0, m).unsqueeze(-1), y);
+    gemm_sub(gy, w.transpose(1, 2), x);
   }
   return {grad.to(qk.scalar_type()), grad_theta};
 }
@@ -165,6 +241,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_forward(const at::Te
   const Mode mode = checks::mode(mode_s);
   const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
+  require_kernel_image(qk);
   const at::Tensor th = theta.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_cross_forward", [&] {
@@ -178,6 +255,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward(const at::Ten
   check_qk(qk, 2);
   const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
+  require_kernel_image(qk);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_forward", [&] {
     out = forward_typed<scalar_t>(qk, static_cast<const scalar_t*>(nullptr), 0.0, Mode::S, scope, 1);
@@ -210,6 +288,7 @@ inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_
   const Mode mode = checks::mode(mode_s);
   const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
+  require_kernel_image(qk);
   const at::Tensor th = theta.contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_cross_backward", [&] {
@@ -228,6 +307,7 @@ inline at::Tensor pair_backward(const at::Tensor& grad_in, const at::Tensor& map
   check_backward_inputs(grad_maps, maps, qk, dist, extrema, 1);
   const Scope scope = checks::scope(scope_s);
   QCS_HOST_GUARD(qk);
+  require_kernel_image(qk);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_pair_backward", [&] {
     out = std::get<0>(backward_typed<scalar_t>(grad_maps, maps, qk, dist, extrema,

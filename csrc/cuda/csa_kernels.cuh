@@ -21,7 +21,9 @@
 #if defined(__CUDACC__)
 #define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define QCS_NO_UNROLL _Pragma("unroll 1")
 #else
+#define QCS_NO_UNROLL
 #include "cuda_emulation.h"
 #endif
 
@@ -186,8 +188,10 @@ __device__ __forceinline__ void softmax_warp(const A* s, const A* d, A sw, A dw,
   mx = warp_max(mx);
   A sum = 0;
   for (int j = lane; j < n; j += 32) sum += std::exp(score(j) - mx);
-  sum = warp_sum(sum);
-  for (int j = lane; j < n; j += 32) out[j] = static_cast<T>(std::exp(score(j) - mx) / sum);
+  // One division per row, out of the loop: the IEEE division's slow-path call inside it
+  // spilled registers to local memory (a product with 1/sum is within an ulp of it).
+  const A inv = A(1) / warp_sum(sum);
+  for (int j = lane; j < n; j += 32) out[j] = static_cast<T>(std::exp(score(j) - mx) * inv);
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -211,14 +215,23 @@ __global__ void __launch_bounds__(kStreamThreads) sqnorm_kernel(const T* __restr
 
 // Distances from the Gram products, in place: dist holds x.y on entry and ||x - y|| on
 // exit; where the Gram form cancels (d2 < threshold * (|x|^2 + |y|^2)) the distance is
-// recomputed directly. Also the extreme of every tile: partial[mb * tiles + tile].
-// grid (tiles, M*B).
+// recomputed directly, by the whole warp (lanes along the C channels, coalesced): the
+// warp's 32 consecutive entries are flagged by a ballot and recomputed one after another,
+// so inputs with a large common offset (every entry flagged) cost C/32 steps per entry,
+// not C serial, strided loads per thread. Also the extreme of every tile:
+// partial[mb * tiles + tile]. grid (tiles * M * B), 1-D: block -> (mb, tile), so the
+// batch size is not bound by gridDim.y's 65535.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq,
                                                                   A* __restrict__ dist, A* __restrict__ partial,
-                                                                  int batch, int n, int c, Mode mode) {
+                                                                  int batch, int n, int c, int tiles, Mode mode) {
   __shared__ A scratch[kMaxWarps];
-  const int mb = blockIdx.y, m = mb / batch, b = mb % batch;
+  // 32-bit index arithmetic throughout (n <= 2^15, so n * n < 2^31): a 64-bit division
+  // is a call into a slow subroutine, whose saved registers spilled to local memory.
+  const unsigned blk = blockIdx.x;
+  const int mb = static_cast<int>(blk / static_cast<unsigned>(tiles));
+  const int tile = static_cast<int>(blk % static_cast<unsigned>(tiles));
+  const int m = mb / batch, b = mb % batch;
   if (!matrix_used(m, mode)) return;
   const bool sim = is_similarity(m);
   const int64_t rb = static_cast<int64_t>(row_branch(m)) * batch + b;
@@ -230,68 +243,85 @@ __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __res
   A* d = dist + static_cast<int64_t>(mb) * n * n;
   constexpr double kThreshold = RefineThreshold<A>::value;
   const A threshold = static_cast<A>(kThreshold);
-  const int64_t nn = static_cast<int64_t>(n) * n;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = first; e < nn; e += stride) {  // squared distances
-    const int i = static_cast<int>(e / n), j = static_cast<int>(e % n);
-    const A norms = sx[i] + sy[j];
-    A d2 = norms - A(2) * d[e];
-    if (d2 < threshold * norms) {
+  const int lane = threadIdx.x % 32;
+  const int nn = n * n;
+  const int first = tile * blockDim.x + threadIdx.x;
+  const int stride = tiles * blockDim.x;
+  // Warp-uniform trip count: the lanes of a warp hold entries base .. base + 31.
+  for (int base = first - lane; base < nn; base += stride) {
+    const int e = base + lane;
+    A d2 = 0;
+    bool refine = false;
+    if (e < nn) {
+      const A norms = sx[e / n] + sy[e % n];
+      d2 = norms - A(2) * d[e];
+      refine = d2 < threshold * norms;
+    }
+    for (unsigned todo = __ballot_sync(0xffffffffu, refine); todo != 0; todo &= todo - 1) {
+      const int src = __ffs(static_cast<int>(todo)) - 1;
+      const int es = base + src;
+      const T* xi = x + static_cast<int64_t>(es / n) * c;
+      const T* yj = y + static_cast<int64_t>(es % n) * c;
       A direct = 0;
-      const T* xi = x + static_cast<int64_t>(i) * c;
-      const T* yj = y + static_cast<int64_t>(j) * c;
-      for (int k = 0; k < c; ++k) {
+      for (int k = lane; k < c; k += 32) {
         const A diff = static_cast<A>(xi[k]) - static_cast<A>(yj[k]);
         direct += diff * diff;
       }
-      d2 = direct;
+      direct = warp_sum(direct);
+      if (lane == src) d2 = direct;
     }
-    d[e] = d2 < A(0) ? A(0) : d2;  // clamps rounding below 0 but keeps NaN (NaN/overflowing input)
+    if (e < nn) d[e] = d2 < A(0) ? A(0) : d2;  // clamps rounding below 0 but keeps NaN
   }
   // The square roots in a second sweep over the same (thread-private) entries: keeps the
   // refinement loop's live registers away from sqrt's slow-path call (no spills).
   A ext = sim ? -pos_inf<A>() : pos_inf<A>();
-  for (int64_t e = first; e < nn; e += stride) {
+  for (int e = first; e < nn; e += stride) {
     const A v = std::sqrt(d[e]);
     d[e] = v;
     ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
   }
   ext = block_extreme(ext, scratch, sim);
-  if (threadIdx.x == 0) partial[static_cast<int64_t>(mb) * gridDim.x + blockIdx.x] = ext;
+  if (threadIdx.x == 0) partial[static_cast<int64_t>(mb) * tiles + tile] = ext;
 }
 
-// extrema[m, b] from the tile extremes: per sample, or over the whole batch (then every
-// column holds the same value). Unused matrices get 0. grid (M), deterministic.
+// Extremes, phase 1: extrema[m, b] of every sample from its tile extremes, one warp per
+// (m, b), in parallel over the batch. Unused matrices get 0. grid (ceil(M*B / warps)).
 template <typename A>
-__global__ void __launch_bounds__(kSmallThreads) extrema_kernel(const A* __restrict__ partial, A* __restrict__ extrema,
-                                                                int batch, int tiles, Mode mode, Scope scope) {
-  __shared__ A scratch[kMaxWarps];
-  const int m = blockIdx.x;
-  A* out = extrema + static_cast<int64_t>(m) * batch;
+__global__ void __launch_bounds__(kSmallThreads) sample_extrema_kernel(const A* __restrict__ partial,
+                                                                       A* __restrict__ extrema, int nmat, int batch,
+                                                                       int tiles, Mode mode) {
+  const int lane = threadIdx.x % 32;
+  const int64_t mb = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (mb >= static_cast<int64_t>(nmat) * batch) return;  // whole warps
+  const int m = static_cast<int>(mb / batch);
   if (!matrix_used(m, mode)) {
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) out[b] = 0;
+    if (lane == 0) extrema[mb] = 0;
     return;
   }
   const bool sim = is_similarity(m);
-  const A* in = partial + static_cast<int64_t>(m) * batch * tiles;
-  const A init = sim ? -pos_inf<A>() : pos_inf<A>();
-  if (scope == Scope::Batch) {
-    A v = init;
-    for (int t = threadIdx.x; t < batch * tiles; t += blockDim.x) v = sim ? (in[t] > v ? in[t] : v) : (in[t] < v ? in[t] : v);
-    v = block_extreme(v, scratch, sim);
-    for (int b = threadIdx.x; b < batch; b += blockDim.x) out[b] = v;
-  } else {
-    for (int b = 0; b < batch; ++b) {
-      A v = init;
-      for (int t = threadIdx.x; t < tiles; t += blockDim.x) {
-        const A w = in[static_cast<int64_t>(b) * tiles + t];
-        v = sim ? (w > v ? w : v) : (w < v ? w : v);
-      }
-      v = block_extreme(v, scratch, sim);
-      if (threadIdx.x == 0) out[b] = v;
-    }
+  A v = sim ? -pos_inf<A>() : pos_inf<A>();
+  for (int t = lane; t < tiles; t += 32) {
+    const A w = partial[mb * tiles + t];
+    v = sim ? (w > v ? w : v) : (w < v ? w : v);
   }
+  v = sim ? warp_max(v) : warp_min(v);
+  if (lane == 0) extrema[mb] = v;
+}
+
+// Extremes, phase 2 (scope "batch" only): the batch extreme of matrix m from the sample
+// extremes, a fixed-order block reduction (no atomics), written to every column.
+// grid (M).
+template <typename A>
+__global__ void __launch_bounds__(kSmallThreads) batch_extrema_kernel(A* __restrict__ extrema, int batch, Mode mode) {
+  __shared__ A scratch[kMaxWarps];
+  const int m = blockIdx.x;
+  if (!matrix_used(m, mode)) return;  // phase 1 wrote the zeros
+  const bool sim = is_similarity(m);
+  A* col = extrema + static_cast<int64_t>(m) * batch;
+  A v = sim ? -pos_inf<A>() : pos_inf<A>();
+  for (int b = threadIdx.x; b < batch; b += blockDim.x) v = sim ? (col[b] > v ? col[b] : v) : (col[b] < v ? col[b] : v);
+  v = block_extreme(v, scratch, sim);  // its barriers end every read before the writes below
+  for (int b = threadIdx.x; b < batch; b += blockDim.x) col[b] = v;
 }
 
 // Fused epilogue for small N: one block per batch element. Each used matrix in turn is
@@ -498,37 +528,52 @@ __global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
 // The gradient of the extremes, routed to the tied entries, and theta's gradient, from
 // the partial sums in a fixed order: route[m, b] is what each entry equal to the extreme
 // receives (spread evenly over the ties of the sample, or of the whole batch).
-// grad_theta = (1 - tanh^2 theta) * sum(g_score * d) (0 unless mode "sd"). grid (1).
+// grad_theta = (1 - tanh^2 theta) * sum(g_score * d) (0 unless mode "sd"), by block 0.
+// grid (M), parallel over the batch; block reductions in a fixed order (deterministic).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kSmallThreads) backward_reduce_kernel(const A* __restrict__ part,
                                                                         const T* __restrict__ theta, Mode mode,
                                                                         Scope scope, int nmat, int batch,
                                                                         A* __restrict__ route,
                                                                         T* __restrict__ grad_theta) {
+  __shared__ double wide[kMaxWarps];
+  __shared__ A scratch[kMaxWarps];
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
-  for (int m = threadIdx.x; m < nmat; m += blockDim.x) {
-    // S = ext - D: the maximum collects +sum(dL/dS); E = D - ext: the minimum -sum(dL/dE).
-    const A sign = is_similarity(m) ? A(1) : A(-1);
-    const A* sums = part + mbs + static_cast<int64_t>(m) * batch;
-    const A* ties = part + 2 * mbs + static_cast<int64_t>(m) * batch;
-    if (scope == Scope::Batch) {
-      double s = 0, t = 0;  // tie counts over a batch can pass 2^24
-      for (int b = 0; b < batch; ++b) {
-        s += static_cast<double>(sums[b]);
-        t += static_cast<double>(ties[b]);
-      }
-      const A r = t > 0 ? static_cast<A>(static_cast<double>(sign) * s / t) : A(0);
-      for (int b = 0; b < batch; ++b) route[static_cast<int64_t>(m) * batch + b] = r;
-    } else {
-      for (int b = 0; b < batch; ++b)
-        route[static_cast<int64_t>(m) * batch + b] = ties[b] > A(0) ? sign * sums[b] / ties[b] : A(0);
+  const int m = blockIdx.x;
+  // S = ext - D: the maximum collects +sum(dL/dS); E = D - ext: the minimum -sum(dL/dE).
+  const A sign = is_similarity(m) ? A(1) : A(-1);
+  const A* sums = part + mbs + static_cast<int64_t>(m) * batch;
+  const A* ties = part + 2 * mbs + static_cast<int64_t>(m) * batch;
+  A* out = route + static_cast<int64_t>(m) * batch;
+  if (scope == Scope::Batch) {
+    double s = 0, t = 0;  // tie counts over a batch can pass 2^24
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) {
+      s += static_cast<double>(sums[b]);
+      t += static_cast<double>(ties[b]);
+    }
+    s = block_sum(s, wide);
+    t = block_sum(t, wide);
+    const A r = t > 0 ? static_cast<A>(static_cast<double>(sign) * s / t) : A(0);
+    for (int b = threadIdx.x; b < batch; b += blockDim.x) out[b] = r;
+  } else {
+    // (this loop shape keeps the double division's slow-path call from spilling registers)
+    const int step = blockDim.x;
+    QCS_NO_UNROLL
+    for (int b = threadIdx.x; b < batch; b += step) {
+      const A t = ties[b];
+      A r = A(0);
+      if (t > A(0)) r = (sign * sums[b]) / t;
+      out[b] = r;
     }
   }
-  if (threadIdx.x == 0 && grad_theta != nullptr) {
+  if (m == 0 && grad_theta != nullptr) {  // block-uniform
     A t = 0;
-    for (int64_t e = 0; e < mbs; ++e) t += part[e];
-    const double th = static_cast<double>(static_cast<A>(theta[0]));
-    grad_theta[0] = static_cast<T>(static_cast<A>(dk_dtheta(mode, th)) * t);
+    for (int64_t e = threadIdx.x; e < mbs; e += blockDim.x) t += part[e];
+    t = block_sum(t, scratch);
+    if (threadIdx.x == 0) {
+      const double th = static_cast<double>(static_cast<A>(theta[0]));
+      grad_theta[0] = static_cast<T>(static_cast<A>(dk_dtheta(mode, th)) * t);
+    }
   }
 }
 

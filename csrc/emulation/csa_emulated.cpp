@@ -12,6 +12,36 @@
 #define QCS_HOST_LAUNCH_CHECK() ((void)0)
 #define QCS_HOST_GUARD(t) ((void)0)
 #define QCS_HOST_DEVICE c10::DeviceType::CPU
+#define QCS_HOST_IMAGE_FITS(index) ::qcs_emu_host::kernel_image_fits(index)
+#define QCS_HOST_GEMM_INPUT(t) ::qcs_emu_host::cublas_input(t)
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <cstdlib>
+
+namespace qcs_emu_host {
+
+// The CUDA runtime's answer to "is there a kernel image for this device": yes, unless
+// QCS_EMULATED_NO_KERNEL_IMAGE=1 plays a GPU newer than every image of the build.
+inline bool kernel_image_fits(int /*index*/) {
+  const char* v = std::getenv("QCS_EMULATED_NO_KERNEL_IMAGE");
+  return v == nullptr || v[0] != '1';
+}
+
+// A float32 GEMM operand as cuBLAS reads it: where the global switches allow TF32
+// (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high"/"medium"))
+// and no at::NoTF32Guard is active, the tensor cores see only the top 10 mantissa bits
+// (the low 13 bits dropped). Emulated so that the CPU tests see what a GPU would.
+inline at::Tensor cublas_input(const at::Tensor& t) {
+  if (t.scalar_type() != at::kFloat || at::NoTF32Guard::should_disable_tf32() ||
+      !at::globalContext().allowTF32CuBLAS())
+    return t;
+  return t.contiguous().view(at::kInt).bitwise_and(~0x1FFF).view(at::kFloat);
+}
+
+}  // namespace qcs_emu_host
+
 #include "csa_host.h"
 #include "schemas.h"
 
@@ -20,6 +50,11 @@ PyMODINIT_FUNC PyInit__emulated(void) {
   return PyModule_Create(&module_def);
 }
 
-TORCH_LIBRARY(qcs_emulated, m) { qcs::define_csa_ops(m); }
+TORCH_LIBRARY(qcs_emulated, m) {
+  qcs::define_csa_ops(m);
+  // As qcs_ext::kernel_image_fits of the CUDA build (see csrc/cuda/csa_cuda.cu).
+  m.def("kernel_image_fits(int device) -> bool",
+        [](int64_t device) { return ::qcs_emu_host::kernel_image_fits(static_cast<int>(device)); });
+}
 
 TORCH_LIBRARY_IMPL(qcs_emulated, CPU, m) { qcs::host::register_kernels(m); }

@@ -4,8 +4,12 @@
 // Model (what it guarantees, and what it checks through the sanitizers):
 //   * the blocks of a grid run one after the other; the threads of one block run as
 //     real host threads, so data races between them are real races (ThreadSanitizer);
-//   * __syncthreads() is a std::barrier over the block's threads; a thread that returns
+//   * __syncthreads() is a barrier over the block's threads; a thread that returns
 //     from the kernel drops out of every barrier (arrive_and_drop), as on the GPU;
+//   * a watchdog: a thread that waits at a barrier (__syncthreads, __syncwarp, a shuffle)
+//     longer than QCS_EMULATION_WATCHDOG_S seconds (default 300) prints which kernel,
+//     block and barrier, and how many threads arrived, and aborts: a deadlock becomes a
+//     report instead of a hang;
 //   * __shared__ becomes `static`: with one block at a time (and one launch at a time,
 //     see launch_mutex) a static local is exactly one copy per block;
 //   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
@@ -16,18 +20,31 @@
 //   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local.
 // Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
 // must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
+//
+// Every launch is validated before it runs, against the limits of every architecture
+// the package ships for (LaunchError names the kernel and the limit): grid x in
+// [1, 2^31 - 1], grid y and z in [1, 65535], block dimensions (1024, 1024, 64) and at
+// most 1024 threads, dynamic shared memory within 48 KiB unless cudaFuncSetAttribute
+// raised the kernel's limit (to at most 99 KiB, the smallest opt-in limit among the GPUs
+// that run sm_80 code). QCS_EMULATION_DRY_RUN=1 validates launches without running
+// them (to check the launch geometry of problems too large to execute here).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <functional>
+#include <map>
 #include <memory>
+#include <string>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -49,21 +66,77 @@ struct dim3 {
 };
 using uint3 = dim3;
 using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 constexpr int warpSize = 32;
 
 namespace qcs_emu {
 
+inline thread_local const char* tl_kernel = "?";
+
+inline double watchdog_seconds() {
+  static const double s = [] {
+    const char* v = std::getenv("QCS_EMULATION_WATCHDOG_S");
+    const double x = v != nullptr ? std::atof(v) : 0.0;
+    return x > 0 ? x : 300.0;
+  }();
+  return s;
+}
+
+// A reusable barrier over `expected` threads (arrive_and_wait / arrive_and_drop, as
+// std::barrier) whose waits are bounded by the watchdog.
+class WatchedBarrier {
+ public:
+  WatchedBarrier(std::ptrdiff_t expected, const char* what) : expected_(expected), what_(what) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t phase = phase_;
+    if (++arrived_ == expected_) {
+      complete();
+      return;
+    }
+    const auto limit = std::chrono::duration<double>(watchdog_seconds());
+    if (!cv_.wait_for(lock, limit, [&] { return phase_ != phase; })) report(lock);
+  }
+  void arrive_and_drop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --expected_;
+    if (expected_ > 0 && arrived_ == expected_) complete();
+  }
+
+ private:
+  void complete() {
+    arrived_ = 0;
+    ++phase_;
+    cv_.notify_all();
+  }
+  [[noreturn]] void report(std::unique_lock<std::mutex>& lock) {
+    std::fprintf(stderr,
+                 "qcs emulation watchdog: deadlock in kernel %s, block (%u, %u, %u): a thread waited %.0f s "
+                 "at a %s with %td of %td threads arrived\n",
+                 tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z, watchdog_seconds(), what_, arrived_, expected_);
+    std::fflush(stderr);
+    lock.unlock();
+    std::abort();
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::ptrdiff_t expected_, arrived_ = 0;
+  uint64_t phase_ = 0;
+  const char* what_;
+};
+
 struct BlockState {
-  using Barrier = std::barrier<>;
-  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads), smem(smem) {
+  using Barrier = WatchedBarrier;
+  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads, "__syncthreads"), smem(smem) {
     const unsigned nwarps = (nthreads + 31) / 32;
     exchange.resize(2 * nwarps * 32);
     parity.resize(nthreads, 0);
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lanes = std::min(32u, nthreads - 32 * w);
-      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes)));
+      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes), "warp barrier (__syncwarp or a shuffle)"));
     }
   }
   Barrier block;
@@ -84,6 +157,53 @@ inline unsigned warp_id() { return tl_linear / 32; }
 inline unsigned warp_lanes() {
   const unsigned n = blockDim.x * blockDim.y * blockDim.z;
   return std::min(32u, n - 32 * warp_id());
+}
+
+// ---------------------------------------------------------------- launch validation
+struct LaunchError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+constexpr unsigned long long kMaxGridX = 2147483647ull, kMaxGridYZ = 65535;
+constexpr unsigned kMaxThreads = 1024, kMaxBlockXY = 1024, kMaxBlockZ = 64;
+constexpr std::size_t kDefaultSmem = 48 * 1024, kMaxOptInSmem = 99 * 1024;
+
+// Per kernel: the dynamic shared memory limit raised by cudaFuncSetAttribute.
+inline std::map<const void*, std::size_t>& smem_opt_in() {
+  static std::map<const void*, std::size_t> m;
+  return m;
+}
+inline std::mutex& smem_opt_in_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline void validate_launch(const char* kernel, const void* fn, dim3 grid, dim3 block, std::size_t smem) {
+  auto fail = [&](const std::string& what) {
+    throw LaunchError(std::string("emulated launch of ") + kernel + ": " + what + " (grid " + std::to_string(grid.x) +
+                      "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + ", block " +
+                      std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z) +
+                      ", " + std::to_string(smem) + " B dynamic shared memory)");
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid");
+  if (grid.x > kMaxGridX) fail("gridDim.x above 2^31 - 1");
+  if (grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) fail("gridDim.y or gridDim.z above 65535");
+  if (block.x == 0 || block.y == 0 || block.z == 0) fail("empty block");
+  if (block.x > kMaxBlockXY || block.y > kMaxBlockXY || block.z > kMaxBlockZ) fail("block dimension above its limit");
+  if (static_cast<unsigned long long>(block.x) * block.y * block.z > kMaxThreads) fail("more than 1024 threads");
+  std::size_t limit = kDefaultSmem;
+  {
+    std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
+    const auto it = smem_opt_in().find(fn);
+    if (it != smem_opt_in().end()) limit = it->second;
+  }
+  if (smem > limit)
+    fail(limit == kDefaultSmem ? "dynamic shared memory above 48 KiB without cudaFuncSetAttribute"
+                               : "dynamic shared memory above the limit set by cudaFuncSetAttribute");
+}
+
+inline bool dry_run() {
+  const char* v = std::getenv("QCS_EMULATION_DRY_RUN");
+  return v != nullptr && v[0] == '1';
 }
 
 // One launch at a time: `__shared__` statics are shared by every block of a kernel.
@@ -145,7 +265,8 @@ inline WorkerPool& worker_pool() {
 // reused for block after block: between two blocks all of them meet at a launch-wide
 // barrier whose completion step installs the next block's fresh state (barriers,
 // exchange, poisoned shared memory).
-inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body) {
+inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body,
+                     const char* kernel = "?") {
   std::lock_guard<std::mutex> guard(launch_mutex());
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emulated launch: bad block size");
@@ -166,6 +287,7 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   std::barrier<decltype(next_block)> between_blocks(static_cast<std::ptrdiff_t>(nthreads), next_block);
   worker_pool().run(nthreads, [&](unsigned t) {
     tl_linear = t;
+    tl_kernel = kernel;
     threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     blockDim = block;
     gridDim = grid;
@@ -189,19 +311,23 @@ template <typename Kernel>
 struct Bound {
   dim3 grid, block;
   std::size_t smem;
+  const char* name;
   Kernel* kernel;
   template <typename... Args>
   void operator()(Args... args) const {
+    validate_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem);
+    if (dry_run()) return;
     Kernel* k = kernel;
-    run_grid(grid, block, smem, [=] { k(args...); });
+    run_grid(grid, block, smem, [=] { k(args...); }, name);
   }
 };
 
 struct Launch {
   dim3 grid, block;
   std::size_t smem;
+  const char* name;
   template <typename Kernel>
-  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, kernel}; }
+  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, name, kernel}; }
 };
 
 // Publishes this lane's 8-byte value to its warp and returns the slot array (32 values of
@@ -228,6 +354,19 @@ T shuffle_from(T value, int src_lane_in_warp, bool valid) {
 }
 
 }  // namespace qcs_emu
+
+// Raises a kernel's dynamic shared memory limit, as the CUDA runtime call does.
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<std::size_t>(value) > qcs_emu::kMaxOptInSmem)
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(qcs_emu::smem_opt_in_mutex());
+  qcs_emu::smem_opt_in()[reinterpret_cast<const void*>(kernel)] = static_cast<std::size_t>(value);
+  return cudaSuccess;
+}
+
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 inline void __syncthreads() { qcs_emu::tl_block->block.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { qcs_emu::tl_block->warp[qcs_emu::warp_id()]->arrive_and_wait(); }
@@ -292,6 +431,6 @@ T atomicCAS(T* address, T compare, T value) {
 
 // `QCS_LAUNCH(grid, block, smem, stream, kernel)(args...)`: kernel<<<grid, block, smem, stream>>>.
 #define QCS_LAUNCH(grid, block, smem, stream, ...) \
-  ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem)}.bind(&__VA_ARGS__)
+  ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem), #__VA_ARGS__}.bind(&__VA_ARGS__)
 // Dynamic shared memory of the running block (extern __shared__ on the GPU).
 #define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem

@@ -9,6 +9,8 @@
 // Exit status: 0 if every check passed; 1 otherwise. Sanitizer reports abort or set the
 // exit status on their own (TSAN_OPTIONS/ASAN_OPTIONS/UBSAN_OPTIONS from the caller).
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -121,11 +123,13 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       qk.data(), sq.data(), rows, C);
   const int tiles = static_cast<int>(std::clamp<int64_t>((NN + kern::kStreamThreads * 16 - 1) / (kern::kStreamThreads * 16), 1, 64));
   std::vector<A> partial(static_cast<size_t>(M) * B * tiles);
-  QCS_LAUNCH(dim3(tiles, M * B), kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
-      qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, p.mode);
+  QCS_LAUNCH(tiles * M * B, kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
+      qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, tiles, p.mode);
   res.extrema.resize(M * B);
-  QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::extrema_kernel<A>)(partial.data(), res.extrema.data(), B, tiles,
-                                                                          p.mode, p.scope);
+  QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr, kern::sample_extrema_kernel<A>)(
+      partial.data(), res.extrema.data(), M, B, tiles, p.mode);
+  if (p.scope == Scope::Batch)
+    QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(res.extrema.data(), B, p.mode);
   res.maps.resize(R * B * N);
   if (!streaming) {
     const size_t smem = (NN + 2 * N + 2 * R * N) * sizeof(A);
@@ -145,7 +149,7 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   std::vector<A> stats(4 * M * B * N), part(3 * M * B), route(M * B), wmat(M * B * NN), wsum(2 * M * B * N);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_stats_kernel<A, A>)(
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), part.data());
-  QCS_LAUNCH(1, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
+  QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
       part.data(), th, p.mode, p.scope, M, B, route.data(), th ? &res.grad_theta : nullptr);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_weights_kernel<A, A>)(
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), route.data(),
@@ -250,8 +254,66 @@ static Problem make(int R, int B, int N, int C, Mode mode, Scope scope, std::mt1
 
 // `csa_emulated_driver quick` (used under ThreadSanitizer, ~10x slower) checks two of the
 // six mode/scope combinations at the first shape instead of all six.
+// ------------------------------------------------- negative controls of the validator
+// Planted launches beyond the CUDA limits must be refused (LaunchError, naming the kernel
+// and the limit), legal ones at the limits must run.
+__global__ void planted_kernel(int* out) {
+  QCS_DYNAMIC_SMEM(smem);
+  (void)smem;
+  if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.y == 0) out[0] += 1;
+}
+
+static bool refused(const char* what, dim3 grid, dim3 block, size_t smem, const char* expect) {
+  int counter = 0;
+  try {
+    QCS_LAUNCH(grid, block, smem, nullptr, planted_kernel)(&counter);
+  } catch (const qcs_emu::LaunchError& e) {
+    const bool named = std::string(e.what()).find("planted_kernel") != std::string::npos &&
+                       std::string(e.what()).find(expect) != std::string::npos;
+    std::printf("control %-44s refused: %s\n", what, e.what());
+    return named && counter == 0;
+  }
+  std::printf("control %-44s NOT refused\n", what);
+  return false;
+}
+
+static int validator_controls() {
+  int bad = 0;
+  bad += !refused("gridDim.y = 65536 (the old B > 16383 launch)", dim3(1, 65536), 32, 0, "65535");
+  bad += !refused("32 x 32 x 2 = 2048 threads", 1, dim3(32, 32, 2), 0, "more than 1024 threads");
+  bad += !refused("block z = 65", 1, dim3(1, 1, 65), 0, "block dimension");
+  bad += !refused("empty grid", 0, 32, 0, "empty grid");
+  bad += !refused("49 KiB dynamic smem, no opt-in", 1, 32, 49 * 1024, "without cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) != cudaSuccess;
+  bad += !refused("65 KiB dynamic smem, 64 KiB opt-in", 1, 32, 65 * 1024, "limit set by cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024) == cudaSuccess;
+  int counter = 0;  // at the limits (1024 threads, the 64 KiB opted into): runs
+  QCS_LAUNCH(1, 1024, 64 * 1024, nullptr, planted_kernel)(&counter);
+  bad += counter != 1;
+  std::printf(bad ? "validator controls FAILED\n" : "validator controls: all refused as expected\n");
+  return bad;
+}
+
+// Negative control of the watchdog: thread 0 waits at __syncthreads for the others, which
+// spin until thread 0 has passed it: a deadlock (run with QCS_EMULATION_WATCHDOG_S small).
+__global__ void planted_deadlock(int* flag) {
+  if (threadIdx.x == 0) {
+    __syncthreads();
+    std::atomic_ref<int>(*flag).store(1);
+  } else {
+    while (std::atomic_ref<int>(*flag).load() == 0) std::this_thread::yield();
+  }
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "deadlock") {
+    int flag = 0;
+    QCS_LAUNCH(1, 64, 0, nullptr, planted_deadlock)(&flag);
+    std::printf("the planted deadlock was not reported\n");
+    return 1;
+  }
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  if (argc > 1 && std::string(argv[1]) == "controls") return validator_controls() == 0 ? 0 : 1;
   std::mt19937_64 rng(1234);
   const Mode modes[] = {Mode::SD, Mode::S, Mode::D};
   const Scope scopes[] = {Scope::Batch, Scope::Sample};

@@ -2,7 +2,7 @@
 error on drawn faces, the detection rate on the built-in data (MTCNN and OpenCV's Haar
 cascade), and faces per second of detection + alignment on this machine's CPU.
 
-    python scripts/faces_figures.py [--drawn 30] [--builtin 100] [--threads 2]
+    python -m qcs_tools.faces_figures [--drawn 30] [--builtin 100] [--threads 2]
 
 Needs scikit-image (the test extra) and, for the Haar column, opencv-python-headless 4.x.
 """
