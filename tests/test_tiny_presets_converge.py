@@ -12,7 +12,7 @@ import json
 import pytest
 
 from qcs.config import apply_overrides, load_config
-from qcs.train import train
+from qcs.training import train
 
 # (preset, extra overrides): the QCS family's three variants share the tiny preset
 PRESETS = [
