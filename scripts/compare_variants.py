@@ -200,6 +200,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             for model in MODELS:
                 if rs := _group(rows, model, bias):
                     ax.plot(*_mean_curve(rs, key, x), marker="o", ms=3, label=model)
+            if key == "test_acc":  # on a 0-1 scale, with chance (7 classes) dotted
+                ax.axhline(1 / 7, ls=":", color="grey", label="chance")
+                ax.set_ylim(0, 1)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.set_title(f"{'biased' if bias else 'unbiased'} training data")
