@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from qcs.models.init import INIT_SCHEMES, init_weights
+from torch import nn
 
 
 def _net() -> nn.Module:

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from qcs.optim.schedule import LRSchedule
 
 
@@ -79,13 +78,13 @@ def test_reads_an_exponential_lr_state_as_whole_epochs():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(schedule="linear"), "schedule must be one of"),
-    (dict(steps_per_epoch=0), "steps_per_epoch must be >= 1"),
-    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
-    (dict(min_lr_ratio=1.5), "min_lr_ratio must be in"),
+    ({"schedule": "linear"}, "schedule must be one of"),
+    ({"steps_per_epoch": 0}, "steps_per_epoch must be >= 1"),
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
-    args = dict(schedule="cosine", steps_per_epoch=5, total_steps=10)
+    args = {"schedule": "cosine", "steps_per_epoch": 5, "total_steps": 10}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         LRSchedule(_opt(), **args)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from qcs.config import apply_overrides, load_config
 from qcs.training import train
 

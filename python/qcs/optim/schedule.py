@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LRSchedule", "SCHEDULES"]
+__all__ = ["SCHEDULES", "LRSchedule"]
 
 SCHEDULES = ("exponential", "cosine")
 
