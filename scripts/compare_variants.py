@@ -237,6 +237,8 @@ def main() -> int:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run_one, jobs))
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    # a run done twice (a rerun, or two comparisons sharing RUNS) counts once: the latest
+    rows = list({(r["model"], r["bias"], r["seed"]): r for r in rows}.values())
     for r in rows:  # the base cross-entropy per epoch, read back from the run
         if r["rc"] == 0:
             run_dir = Path(r["command"].split("--out ", 1)[1].split()[0])
