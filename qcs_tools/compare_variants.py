@@ -1,5 +1,9 @@
 """Train baseline, dcs, qcs, dan and pcd on the built-in data (unbiased and --bias) with
-their tiny presets over several seeds, and write a markdown table.
+their tiny presets over several seeds, and write a markdown table and learning curves.
+
+Every family gets the same optimizer steps (an epoch is one item per training image for
+all of them, 16 items per step); the table also gives each family's accuracy at equal
+wall-clock: at the training time the fastest family needed for the whole run.
 
 Every run is a plain ``python -m qcs train`` command (printed in the table); results are
 read back from each run's ``metrics.jsonl``. Runs are appended to ``RUNS/results.jsonl`` as
@@ -7,7 +11,8 @@ they finish, so an interrupted comparison keeps what it has and ``--table-only``
 the table from it.
 
     python -m qcs_tools.compare_variants --runs runs/compare --out docs/comparison.md \
-        --seeds 0 1 --epochs 3 --train-per-class 80 --test-per-class 40 --jobs 2
+        --seeds 0 1 --epochs 3 --train-per-class 80 --test-per-class 40 --jobs 2 \
+        --curves docs/comparison-curves.png
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def run_one(job) -> dict:
     cmd = command(model, bias, seed, args, run_dir)
     t0 = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t0
     row = {"model": model, "bias": bias, "seed": seed, "command": shown(cmd), "wall_s": wall,
            "rc": proc.returncode}
@@ -57,7 +62,8 @@ def run_one(job) -> dict:
         hist = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         row.update(final_acc=hist[-1]["test_acc"], best_acc=max(h["test_acc"] for h in hist),
                    epoch_s=sum(h["train_time_s"] for h in hist) / len(hist),
-                   train_loss=[round(h["train_loss"], 4) for h in hist])
+                   train_loss=[round(h["train_loss"], 4) for h in hist],
+                   curve=curve(run_dir, hist))
         log = (run_dir / "train.log").read_text()
         for line in log.splitlines():
             if "M parameters" in line:
@@ -69,6 +75,30 @@ def run_one(job) -> dict:
     print(f"{row['command']}: rc {proc.returncode}, acc {row.get('final_acc')}, "
           f"{wall:.0f} s", flush=True)
     return row
+
+
+def curve(run_dir: Path, hist: list[dict]) -> list[dict]:
+    """Per-epoch points of a run: optimizer steps done, cumulative training seconds, the
+    base network's training cross-entropy and its test accuracy. Steps per epoch follow
+    from the run's config.toml (one item per training image, ``batch_size`` items a step,
+    the last short batch dropped)."""
+    import tomllib
+    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    n_train = len(hist[0]["test_recall"]) * cfg["data"]["synth_train_per_class"]
+    per_epoch = max(n_train // cfg["train"]["batch_size"], 1)
+    points, seconds = [], 0.0
+    for h in hist:
+        seconds += h["train_time_s"]
+        points.append({"steps": h["epoch"] * per_epoch, "train_s": round(seconds, 2),
+                       "train_ce": round(h["train_loss_base"], 4), "test_acc": h["test_acc"]})
+    return points
+
+
+def acc_at_time(points: list[dict], seconds: float) -> float | None:
+    """Test accuracy after the last epoch that ended within ``seconds`` of training (None
+    when even the first took longer)."""
+    done = [p["test_acc"] for p in points if p["train_s"] <= seconds]
+    return done[-1] if done else None
 
 
 def exact_params(row: dict) -> int:
@@ -88,36 +118,99 @@ def stats(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _group(rows: list[dict], model: str, bias: bool) -> list[dict]:
+    return sorted((r for r in rows if r["model"] == model and r["bias"] == bias
+                   and r["rc"] == 0 and r.get("curve")), key=lambda r: r["seed"])
+
+
+def equal_time(rows: list[dict], bias: bool) -> float:
+    """The wall-clock budget of the equal-time column: the smallest mean total training
+    time among the models (the fastest model's whole run)."""
+    totals = [stats([r["curve"][-1]["train_s"] for r in rs])[0]
+              for m in MODELS if (rs := _group(rows, m, bias))]
+    return min(totals) if totals else 0.0
+
+
+def table_row(rs: list[dict], model: str, bias: bool, budget: float) -> str:
+    """One markdown row: a model on one dataset over its seeds."""
+    accs = [100 * r["curve"][-1]["test_acc"] for r in rs]
+    m, sd = stats(accs)
+    ce0 = stats([r["curve"][0]["train_ce"] for r in rs])[0]
+    ce1 = stats([r["curve"][-1]["train_ce"] for r in rs])[0]
+    halved = sum(r["curve"][-1]["train_ce"] <= r["curve"][0]["train_ce"] / 2 for r in rs)
+    total = [r["curve"][-1]["train_s"] for r in rs]
+    at_t = [acc_at_time(r["curve"], budget) for r in rs]
+    at_t_text = ("-" if any(a is None for a in at_t)
+                 else "{:.1f} ± {:.1f}".format(*stats([100 * a for a in at_t])))
+    seed = rs[0]["seed"]
+    cmd = rs[0]["command"].replace(f"--seed {seed}", "--seed S").replace(f"-s{seed}", "-sS")
+    return (f"| {'bias' if bias else 'unbiased'} | {model} | {exact_params(rs[0]):,} | "
+            f"{rs[0]['curve'][-1]['steps']} | {m:.1f} ± {sd:.1f} | "
+            f"{min(accs):.1f}-{max(accs):.1f} | {ce0:.2f} -> {ce1:.2f} ({halved}/{len(rs)}) | "
+            f"{stats(total)[0]:.0f} ({min(total):.0f}) | {at_t_text} | "
+            f"{','.join(str(r['seed']) for r in rs)} | `{cmd}` |")
+
+
 def table(rows: list[dict], args) -> str:
-    out = ["| data | model | params | test acc % (last epoch), mean ± sd | min-max | "
-           "train CE, epoch 1 -> 3 (mean) | train s / epoch, mean (fastest run) | seeds | "
-           "command (S = seed) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    """The markdown table: per dataset and model, accuracy at equal steps and at equal
+    wall-clock, the training cross-entropy's fall, training time and the command."""
+    out = [("| data | model | params | steps | test acc % at equal steps, mean ± sd | "
+            "min-max | train CE, first -> last epoch (runs halved) | train s, mean "
+            "(fastest run) | test acc % at equal time | seeds | command (S = seed) |"),
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    budgets = {bias: equal_time(rows, bias) for bias in (False, True)}
     for bias in (False, True):
         for model in MODELS:
-            rs = [r for r in rows if r["model"] == model and r["bias"] == bias and r["rc"] == 0]
-            if not rs:
-                continue
-            accs = [100 * r["final_acc"] for r in rs]
-            m, sd = stats(accs)
-            ep, _ = stats([r["epoch_s"] for r in rs])
-            ce0, _ = stats([r["train_ce"][0] for r in rs])
-            ce1, _ = stats([r["train_ce"][-1] for r in rs])
-            seed = rs[0]["seed"]
-            cmd = rs[0]["command"].replace(f"--seed {seed}", "--seed S").replace(
-                f"-s{seed}", "-sS")
-            params = f"{exact_params(rs[0]):,}"
-            out.append(f"| {'bias' if bias else 'unbiased'} | {model} | {params} | "
-                       f"{m:.1f} ± {sd:.1f} | {min(accs):.1f}-{max(accs):.1f} | "
-                       f"{ce0:.2f} -> {ce1:.2f} | "
-                       f"{ep:.1f} ({min(r['epoch_s'] for r in rs):.1f}) | "
-                       f"{','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
-                       f"`{cmd}` |")
+            if rs := _group(rows, model, bias):
+                out.append(table_row(rs, model, bias, budgets[bias]))
+    out += ["", (f"Equal time: the accuracy after the last epoch that ended within "
+                 f"{budgets[False]:.0f} s (unbiased) / {budgets[True]:.0f} s (bias) of "
+                 f"training, the fastest model's mean training time; '-' where a seed's "
+                 f"first epoch took longer.")]
     failed = [r for r in rows if r["rc"] != 0]
     if failed:
         out.append("")
         out += [f"- failed: `{r['command']}` (rc {r['rc']})" for r in failed]
     return "\n".join(out) + "\n"
+
+
+def _mean_curve(rs: list[dict], key: str, x: str) -> tuple[list[float], list[float]]:
+    """Mean over seeds of ``key`` against ``x`` (the seeds share the epochs)."""
+    n = min(len(r["curve"]) for r in rs)
+    xs = [stats([r["curve"][i][x] for r in rs])[0] for i in range(n)]
+    ys = [stats([r["curve"][i][key] for r in rs])[0] for i in range(n)]
+    return xs, ys
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """Learning curves (mean over seeds) as one PNG: for unbiased and biased data, test
+    accuracy against optimizer steps and against training seconds, and the training
+    cross-entropy against steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    panels = (("test_acc", "steps", "test accuracy", "optimizer steps"),
+              ("test_acc", "train_s", "test accuracy", "training seconds"),
+              ("train_ce", "steps", "training cross-entropy", "optimizer steps"))
+    for row, bias in enumerate((False, True)):
+        for col, (key, x, ylabel, xlabel) in enumerate(panels):
+            ax = axes[row][col]
+            for model in MODELS:
+                if rs := _group(rows, model, bias):
+                    ax.plot(*_mean_curve(rs, key, x), marker="o", ms=3, label=model)
+            if key == "test_acc":  # on a 0-1 scale, with chance (7 classes) dotted
+                ax.axhline(1 / 7, ls=":", color="grey", label="chance")
+                ax.set_ylim(0, 1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{'biased' if bias else 'unbiased'} training data")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> int:
@@ -133,6 +226,7 @@ def main() -> int:
                    help="torch threads per run (1: on a busy machine more threads only spin)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--curves", metavar="PNG", help="also write the learning curves here")
     args = p.parse_args()
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     results = Path(args.runs) / "results.jsonl"
@@ -143,15 +237,19 @@ def main() -> int:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(run_one, jobs))
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    # a run done twice (a rerun, or two comparisons sharing RUNS) counts once: the latest
+    rows = list({(r["model"], r["bias"], r["seed"]): r for r in rows}.values())
     for r in rows:  # the base cross-entropy per epoch, read back from the run
         if r["rc"] == 0:
             run_dir = Path(r["command"].split("--out ", 1)[1].split()[0])
             hist = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            r["train_ce"] = [h["train_loss_base"] for h in hist]
+            r.setdefault("curve", curve(run_dir, hist))
     text = table(rows, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+    if args.curves:
+        plot_curves(rows, Path(args.curves))
     return 0
 
 

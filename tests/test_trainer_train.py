@@ -42,7 +42,9 @@ def test_resume_continues_exactly_and_deterministic(qcs_easy_config, tmp_path):
     cfg = qcs_easy_config
     cfg.train.deterministic = True
     cfg.train.max_steps_per_epoch = 4
-    cfg.optim.lr_gamma = 0.5  # the scheduler state must survive the resume too
+    # the schedule's step count must survive the resume too: epoch 2 starts at step 4,
+    # inside a 6-step warm-up, one epoch's decay in
+    cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.lr_gamma = "exponential", 6, 0.5
     train(cfg, tmp_path / "full", show_progress=False)
     again = train(cfg, tmp_path / "again", show_progress=False)
     full = _weights(tmp_path / "full")
@@ -57,7 +59,7 @@ def test_resume_continues_exactly_and_deterministic(qcs_easy_config, tmp_path):
         assert torch.equal(v, full[k]), k
     h_full, h_split = _history(tmp_path / "full"), _history(tmp_path / "split")
     assert [h["epoch"] for h in h_split] == [1, 2]
-    assert h_split[1]["lr"] == h_full[1]["lr"] == cfg.optim.lr * 0.5
+    assert h_split[1]["lr"] == h_full[1]["lr"] == pytest.approx(cfg.optim.lr * 5 / 6 * 0.5)
     assert h_split[1]["test_acc"] == h_full[1]["test_acc"] == again.last["test_acc"]
 
 

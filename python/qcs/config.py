@@ -68,6 +68,7 @@ class ModelConfig:
 
     family: str = "qcs"                   # a registered family: qcs | dan | pcd | ...
     num_classes: int = 0
+    init: str = "default"                 # default | published | torch (qcs.models.init)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer, SAM around it, and the per-epoch learning-rate decay."""
+    """Optimizer, SAM around it, and the learning-rate schedule (qcs.optim.schedule)."""
 
     name: str = "adam"                    # adam | adamw | sgd
     lr: float = 3e-6
@@ -115,7 +116,10 @@ class OptimConfig:
     sam: bool = True
     sam_rho: float = 0.05
     sam_adaptive: bool = False
-    lr_gamma: float = 0.98                # ExponentialLR, stepped once per epoch
+    lr_gamma: float = 0.98                # exponential schedule: lr *= lr_gamma each epoch
+    schedule: str = "exponential"         # exponential (lr_gamma per epoch) | cosine (whole run)
+    warmup_steps: int = 0                 # linear warm-up over this many optimizer steps
+    min_lr_ratio: float = 0.0             # cosine: the last step's lr as a fraction of lr
 
 
 @dataclass
@@ -176,6 +180,8 @@ class Config:
                               f"{type(self.net).__name__}, not {self.family.section.__name__}")
         d, o, t = self.data, self.optim, self.train
         check_fields("", self, [
+            ("model.init", self.model.init in ("default", "published", "torch"),
+             "default, published or torch"),
             ("data.format", d.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
             ("data.image_size", d.image_size >= 8, ">= 8"),
             ("data.resize", d.resize == 0 or d.resize >= d.image_size,
@@ -191,6 +197,9 @@ class Config:
             ("train.select_on", t.select_on in ("auto", "val", "test"), "auto, val or test"),
             ("optim.name", o.name in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
             ("optim.lr", o.lr > 0, "> 0"),
+            ("optim.schedule", o.schedule in ("exponential", "cosine"), "exponential or cosine"),
+            ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+            ("optim.min_lr_ratio", 0.0 <= o.min_lr_ratio <= 1.0, "in [0, 1]"),
             ("train.amp", t.amp in ("none", "bf16", "fp16"), "none, bf16 or fp16"),
             ("train.epochs", t.epochs >= 1, ">= 1"),
             ("train.batch_size", t.batch_size >= 1, ">= 1"),
@@ -334,7 +343,8 @@ def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
     data = {s: {k: v for k, v in vals.items() if v is not None} if isinstance(vals, dict)
             else vals for s, vals in data.items()}
     model = data.get("model", {})
-    legacy = "loss" in data or any(k not in ("family", "num_classes") for k in model)
+    own = {f.name for f in dataclasses.fields(ModelConfig)}  # family, num_classes, init
+    legacy = "loss" in data or any(k not in own for k in model)
     if not legacy:
         return data
     family = model.get("family", "qcs")

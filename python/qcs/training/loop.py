@@ -47,6 +47,7 @@ from ..tracking import require as require_trackers
 from ..distributed import DistContext, init_distributed
 from ..errors import ConfigError
 from ..families import build_model
+from ..models.init import init_weights
 from . import saving
 from .data import Data, build_loaders, prepare_data
 from .epoch import Callback, EpochStats, Run, interrupted, stop_requested, train_one_epoch
@@ -186,7 +187,7 @@ def _build_model(cfg: Config, fresh: bool, device: torch.device) -> torch.nn.Mod
     """The network with its initial weights (they depend on the seed only) and, for a
     fresh run, the pretrained weights the config names."""
     seed_everything(cfg.train.seed)
-    model = build_model(cfg)
+    model = init_weights(build_model(cfg), cfg.model.init)
     if fresh and cfg.train.pretrained:
         log.info("%s", cfg.family.load_pretrained(model, cfg.train.pretrained))
     if fresh:
@@ -209,14 +210,17 @@ def setup(cfg: Config, run_dir: Path, point: ResumePoint, dctx: DistContext,
     if dctx.is_main:
         write_text_atomic(run_dir / "config.toml", to_toml(cfg))
     model = _build_model(cfg, point.checkpoint is None, device)
-    opt = Optimization.build(model, cfg, device)
+    loaders = build_loaders(cfg, data, dctx, device)
+    opt = Optimization.build(model, cfg, device, loaders.steps)
     resumed_meta = None
     if point.checkpoint is not None:
         resumed_meta, point.progress = saving.restore(point.checkpoint, model, opt, point.step)
+        # the learning rate is a function of the steps done (also for checkpoints whose
+        # scheduler counted epochs)
+        opt.scheduler.seek((point.epoch - 1) * loaders.steps + point.step)
     log.info("%s, device %s, %s", cfg.family.describe(model, cfg.net, device), device,
              f"amp {cfg.train.amp}" if cfg.train.amp != "none" else "fp32")
     forward = dctx.wrap(TrainForward(model, cfg.family, cfg.net, device, cfg.train.amp))
-    loaders = build_loaders(cfg, data, dctx, device)
     history = saving.read_history(run_dir / "metrics.jsonl", point.epoch - 1)
     record = RunRecord(cfg, list(data.classes), data.root, history, point.best_acc,
                        point.best_epoch)
@@ -247,8 +251,7 @@ def _metrics_row(run: Run, epoch: int, stats: EpochStats, ev: dict[str, Any],
 
 
 def _end_epoch(run: Run, epoch: int, stats: EpochStats) -> dict[str, Any]:
-    """Step the scheduler, evaluate, record the metrics and save (rank 0)."""
-    run.opt.scheduler.step()
+    """Evaluate, record the metrics and save (rank 0)."""
     run.dctx.sync_buffers(run.model)  # rank 0's BN statistics everywhere
     split = selection_split(run.cfg, run.loaders.val is not None)
     loader = run.loaders.val if split == "val" else run.loaders.test

@@ -54,8 +54,9 @@ def frozen_bn_stats(model: nn.Module):
 
 @dataclass
 class Optimization:
-    """The optimizer, its per-epoch scheduler, SAM around it (or None) and the fp16 scaler
-    (or None), with one ``state_dict`` for checkpoints."""
+    """The optimizer, its learning-rate schedule (stepped after every optimizer step), SAM
+    around it (or None) and the fp16 scaler (or None), with one ``state_dict`` for
+    checkpoints."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -63,12 +64,16 @@ class Optimization:
     scaler: Any
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> Optimization:
-        """From ``[optim]`` and ``train.amp`` (fp16 gets a gradient scaler)."""
+    def build(cls, model: nn.Module, cfg: Config, device: torch.device,
+              steps_per_epoch: int) -> Optimization:
+        """From ``[optim]`` and ``train.amp`` (fp16 gets a gradient scaler); the schedule
+        spans ``train.epochs`` epochs of ``steps_per_epoch`` optimizer steps."""
         opt = build_optimizer(model, cfg.optim)
         sam = SAM(opt, cfg.optim.sam_rho, cfg.optim.sam_adaptive) if cfg.optim.sam else None
         scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
-        return cls(opt, build_scheduler(opt, cfg.optim), sam, scaler)
+        schedule = build_scheduler(opt, cfg.optim, steps_per_epoch,
+                                   steps_per_epoch * cfg.train.epochs)
+        return cls(opt, schedule, sam, scaler)
 
     @property
     def lr(self) -> float:
@@ -125,6 +130,8 @@ class TrainStep:
         self.model, self.forward, self.opt = model, forward, opt
 
     def __call__(self, xs: torch.Tensor, ys: torch.Tensor) -> Losses:
+        """One training step on a batch (the learning rate then moves to the next step's,
+        a skipped fp16 step included, so the schedule counts the loop's steps)."""
         losses = self.forward(xs, ys)
         self.opt.backward(losses.total)
         if self.opt.sam is None:
@@ -137,4 +144,5 @@ class TrainStep:
                 self.opt.backward(self.forward(xs, ys).total)
             self.opt.sam.restore()
             self.opt.step()
+        self.opt.scheduler.step()
         return losses
