@@ -2,8 +2,8 @@
 // The kernels are in csa_kernels.cuh, the host orchestration (shared with the emulated
 // build that tests these sources on the CPU) in csa_host.h.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>

@@ -19,8 +19,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -38,8 +38,8 @@ inline void check_qk(const at::Tensor& qk, int64_t branches) {
   checks::features(qk, "qk", branches);
   checks::kernel_device(qk, QCS_HOST_DEVICE, "CUDA");
   TORCH_CHECK_VALUE(qk.size(2) <= (1 << 15) && qk.size(3) <= (1 << 30), "qk too large: ", qk.sizes());
-  checks::kernel_dtype(qk, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16},
-                       "float32, float64, float16 or bfloat16", "CUDA");
+  checks::kernel_dtype(qk, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "float32, float64, float16 or bfloat16",
+                       "CUDA");
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -57,8 +57,8 @@ constexpr size_t kMaxDefaultSmem = 48 * 1024;
 inline dim3 checked_grid(const char* kernel, int64_t blocks, int threads, int bounds, size_t smem = 0) {
   TORCH_CHECK(blocks >= 1 && blocks <= kMaxGridX, "qcs_ext: ", kernel, " needs ", blocks,
               " blocks, beyond CUDA's grid limit of 2^31 - 1 (input too large)");
-  TORCH_CHECK(threads >= 32 && threads <= bounds && threads % 32 == 0, "qcs_ext: ", kernel, " launched with ",
-              threads, " threads, its __launch_bounds__ is ", bounds);
+  TORCH_CHECK(threads >= 32 && threads <= bounds && threads % 32 == 0, "qcs_ext: ", kernel, " launched with ", threads,
+              " threads, its __launch_bounds__ is ", bounds);
   TORCH_CHECK(smem <= kMaxDefaultSmem, "qcs_ext: ", kernel, " needs ", smem,
               " bytes of dynamic shared memory, more than the 48 KiB available without opt-in");
   return dim3(static_cast<unsigned>(blocks));
@@ -115,15 +115,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
   const int64_t rows = static_cast<int64_t>(nbranch) * batch * n;
   const dim3 sq_grid = checked_grid("sqnorm_kernel", std::min<int64_t>(ceil_div(rows, kern::kStreamThreads / 32), 4096),
                                     kern::kStreamThreads, kern::kStreamThreads);
-  QCS_LAUNCH(sq_grid, kern::kStreamThreads, 0, stream, kern::sqnorm_kernel<T, A>)(qk.data_ptr<T>(),
-                                                                                   sq.data_ptr<A>(), rows, c);
+  QCS_LAUNCH(sq_grid, kern::kStreamThreads, 0, stream, kern::sqnorm_kernel<T, A>)(qk.data_ptr<T>(), sq.data_ptr<A>(),
+                                                                                  rows, c);
   QCS_HOST_LAUNCH_CHECK();
 
   const int64_t nn = static_cast<int64_t>(n) * n;
   const int tiles = static_cast<int>(std::clamp<int64_t>(ceil_div(nn, kern::kStreamThreads * 16), 1, 64));
   at::Tensor partial = at::empty({nmat, batch, tiles}, acc);
-  const dim3 dist_grid = checked_grid("distance_kernel", int64_t{tiles} * nmat * batch, kern::kStreamThreads,
-                                      kern::kStreamThreads);
+  const dim3 dist_grid =
+      checked_grid("distance_kernel", int64_t{tiles} * nmat * batch, kern::kStreamThreads, kern::kStreamThreads);
   QCS_LAUNCH(dist_grid, kern::kStreamThreads, 0, stream, kern::distance_kernel<T, A>)(
       qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
@@ -151,11 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
   } else {
     at::Tensor norms = at::empty({2, nmat, batch, n}, acc);
     at::Tensor scores = at::empty({2, nbranch, batch, n}, acc);
-    QCS_LAUNCH(checked_grid("stream_aggregate_kernel", int64_t{nmat} * batch, kern::kStreamThreads,
-                            kern::kStreamThreads),
-               kern::kStreamThreads, 0, stream, kern::stream_aggregate_kernel<A>)(
-        dist.data_ptr<A>(), extrema.data_ptr<A>(), norms.data_ptr<A>(), scores.data_ptr<A>(), nmat, nbranch, batch,
-        n, mode);
+    QCS_LAUNCH(
+        checked_grid("stream_aggregate_kernel", int64_t{nmat} * batch, kern::kStreamThreads, kern::kStreamThreads),
+        kern::kStreamThreads, 0, stream, kern::stream_aggregate_kernel<A>)(dist.data_ptr<A>(), extrema.data_ptr<A>(),
+                                                                           norms.data_ptr<A>(), scores.data_ptr<A>(),
+                                                                           nmat, nbranch, batch, n, mode);
     QCS_HOST_LAUNCH_CHECK();
     QCS_LAUNCH(checked_grid("fuse_softmax_kernel", batch, kern::kSmallThreads, kern::kSmallThreads),
                kern::kSmallThreads, 0, stream, kern::fuse_softmax_kernel<T, A>)(
@@ -185,8 +185,8 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
 
   at::Tensor stats = at::empty({4, nmat, batch, n}, acc);
   at::Tensor part = at::empty({3, nmat, batch}, acc);
-  const dim3 per_matrix = checked_grid("backward_stats_kernel", int64_t{nmat} * batch, kern::kStreamThreads,
-                                      kern::kStreamThreads);
+  const dim3 per_matrix =
+      checked_grid("backward_stats_kernel", int64_t{nmat} * batch, kern::kStreamThreads, kern::kStreamThreads);
   QCS_LAUNCH(per_matrix, kern::kStreamThreads, 0, stream, kern::backward_stats_kernel<T, A>)(
       dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat, batch, n,
       stats.data_ptr<A>(), part.data_ptr<A>());
@@ -195,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
   at::Tensor route = at::empty({nmat, batch}, acc);
   at::Tensor grad_theta = at::empty({}, qk.options());
   QCS_LAUNCH(checked_grid("backward_reduce_kernel", nmat, kern::kSmallThreads, kern::kSmallThreads),
-             kern::kSmallThreads, 0, stream, kern::backward_reduce_kernel<T, A>)(
-      part.data_ptr<A>(), theta, mode, scope, nmat, batch, route.data_ptr<A>(),
-      want_theta ? grad_theta.data_ptr<T>() : nullptr);
+             kern::kSmallThreads, 0, stream,
+             kern::backward_reduce_kernel<T, A>)(part.data_ptr<A>(), theta, mode, scope, nmat, batch,
+                                                 route.data_ptr<A>(), want_theta ? grad_theta.data_ptr<T>() : nullptr);
   QCS_HOST_LAUNCH_CHECK();
 
   at::Tensor wmat = at::empty({nmat, batch, n, n}, acc);
@@ -266,8 +266,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward(const at::Ten
 inline void check_backward_inputs(const at::Tensor& grad_maps, const at::Tensor& maps, const at::Tensor& qk,
                                   const at::Tensor& dist, const at::Tensor& extrema, int nmat) {
   const int64_t r = qk.size(0), b = qk.size(1), n = qk.size(2);
-  const auto aux = (qk.scalar_type() == at::kHalf || qk.scalar_type() == at::kBFloat16) ? at::kFloat
-                                                                                           : qk.scalar_type();
+  const auto aux = (qk.scalar_type() == at::kHalf || qk.scalar_type() == at::kBFloat16) ? at::kFloat : qk.scalar_type();
   checks::saved(grad_maps, "grad_maps", qk, {r, b, n}, qk.scalar_type());
   checks::saved(maps, "maps", qk, {r, b, n}, qk.scalar_type());
   checks::saved(dist, "distances", qk, {nmat, b, n, n}, aux);
@@ -292,8 +291,8 @@ inline std::tuple<at::Tensor, at::Tensor> cross_backward(const at::Tensor& grad_
   const at::Tensor th = theta.contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qk.scalar_type(), "qcs_cross_backward", [&] {
-    out = backward_typed<scalar_t>(grad_maps, maps, qk, dist, extrema, th.data_ptr<scalar_t>(), gamma, mode, scope,
-                                   4, true);
+    out = backward_typed<scalar_t>(grad_maps, maps, qk, dist, extrema, th.data_ptr<scalar_t>(), gamma, mode, scope, 4,
+                                   true);
   });
   std::get<1>(out) = std::get<1>(out).reshape(theta.sizes());
   return out;

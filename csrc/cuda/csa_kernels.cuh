@@ -198,8 +198,8 @@ __device__ __forceinline__ void softmax_warp(const A* s, const A* d, A sw, A dw,
 
 // sq[r] = |qk[r, :]|^2 for every token row r of qk: one warp per row.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kStreamThreads) sqnorm_kernel(const T* __restrict__ qk, A* __restrict__ sq,
-                                                                int64_t rows, int c) {
+__global__ void __launch_bounds__(kStreamThreads)
+    sqnorm_kernel(const T* __restrict__ qk, A* __restrict__ sq, int64_t rows, int c) {
   const int lane = threadIdx.x % 32;
   const int64_t nw = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows; r += nw) {
@@ -222,9 +222,9 @@ __global__ void __launch_bounds__(kStreamThreads) sqnorm_kernel(const T* __restr
 // partial[mb * tiles + tile]. grid (tiles * M * B), 1-D: block -> (mb, tile), so the
 // batch size is not bound by gridDim.y's 65535.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq,
-                                                                  A* __restrict__ dist, A* __restrict__ partial,
-                                                                  int batch, int n, int c, int tiles, Mode mode) {
+__global__ void __launch_bounds__(kStreamThreads)
+    distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq, A* __restrict__ dist, A* __restrict__ partial,
+                    int batch, int n, int c, int tiles, Mode mode) {
   __shared__ A scratch[kMaxWarps];
   // 32-bit index arithmetic throughout (n <= 2^15, so n * n < 2^31): a 64-bit division
   // is a call into a slow subroutine, whose saved registers spilled to local memory.
@@ -287,9 +287,9 @@ __global__ void __launch_bounds__(kStreamThreads) distance_kernel(const T* __res
 // Extremes, phase 1: extrema[m, b] of every sample from its tile extremes, one warp per
 // (m, b), in parallel over the batch. Unused matrices get 0. grid (ceil(M*B / warps)).
 template <typename A>
-__global__ void __launch_bounds__(kSmallThreads) sample_extrema_kernel(const A* __restrict__ partial,
-                                                                       A* __restrict__ extrema, int nmat, int batch,
-                                                                       int tiles, Mode mode) {
+__global__ void __launch_bounds__(kSmallThreads)
+    sample_extrema_kernel(const A* __restrict__ partial, A* __restrict__ extrema, int nmat, int batch, int tiles,
+                          Mode mode) {
   const int lane = threadIdx.x % 32;
   const int64_t mb = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (mb >= static_cast<int64_t>(nmat) * batch) return;  // whole warps
@@ -330,11 +330,9 @@ __global__ void __launch_bounds__(kSmallThreads) batch_extrema_kernel(A* __restr
 // s + k d (k = gamma + tanh(theta), theta read on device) and the softmax, a warp per branch.
 // Dynamic shared memory: (N*N + 2N + 2RN + kMaxWarps) * sizeof(A). grid (B).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSmallThreads) fused_epilogue_kernel(const A* __restrict__ dist,
-                                                                       const A* __restrict__ extrema,
-                                                                       const T* __restrict__ theta, double gamma,
-                                                                       Mode mode, int nmat, int nbranch, int batch,
-                                                                       int n, T* __restrict__ maps) {
+__global__ void __launch_bounds__(kSmallThreads)
+    fused_epilogue_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, const T* __restrict__ theta,
+                          double gamma, Mode mode, int nmat, int nbranch, int batch, int n, T* __restrict__ maps) {
   QCS_DYNAMIC_SMEM(smem_raw);
   A* mat = reinterpret_cast<A*>(smem_raw);
   A* rn = mat + n * n;
@@ -360,19 +358,16 @@ __global__ void __launch_bounds__(kSmallThreads) fused_epilogue_kernel(const A* 
   const A sw = static_cast<A>(s_weight(mode));
   const A dw = matrix_weight<T, A>(kNA, mode, theta, gamma);
   for (int br = threadIdx.x / 32; br < nbranch; br += blockDim.x / 32)
-    softmax_warp(sc + br * n, sc + (nbranch + br) * n, sw, dw, n,
-                 maps + (static_cast<int64_t>(br) * batch + b) * n);
+    softmax_warp(sc + br * n, sc + (nbranch + br) * n, sw, dw, n, maps + (static_cast<int64_t>(br) * batch + b) * n);
 }
 
 // Streaming epilogue for large N, part 1: one block per (m, b) reads its matrix from
 // global memory (coalesced: warps along rows, threads along columns), norms into the
 // workspace `norms` [2, M, B, N], the aggregations into `scores` [2, R, B, N]. grid (M*B).
 template <typename A>
-__global__ void __launch_bounds__(kStreamThreads) stream_aggregate_kernel(const A* __restrict__ dist,
-                                                                          const A* __restrict__ extrema,
-                                                                          A* __restrict__ norms, A* __restrict__ scores,
-                                                                          int nmat, int nbranch, int batch, int n,
-                                                                          Mode mode) {
+__global__ void __launch_bounds__(kStreamThreads)
+    stream_aggregate_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, A* __restrict__ norms,
+                            A* __restrict__ scores, int nmat, int nbranch, int batch, int n, Mode mode) {
   const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
   if (!matrix_used(m, mode)) return;
   const bool sim = is_similarity(m);
@@ -388,10 +383,9 @@ __global__ void __launch_bounds__(kStreamThreads) stream_aggregate_kernel(const 
 
 // Streaming epilogue, part 2: fusion and softmax, one block per batch element. grid (B).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSmallThreads) fuse_softmax_kernel(const A* __restrict__ scores,
-                                                                     const T* __restrict__ theta, double gamma,
-                                                                     Mode mode, int nbranch, int batch, int n,
-                                                                     T* __restrict__ maps) {
+__global__ void __launch_bounds__(kSmallThreads)
+    fuse_softmax_kernel(const A* __restrict__ scores, const T* __restrict__ theta, double gamma, Mode mode, int nbranch,
+                        int batch, int n, T* __restrict__ maps) {
   const int b = blockIdx.x;
   const A sw = static_cast<A>(s_weight(mode));
   const A dw = matrix_weight<T, A>(kNA, mode, theta, gamma);
@@ -405,10 +399,9 @@ __global__ void __launch_bounds__(kSmallThreads) fuse_softmax_kernel(const A* __
 
 // g_score = map * (g - sum(map * g)) per branch row: a warp per branch. grid (B).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSmallThreads) softmax_backward_kernel(const T* __restrict__ grad_maps,
-                                                                         const T* __restrict__ maps,
-                                                                         A* __restrict__ gscore, int nbranch,
-                                                                         int batch, int n) {
+__global__ void __launch_bounds__(kSmallThreads)
+    softmax_backward_kernel(const T* __restrict__ grad_maps, const T* __restrict__ maps, A* __restrict__ gscore,
+                            int nbranch, int batch, int n) {
   const int lane = threadIdx.x % 32, b = blockIdx.x;
   for (int br = threadIdx.x / 32; br < nbranch; br += blockDim.x / 32) {
     const int64_t row = (static_cast<int64_t>(br) * batch + b) * n;
@@ -442,10 +435,10 @@ struct MatrixGrad {
 // two aggregations, the total sum(dL/dM), and the number of entries equal to the
 // extreme (ties). grid (M*B); deterministic block reductions.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
-    const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
-    const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n, A* __restrict__ stats,
-    A* __restrict__ part) {
+__global__ void __launch_bounds__(kStreamThreads)
+    backward_stats_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
+                          const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n,
+                          A* __restrict__ stats, A* __restrict__ part) {
   __shared__ A scratch[kMaxWarps];
   const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;  // stride between workspace planes
@@ -531,11 +524,9 @@ __global__ void __launch_bounds__(kStreamThreads) backward_stats_kernel(
 // grad_theta = (1 - tanh^2 theta) * sum(g_score * d) (0 unless mode "sd"), by block 0.
 // grid (M), parallel over the batch; block reductions in a fixed order (deterministic).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kSmallThreads) backward_reduce_kernel(const A* __restrict__ part,
-                                                                        const T* __restrict__ theta, Mode mode,
-                                                                        Scope scope, int nmat, int batch,
-                                                                        A* __restrict__ route,
-                                                                        T* __restrict__ grad_theta) {
+__global__ void __launch_bounds__(kSmallThreads)
+    backward_reduce_kernel(const A* __restrict__ part, const T* __restrict__ theta, Mode mode, Scope scope, int nmat,
+                           int batch, A* __restrict__ route, T* __restrict__ grad_theta) {
   __shared__ double wide[kMaxWarps];
   __shared__ A scratch[kMaxWarps];
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
@@ -582,10 +573,11 @@ __global__ void __launch_bounds__(kSmallThreads) backward_reduce_kernel(const A*
 // dL/dD = -dL/dS (+ route at the maximum) or dL/dE (+ route, negative, at the minimum).
 // grid (M*B); unused matrices are skipped (the host does not read them).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kStreamThreads) backward_weights_kernel(
-    const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
-    const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n,
-    const A* __restrict__ stats, const A* __restrict__ route, A* __restrict__ wmat, A* __restrict__ wsum) {
+__global__ void __launch_bounds__(kStreamThreads)
+    backward_weights_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
+                            const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n,
+                            const A* __restrict__ stats, const A* __restrict__ route, A* __restrict__ wmat,
+                            A* __restrict__ wsum) {
   const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
   if (!matrix_used(m, mode)) return;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;

@@ -34,8 +34,7 @@ inline bool kernel_image_fits(int /*index*/) {
 // and no at::NoTF32Guard is active, the tensor cores see only the top 10 mantissa bits
 // (the low 13 bits dropped). Emulated so that the CPU tests see what a GPU would.
 inline at::Tensor cublas_input(const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat || at::NoTF32Guard::should_disable_tf32() ||
-      !at::globalContext().allowTF32CuBLAS())
+  if (t.scalar_type() != at::kFloat || at::NoTF32Guard::should_disable_tf32() || !at::globalContext().allowTF32CuBLAS())
     return t;
   return t.contiguous().view(at::kInt).bitwise_and(~0x1FFF).view(at::kFloat);
 }

@@ -34,19 +34,19 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
-#include <cstdio>
-#include <condition_variable>
 #include <cmath>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <memory>
-#include <string>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -136,7 +136,8 @@ struct BlockState {
     parity.resize(nthreads, 0);
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lanes = std::min(32u, nthreads - 32 * w);
-      warp.emplace_back(std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes), "warp barrier (__syncwarp or a shuffle)"));
+      warp.emplace_back(
+          std::make_unique<Barrier>(static_cast<std::ptrdiff_t>(lanes), "warp barrier (__syncwarp or a shuffle)"));
     }
   }
   Barrier block;
@@ -181,8 +182,8 @@ inline void validate_launch(const char* kernel, const void* fn, dim3 grid, dim3 
   auto fail = [&](const std::string& what) {
     throw LaunchError(std::string("emulated launch of ") + kernel + ": " + what + " (grid " + std::to_string(grid.x) +
                       "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) + ", block " +
-                      std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z) +
-                      ", " + std::to_string(smem) + " B dynamic shared memory)");
+                      std::to_string(block.x) + "x" + std::to_string(block.y) + "x" + std::to_string(block.z) + ", " +
+                      std::to_string(smem) + " B dynamic shared memory)");
   };
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("empty grid");
   if (grid.x > kMaxGridX) fail("gridDim.x above 2^31 - 1");
@@ -327,7 +328,9 @@ struct Launch {
   std::size_t smem;
   const char* name;
   template <typename Kernel>
-  Bound<Kernel> bind(Kernel* kernel) const { return {grid, block, smem, name, kernel}; }
+  Bound<Kernel> bind(Kernel* kernel) const {
+    return {grid, block, smem, name, kernel};
+  }
 };
 
 // Publishes this lane's 8-byte value to its warp and returns the slot array (32 values of
@@ -349,7 +352,8 @@ T shuffle_from(T value, int src_lane_in_warp, bool valid) {
   std::memcpy(&slot, &value, sizeof(T));
   const uint64_t* buf = warp_exchange(slot);
   T out = value;
-  if (valid && static_cast<unsigned>(src_lane_in_warp) < warp_lanes()) std::memcpy(&out, &buf[src_lane_in_warp], sizeof(T));
+  if (valid && static_cast<unsigned>(src_lane_in_warp) < warp_lanes())
+    std::memcpy(&out, &buf[src_lane_in_warp], sizeof(T));
   return out;
 }
 

@@ -73,7 +73,7 @@ bool annotations_enabled() {
 }  // namespace
 
 extern "C" __attribute__((visibility("hidden"))) void GOMP_parallel(void (*body)(void*), void* data,
-                                                                     unsigned num_threads, unsigned flags) {
+                                                                    unsigned num_threads, unsigned flags) {
   if (!annotations_enabled()) {
     libgomp_parallel()(body, data, num_threads, flags);
     return;

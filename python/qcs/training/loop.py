@@ -45,7 +45,6 @@ from ..config import Config, to_toml
 from ..errors import ConfigError
 from ..tracking import require as require_trackers
 from ..distributed import DistContext, init_distributed
-from ..errors import ConfigError
 from ..families import build_model
 from ..models.init import init_weights
 from . import saving
