@@ -60,7 +60,9 @@ build_cuda_flag = _env_flag("QCS_BUILD_CUDA")
 cuda_possible = _cuda_home is not None and torch.version.cuda is not None
 if build_cuda_flag == "1" and not cuda_possible:
     sys.exit("QCS_BUILD_CUDA=1 but no CUDA toolkit or no CUDA build of torch was found")
-build_cuda = cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
+build_cuda = (
+    cuda_possible and build_cuda_flag != "0" and bool(glob.glob(str(CSRC / "cuda" / "*.cu")))
+)
 
 # nvcc flags and target architectures (SASS sm_80/sm_90 + PTX): csrc/cuda/build_flags.py,
 # shared with the compile gate. Its -gencode flags replace TORCH_CUDA_ARCH_LIST (still set:
@@ -74,11 +76,16 @@ CUDA_BUILD = runpy.run_path(str(CSRC / "cuda" / "build_flags.py"))
 # mask a division (W = dL/dD / D where D > 0) or clamp a square root stay scalar. Neither
 # flag changes a computed value (unlike -ffast-math).
 CPU_CODEGEN_FLAGS = ["-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
-cxx_flags = ["-O3", "-std=c++20", *CPU_CODEGEN_FLAGS,
-             # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp
-             # it silently runs on one thread. Links torch's own libgomp.so.1 (same soname).
-             "-fopenmp",
-             "-fvisibility=hidden", "-DPy_LIMITED_API=0x030a0000"]
+cxx_flags = [
+    "-O3",
+    "-std=c++20",
+    *CPU_CODEGEN_FLAGS,
+    # at::parallel_for is an OpenMP template inlined into our code: without -fopenmp
+    # it silently runs on one thread. Links torch's own libgomp.so.1 (same soname).
+    "-fopenmp",
+    "-fvisibility=hidden",
+    "-DPy_LIMITED_API=0x030a0000",
+]
 include_dirs = [str(CSRC.resolve())]  # ninja runs elsewhere: absolute
 
 sources = [str(CSRC / "ops.cpp")] + sorted(glob.glob(str(CSRC / "cpu" / "*.cpp")))
@@ -99,8 +106,10 @@ if build_cuda:
             extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": [*CUDA_BUILD["NVCC_FLAGS"],
-                         *CUDA_BUILD["gencode_flags"](str(Path(_cuda_home) / "bin" / "nvcc"))],
+                "nvcc": [
+                    *CUDA_BUILD["NVCC_FLAGS"],
+                    *CUDA_BUILD["gencode_flags"](str(Path(_cuda_home) / "bin" / "nvcc")),
+                ],
             },
             py_limited_api=True,
         )
@@ -123,14 +132,15 @@ if _env_flag("QCS_BUILD_EMULATION", "0") == "1" and emulation_sources:
         CppExtension(
             "qcs_ext._emulated",
             emulation_sources,
-            include_dirs=include_dirs + [str((CSRC / "emulation").resolve()), str((CSRC / "cuda").resolve())],
+            include_dirs=include_dirs
+            + [str((CSRC / "emulation").resolve()), str((CSRC / "cuda").resolve())],
             extra_compile_args={"cxx": ["-O2", "-std=c++20", "-pthread", "-fvisibility=hidden"]},
             extra_link_args=["-pthread"],
         )
     )
 
-BUILD_INFO = '''"""Written by setup.py when the native extension was built: the torch it was built against
-(qcs_ext._native refuses to load the extension into another torch)."""
+BUILD_INFO = '''"""Written by setup.py when the native extension was built: the torch it was
+built against (qcs_ext._native refuses to load the extension into another torch)."""
 
 TORCH_VERSION = {torch!r}
 TORCH_CUDA = {cuda!r}
@@ -146,15 +156,21 @@ class QcsBuildExt(BuildExtension.with_options(no_python_abi_suffix=True)):
         super().run()
         target = Path(self.get_ext_fullpath("qcs_ext._C")).parent / "_build_info.py"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(BUILD_INFO.format(torch=str(torch.__version__), cuda=torch.version.cuda,
-                                            with_cuda=build_cuda))
+        target.write_text(
+            BUILD_INFO.format(
+                torch=str(torch.__version__), cuda=torch.version.cuda, with_cuda=build_cuda
+            )
+        )
 
 
 setup(
     packages=["qcs_ext", *find_packages(where="python", include=["qcs", "qcs.*"])],
     package_dir={"qcs_ext": "qcs_ext", "qcs": "python/qcs"},
-    package_data={"qcs": ["configs/*.toml", "py.typed"], "qcs_ext": ["py.typed"],
-                  "qcs.faces": ["weights/mtcnn.safetensors", "weights/NOTICE.md"]},
+    package_data={
+        "qcs": ["configs/*.toml", "py.typed"],
+        "qcs_ext": ["py.typed"],
+        "qcs.faces": ["weights/mtcnn.safetensors", "weights/NOTICE.md"],
+    },
     ext_modules=extensions,
     cmdclass={"build_ext": QcsBuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -71,12 +71,16 @@ def mismatch(info: BuildInfo, torch_version: str, torch_cuda: str | None) -> str
     loaded = f"torch {torch_version}" + ("" if torch_cuda else " (a CPU build)")
     problem = _public(info.torch) != _public(torch_version)
     if info.with_cuda and not problem:
-        problem = torch_cuda is None or str(torch_cuda).split(".")[0] != str(info.cuda).split(".")[0]
+        problem = (
+            torch_cuda is None or str(torch_cuda).split(".")[0] != str(info.cuda).split(".")[0]
+        )
     if not problem:
         return None
-    return (f"qcs_ext: the native kernels were built against {info.describe()} but "
-            f"{loaded} is loaded, so the fused ops are off and only the reference ops work; "
-            f"{REBUILD}")
+    return (
+        f"qcs_ext: the native kernels were built against {info.describe()} but "
+        f"{loaded} is loaded, so the fused ops are off and only the reference ops work; "
+        f"{REBUILD}"
+    )
 
 
 def load(module: str = "_C") -> str | None:
@@ -93,13 +97,17 @@ def load(module: str = "_C") -> str | None:
     except (ImportError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.{module}":
-            return (f"qcs_ext: the native kernels ({module}) are not built, so the fused ops "
-                    f"are off and only the reference ops work; build them with "
-                    f"`pip install --no-build-isolation -e .` in the qcs-ext source")
+            return (
+                f"qcs_ext: the native kernels ({module}) are not built, so the fused ops "
+                f"are off and only the reference ops work; build them with "
+                f"`pip install --no-build-isolation -e .` in the qcs-ext source"
+            )
         built = info.describe() if info is not None else "an unrecorded torch"
-        return (f"qcs_ext: the native kernels ({module}) do not load ({first}); they were "
-                f"built against {built} and torch {torch.__version__} is loaded, so the "
-                f"fused ops are off and only the reference ops work; {REBUILD}")
+        return (
+            f"qcs_ext: the native kernels ({module}) do not load ({first}); they were "
+            f"built against {built} and torch {torch.__version__} is loaded, so the "
+            f"fused ops are off and only the reference ops work; {REBUILD}"
+        )
     return None
 
 

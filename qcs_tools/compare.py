@@ -86,11 +86,20 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-compiled-above", type=int, default=784,
                         help="skip torch.compile of the reference for N above this")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16", "float64"),
-                        default=["float32"], help="one table per dtype (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice); 1 is the least "
-                        "sensitive to other load on a shared machine")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16", "float16", "float64"),
+        default=["float32"],
+        help="one table per dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is the least "
+        "sensitive to other load on a shared machine",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -107,14 +116,22 @@ def main(argv=None) -> int:
 
 def _table(args, dtype: torch.dtype) -> None:
     """Print the speed table of one dtype (and, on the CPU, the saved-bytes table)."""
-    where = (f"{torch.cuda.get_device_name()}, CUDA events" if args.device == "cuda" else
-             f"{torch.get_num_threads()} threads, CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, "
-             f"{platform.processor() or platform.machine()}")
-    print(f"# CSA benchmark ({str(dtype).replace('torch.', '')}): torch {torch.__version__}, "
-          f"{where}; "
-          f"medians of {args.rounds} interleaved rounds")
-    header = ("| B x N x C | pass | " + " | ".join(args.impls)
-              + " | fused speed-up vs eager | vs compiled | vs sdpa | fused / gemms |")
+    where = (
+        f"{torch.cuda.get_device_name()}, CUDA events"
+        if args.device == "cuda"
+        else f"{torch.get_num_threads()} threads, CPU kernels: {torch.ops.qcs_ext.cpu_isa()}, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        f"# CSA benchmark ({str(dtype).replace('torch.', '')}): torch {torch.__version__}, "
+        f"{where}; "
+        f"medians of {args.rounds} interleaved rounds"
+    )
+    header = (
+        "| B x N x C | pass | "
+        + " | ".join(args.impls)
+        + " | fused speed-up vs eager | vs compiled | vs sdpa | fused / gemms |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for shape in args.shapes:
@@ -122,13 +139,20 @@ def _table(args, dtype: torch.dtype) -> None:
             # (the CPU float32 defaults are left implicit: the table's tests stub these calls)
             gpu = {"device": args.device} if args.device != "cpu" else {}
             kw = {"dtype": dtype, **gpu} if gpu or dtype != torch.float32 else {}
-            fns = {impl: case(impl, shape, backward, **kw) for impl in args.impls
-                   if not (impl == "compiled" and shape[1] > args.skip_compiled_above)}
+            fns = {
+                impl: case(impl, shape, backward, **kw)
+                for impl in args.impls
+                if not (impl == "compiled" and shape[1] > args.skip_compiled_above)
+            }
             per_round = measure_interleaved(fns, args.min_run_time, args.rounds, **gpu)
             times = {impl: statistics.median(v) for impl, v in per_round.items()}
             for impl, values in per_round.items():
-                print(f"  measured {impl} {shape} {'fwd+bwd' if backward else 'fwd'}: "
-                      + ", ".join(f"{v * 1e3:.2f}" for v in values) + " ms", file=sys.stderr)
+                print(
+                    f"  measured {impl} {shape} {'fwd+bwd' if backward else 'fwd'}: "
+                    + ", ".join(f"{v * 1e3:.2f}" for v in values)
+                    + " ms",
+                    file=sys.stderr,
+                )
             cells = [f"{times[i] * 1e3:.2f} ms" if i in times else "-" for i in args.impls]
             fused = per_round.get("fused")
 
@@ -139,17 +163,21 @@ def _table(args, dtype: torch.dtype) -> None:
                 return f"{round_ratio(base, 'fused'):.2f}x" if fused and base in times else "-"
 
             gemms = f"{round_ratio('fused', 'gemms'):.2f}" if fused and "gemms" in times else "-"
-            print(f"| {'x'.join(map(str, shape))} | {'fwd+bwd' if backward else 'fwd'} | "
-                  + " | ".join(cells)
-                  + f" | {ratio('eager')} | {ratio('compiled')} | {ratio('sdpa')} | {gemms} |")
+            print(
+                f"| {'x'.join(map(str, shape))} | {'fwd+bwd' if backward else 'fwd'} | "
+                + " | ".join(cells)
+                + f" | {ratio('eager')} | {ratio('compiled')} | {ratio('sdpa')} | {gemms} |"
+            )
     print()
     if args.device != "cpu":
         return
     print("| B x N x C | saved for backward beyond the input: fused | eager reference |")
     print("|---|---|---|")
     for shape in args.shapes:
-        print(f"| {'x'.join(map(str, shape))} | {saved_bytes_ratio('fused', shape):.3f}x input "
-              f"| {saved_bytes_ratio('eager', shape):.3f}x input |")
+        print(
+            f"| {'x'.join(map(str, shape))} | {saved_bytes_ratio('fused', shape):.3f}x input "
+            f"| {saved_bytes_ratio('eager', shape):.3f}x input |"
+        )
 
 
 if __name__ == "__main__":

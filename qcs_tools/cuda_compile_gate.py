@@ -51,7 +51,11 @@ def find_nvcc() -> str | None:
     cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     cands += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for c in cands:
-        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+        if (
+            c
+            and (Path(c) / "bin" / "nvcc").exists()
+            and (Path(c) / "include" / "cuda_runtime.h").exists()
+        ):
             return str(Path(c) / "bin" / "nvcc")
     nvcc = shutil.which("nvcc")
     return nvcc
@@ -65,12 +69,20 @@ def torch_flags() -> list[str]:
     inc = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"]
     # The toolkit may lack the cuBLAS headers that ATen/cuda/CUDAContext.h includes;
     # torch's CUDA wheels bundle them (nvidia/cu*/include).
-    inc += [Path(p).resolve() for p in glob.glob(str(torch_dir.parent / "nvidia" / "cu*" / "include"))]
+    inc += [
+        Path(p).resolve() for p in glob.glob(str(torch_dir.parent / "nvidia" / "cu*" / "include"))
+    ]
     inc.append(Path(sysconfig.get_paths()["include"]))
     flags = [f"-I{p}" for p in inc]
     flags += list(ce.COMMON_NVCC_FLAGS)
-    flags += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_EXTENSION_NAME=_C",
-              "-DTORCH_API_INCLUDE_EXTENSION_H", "-DQCS_WITH_CUDA=1", "-Xcompiler", "-fPIC"]
+    flags += [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DQCS_WITH_CUDA=1",
+        "-Xcompiler",
+        "-fPIC",
+    ]
     return flags
 
 
@@ -86,8 +98,15 @@ def parse_ptxas(text: str) -> list[dict]:
     for line in text.splitlines():
         m = ENTRY.search(line)
         if m:
-            current = {"kernel": m.group(1), "arch": m.group(2), "regs": None, "smem": 0, "stack": 0,
-                       "spill_st": 0, "spill_ld": 0}
+            current = {
+                "kernel": m.group(1),
+                "arch": m.group(2),
+                "regs": None,
+                "smem": 0,
+                "stack": 0,
+                "spill_st": 0,
+                "spill_ld": 0,
+            }
             rows.append(current)
             continue
         if current is None:
@@ -107,7 +126,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt")
     if not cxxfilt or not names:
         return {n: n for n in names}
-    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    out = subprocess.run(
+        [cxxfilt], input="\n".join(names), capture_output=True, text=True
+    ).stdout.splitlines()
     pretty = {}
     for n, d in zip(names, out):
         d = d.replace("qcs::kern::", "").replace("c10::", "").replace("qcs::", "")
@@ -135,18 +156,29 @@ def check_ptx(keep_dir: Path, obj: Path, ptx_archs: list[int]) -> list[str]:
         f.unlink()  # the next source's files must not be mistaken for these
     cuobjdump = shutil.which("cuobjdump") or (str(Path(find_nvcc()).parent / "cuobjdump"))
     if Path(cuobjdump).exists():
-        listing = subprocess.run([cuobjdump, "--list-ptx", str(obj)], capture_output=True, text=True).stdout
+        listing = subprocess.run(
+            [cuobjdump, "--list-ptx", str(obj)], capture_output=True, text=True
+        ).stdout
         for a in ptx_archs:
             if f"sm_{a}" not in listing and f"compute_{a}" not in listing:
-                problems.append(f"{obj.name}: no embedded PTX for compute_{a} (cuobjdump --list-ptx: {listing!r})")
+                problems.append(
+                    f"{obj.name}: no embedded PTX for compute_{a} "
+                    f"(cuobjdump --list-ptx: {listing!r})"
+                )
     return problems
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", action="append", default=None, help="SM version, e.g. 80 (repeatable)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--arch", action="append", default=None, help="SM version, e.g. 80 (repeatable)"
+    )
     ap.add_argument("--markdown", type=Path, help="also write the table to this file (markdown)")
-    ap.add_argument("--source", action="append", type=Path, help="the .cu files (default: csrc/cuda/*.cu)")
+    ap.add_argument(
+        "--source", action="append", type=Path, help="the .cu files (default: csrc/cuda/*.cu)"
+    )
     args = ap.parse_args()
     flags = build_flags()
     archs = args.arch or [str(a) for a in flags["SASS_ARCHS"]]
@@ -161,16 +193,28 @@ def main() -> int:
         return 2
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode += [f"-gencode=arch=compute_{a},code=compute_{a}" for a in ptx_archs]
-    base = [nvcc, *flags["NVCC_FLAGS"], "-Xptxas", "-v", *gencode, f"-I{ROOT / 'csrc'}",
-            f"-I{ROOT / 'csrc' / 'cuda'}", *torch_flags()]
+    base = [
+        nvcc,
+        *flags["NVCC_FLAGS"],
+        "-Xptxas",
+        "-v",
+        *gencode,
+        f"-I{ROOT / 'csrc'}",
+        f"-I{ROOT / 'csrc' / 'cuda'}",
+        *torch_flags(),
+    ]
     rows: list[dict] = []
     problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for src in sources:
             obj = Path(tmp) / (Path(src).stem + ".o")
             cmd = [*base, "--keep", f"--keep-dir={tmp}", "-c", str(src), "-o", str(obj)]
-            print(f"cuda_compile_gate: nvcc {src.name} for sm_{', sm_'.join(archs)} + PTX compute_"
-                  f"{', compute_'.join(map(str, ptx_archs))}", file=sys.stderr, flush=True)
+            print(
+                f"cuda_compile_gate: nvcc {src.name} for sm_{', sm_'.join(archs)} + PTX compute_"
+                f"{', compute_'.join(map(str, ptx_archs))}",
+                file=sys.stderr,
+                flush=True,
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout + proc.stderr, file=sys.stderr)
@@ -189,26 +233,38 @@ def main() -> int:
     lines = [header, sep]
     bad = []
     for r in rows:
-        lines.append(f"| {names[r['kernel']]:<{width}} | {r['arch']:<5} | {r['regs']:>4} | {r['smem']:>8} | "
-                     f"{r['stack']:>9} | {r['spill_st']:>7} / {r['spill_ld']:<5} |")
+        lines.append(
+            f"| {names[r['kernel']]:<{width}} | {r['arch']:<5} | {r['regs']:>4} | {r['smem']:>8} | "
+            f"{r['stack']:>9} | {r['spill_st']:>7} / {r['spill_ld']:<5} |"
+        )
         if r["stack"] or r["spill_st"] or r["spill_ld"]:
             bad.append(r)
     table = "\n".join(lines)
     print(table)
-    print("\n(smem: static shared memory; the fused epilogue also takes (N*N + 2N + 2RN) * sizeof(acc) "
-          "bytes of dynamic shared memory, <= 48 KiB, chosen at launch)")
+    print(
+        "\n(smem: static shared memory; the fused epilogue also takes "
+        "(N*N + 2N + 2RN) * sizeof(acc) "
+        "bytes of dynamic shared memory, <= 48 KiB, chosen at launch)"
+    )
     if args.markdown:
         args.markdown.write_text(table + "\n")
     for p in problems:
         print(f"cuda_compile_gate: FAIL {p}", file=sys.stderr)
     if bad or problems:
         for r in bad:
-            print(f"cuda_compile_gate: FAIL {names[r['kernel']]} on {r['arch']}: stack {r['stack']} B, "
-                  f"spills {r['spill_st']}/{r['spill_ld']} B (local memory)", file=sys.stderr)
+            print(
+                f"cuda_compile_gate: FAIL {names[r['kernel']]} on {r['arch']}: "
+                f"stack {r['stack']} B, "
+                f"spills {r['spill_st']}/{r['spill_ld']} B (local memory)",
+                file=sys.stderr,
+            )
         return 1
-    print(f"cuda_compile_gate: OK, {len(rows)} kernel builds, no spills, no local memory; PTX for compute_"
-          f"{', compute_'.join(map(str, ptx_archs))} embedded; no flush-to-zero or approximate sqrt/division",
-          file=sys.stderr)
+    print(
+        f"cuda_compile_gate: OK, {len(rows)} kernel builds, no spills, no local memory; "
+        f"PTX for compute_{', compute_'.join(map(str, ptx_archs))} embedded; "
+        "no flush-to-zero or approximate sqrt/division",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -60,7 +60,9 @@ def _bare_gemms(qk: torch.Tensor, backward: bool) -> Callable[[], object]:
     return run
 
 
-def case(impl: str, shape, backward: bool, dtype=torch.float32, device="cpu") -> Callable[[], object]:
+def case(
+    impl: str, shape, backward: bool, dtype=torch.float32, device="cpu"
+) -> Callable[[], object]:
     """A callable running one forward (or forward + backward) of ``impl`` at ``shape`` on
     ``device``; the backward takes a random upstream gradient (fixed seed), as in training
     (an all-ones gradient of a softmax output is a degenerate, cheaper case)."""
@@ -99,7 +101,9 @@ def case(impl: str, shape, backward: bool, dtype=torch.float32, device="cpu") ->
 
     def run_backward():
         out = forward()
-        grads = torch.autograd.grad(out, (qk, theta) if impl != "sdpa" else (qk,), upstream, allow_unused=True)
+        grads = torch.autograd.grad(
+            out, (qk, theta) if impl != "sdpa" else (qk,), upstream, allow_unused=True
+        )
         return grads
 
     return run_backward

@@ -47,10 +47,20 @@ def _check(qk, theta, mode, scope, pair=False):
                            generator=torch.Generator("cuda").manual_seed(1))
     out, g = maps_and_grads(fused, qk, theta, grad_out, **kw)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double().sum(-1), torch.ones(qk.shape[:2], device="cuda", dtype=torch.float64),
-                               atol=5e-3 if dtype in HALF else 1e-5, rtol=0)
-    out64, g64 = maps_and_grads(oracle, qk.double(), None if pair else theta.double(), grad_out, **kw)
-    low = maps_and_grads(oracle, qk, theta, grad_out, **kw) if dtype == torch.float32 else (None, [None] * len(g))
+    torch.testing.assert_close(
+        out.double().sum(-1),
+        torch.ones(qk.shape[:2], device="cuda", dtype=torch.float64),
+        atol=5e-3 if dtype in HALF else 1e-5,
+        rtol=0,
+    )
+    out64, g64 = maps_and_grads(
+        oracle, qk.double(), None if pair else theta.double(), grad_out, **kw
+    )
+    low = (
+        maps_and_grads(oracle, qk, theta, grad_out, **kw)
+        if dtype == torch.float32
+        else (None, [None] * len(g))
+    )
     for name, got, exp, lo in [("maps", out, out64, low[0])] + [
         (f"grad[{i}]", a, b, c) for i, (a, b, c) in enumerate(zip(g, g64, low[1]))
     ]:
@@ -137,8 +147,10 @@ def test_opcheck():
     theta = torch.tensor(0.3, device="cuda", requires_grad=True)
     torch.library.opcheck(ops.cross_similarity_forward, (qk, theta, 1.0, "sd", "batch"))
     maps, dist, ext = ops.cross_similarity_forward(qk.detach(), theta.detach(), 1.0, "sd", "sample")
-    torch.library.opcheck(ops.cross_similarity_backward,
-                          (torch.randn_like(maps), maps, qk.detach(), dist, ext, theta.detach(), 1.0, "sd", "sample"))
+    torch.library.opcheck(
+        ops.cross_similarity_backward,
+        (torch.randn_like(maps), maps, qk.detach(), dist, ext, theta.detach(), 1.0, "sd", "sample"),
+    )
     qk2 = _features(2, 2, 5, 3, torch.float16, seed=8)
     torch.library.opcheck(ops.pair_similarity_forward, (qk2, "batch"))
 
@@ -153,7 +165,9 @@ def test_tf32_switches_do_not_reach_the_gemms():
     torch.set_float32_matmul_precision("high")
     try:
         qk = _features(4, 2, 49, 256, torch.float32, seed=11)
-        _, dist, _ = ops.cross_similarity_forward(qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample")
+        _, dist, _ = ops.cross_similarity_forward(
+            qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample"
+        )
         q = qk.double()
         exact = torch.cdist(q[1], q[0])
         assert (dist[0].double() - exact).abs().max().item() <= 2e-5 * exact.max().item()
@@ -166,7 +180,9 @@ def test_tf32_switches_do_not_reach_the_gemms():
 def test_subnormal_squared_distances_stay_nonzero():
     """Risk 2: no flush-to-zero: squared distances below 1.2e-38 survive."""
     qk = (1e-20 * _features(4, 2, 5, 3, torch.float64, seed=12)).float()
-    _, dist, _ = ops.cross_similarity_forward(qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample")
+    _, dist, _ = ops.cross_similarity_forward(
+        qk, torch.tensor(0.3, device="cuda"), 1.0, "sd", "sample"
+    )
     exact = torch.cdist(qk[1].double(), qk[0].double())
     assert (exact.square() < 1.2e-38).all() and (dist[0] > 0).all()
     torch.testing.assert_close(dist[0].double(), exact, rtol=2e-2, atol=0)
@@ -186,7 +202,9 @@ def test_has_fused_kernel_tells_the_truth_and_the_fallback_works():
         assert not qcs_ext.has_fused_kernel("cuda")
         qk = _features(4, 2, 7, 5, torch.float64, seed=13)
         theta = torch.tensor(0.3, device="cuda", dtype=torch.float64)
-        assert torch.equal(qcs_ext.cross_similarity_maps(qk, theta), ref.cross_similarity_maps(qk, theta))
+        assert torch.equal(
+            qcs_ext.cross_similarity_maps(qk, theta), ref.cross_similarity_maps(qk, theta)
+        )
     finally:
         binding._image_cache.clear()
         binding._image_cache.update(saved)
@@ -204,7 +222,11 @@ def test_batch_of_20000_small_n(scope, dtype):
 def test_large_common_offset(scope):
     """Risk 5: every entry recomputed (a warp each); the backward centred per pair."""
     gen = torch.Generator().manual_seed(15)
-    qk = (1000.0 + 0.05 * torch.randn(4, 8, 49, 256, generator=gen, dtype=torch.float64)).float().cuda()
+    qk = (
+        (1000.0 + 0.05 * torch.randn(4, 8, 49, 256, generator=gen, dtype=torch.float64))
+        .float()
+        .cuda()
+    )
     _check(qk, torch.tensor(0.3, device="cuda"), "sd", scope)
 
 

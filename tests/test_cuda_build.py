@@ -50,7 +50,9 @@ def test_cuda_compile_gate():
     )
     print(proc.stdout)  # the registers / shared memory table (pytest -s shows it)
     print(proc.stderr, file=sys.stderr)
-    assert proc.returncode == 0, f"compile gate failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"compile gate failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
     assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
 
 
@@ -63,7 +65,13 @@ SANITIZERS = {
         ["quick"],
     ),
     "asan_ubsan": (
-        ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        [
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+        ],
         {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"},
         [],
     ),
@@ -79,15 +87,33 @@ def test_emulated_kernels_sanitizers(kind, tmp_path):
     flags, env_extra, args = SANITIZERS[kind]
     exe = tmp_path / f"driver_{kind}"
     build = subprocess.run(
-        [cxx, "-std=c++20", "-Wall", "-Wextra", *flags, *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
-        capture_output=True, text=True, timeout=600,
+        [
+            cxx,
+            "-std=c++20",
+            "-Wall",
+            "-Wextra",
+            *flags,
+            *INCLUDES,
+            str(DRIVER),
+            "-o",
+            str(exe),
+            "-pthread",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-4000:]
     env = {**os.environ, **env_extra}
     run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=900)
     out = run.stdout + run.stderr
     print(out[-6000:])
-    for marker in ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "runtime error:", "LeakSanitizer"):
+    for marker in (
+        "WARNING: ThreadSanitizer",
+        "ERROR: AddressSanitizer",
+        "runtime error:",
+        "LeakSanitizer",
+    ):
         assert marker not in out, f"{kind}: sanitizer report\n{out[-6000:]}"
     assert run.returncode == 0, f"{kind}: driver exited with {run.returncode}\n{out[-6000:]}"
     assert "all checks passed" in run.stdout
@@ -103,12 +129,27 @@ def test_tsan_detects_a_missing_syncthreads(tmp_path):
     src = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
     load = "mat[e] = sim ? ext - d[e] : d[e] - ext;\n    __syncthreads();"
     assert load in src, "the fused epilogue changed: update this negative control"
-    (tmp_path / "csa_kernels.cuh").write_text(src.replace(load, "mat[e] = sim ? ext - d[e] : d[e] - ext;", 1))
+    (tmp_path / "csa_kernels.cuh").write_text(
+        src.replace(load, "mat[e] = sim ? ext - d[e] : d[e] - ext;", 1)
+    )
     exe = tmp_path / "driver_racy"
     build = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", f"-I{tmp_path}", *INCLUDES, str(DRIVER), "-o", str(exe),
-         "-pthread"],
-        capture_output=True, text=True, timeout=600,
+        [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-g",
+            "-fsanitize=thread",
+            f"-I{tmp_path}",
+            *INCLUDES,
+            str(DRIVER),
+            "-o",
+            str(exe),
+            "-pthread",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-4000:]
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1:exitcode=66"}
@@ -122,6 +163,7 @@ def test_tsan_detects_a_missing_syncthreads(tmp_path):
 
 def _gate_module():
     from qcs_tools import cuda_compile_gate
+
     return cuda_compile_gate
 
 
@@ -129,14 +171,24 @@ def test_build_flags_exact_math_and_ptx(monkeypatch):
     """No --use_fast_math; SASS for sm_80 and sm_90 plus PTX for compute_90 and the newest
     architecture nvcc names; QCS_CUDA_ARCHS replaces the SASS list and is checked."""
     import runpy
+
     flags = runpy.run_path(str(ROOT / "csrc" / "cuda" / "build_flags.py"))
     assert not any("fast_math" in f or "ftz" in f for f in flags["NVCC_FLAGS"])
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
-        a, 0, stdout="compute_80\ncompute_90\ncompute_100\ncompute_120\n", stderr=""))
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(
+            a, 0, stdout="compute_80\ncompute_90\ncompute_100\ncompute_120\n", stderr=""
+        ),
+    )
     monkeypatch.delenv("QCS_CUDA_ARCHS", raising=False)
     gen = flags["gencode_flags"]("nvcc")
-    assert gen == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                   "-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_120,code=compute_120"]
+    assert gen == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+        "-gencode=arch=compute_120,code=compute_120",
+    ]
     monkeypatch.setenv("QCS_CUDA_ARCHS", "9.0")
     assert flags["gencode_flags"]("nvcc")[0] == "-gencode=arch=compute_90,code=sm_90"
     monkeypatch.setenv("QCS_CUDA_ARCHS", "sm90")
@@ -150,17 +202,29 @@ def test_gate_spots_fast_math_instructions():
     """The gate's PTX scan: fast-math PTX is caught, the exact instructions libdevice uses
     either way (ex2.approx.ftz.f32 in expf, rcp.approx.ftz.f64 in double division) are not."""
     gate = _gate_module()
-    exact = "\tsqrt.rn.f32 \t%f2, %f1;\n\tdiv.rn.f32 %f3, %f1, %f2;\n\tex2.approx.ftz.f32 %f4, %f3;\n" \
-            "\trcp.approx.ftz.f64 %fd2, %fd1;\n\tfma.rn.f32 %f5, %f1, %f2, %f3;\n"
+    exact = (
+        "\tsqrt.rn.f32 \t%f2, %f1;\n\tdiv.rn.f32 %f3, %f1, %f2;\n\tex2.approx.ftz.f32 %f4, %f3;\n"
+        "\trcp.approx.ftz.f64 %fd2, %fd1;\n\tfma.rn.f32 %f5, %f1, %f2, %f3;\n"
+    )
     assert gate.fast_math_instructions(exact) == []
-    fast = "\tadd.ftz.f32 %f2, %f1, %f1;\n@%p1 sqrt.approx.ftz.f32 %f3, %f2;\n\tdiv.full.f32 %f4, %f3, %f2;\n"
-    assert gate.fast_math_instructions(fast) == ["add.ftz.f32", "div.full.f32", "sqrt.approx.ftz.f32"]
+    fast = ("\tadd.ftz.f32 %f2, %f1, %f1;\n@%p1 sqrt.approx.ftz.f32 %f3, %f2;\n"
+            "\tdiv.full.f32 %f4, %f3, %f2;\n")
+    assert gate.fast_math_instructions(fast) == [
+        "add.ftz.f32",
+        "div.full.f32",
+        "sqrt.approx.ftz.f32",
+    ]
 
 
 def test_gpu_check_without_a_gpu_says_so_and_exits_3(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
@@ -169,8 +233,12 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_3(tmp_path):
 
 def test_gpu_check_usage_errors(tmp_path):
     for args in ([], [str(tmp_path), "--everything"]):
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2 and "usage" in proc.stderr
 
 
@@ -182,13 +250,25 @@ def test_gpu_check_build_step(tmp_path):
     for part in ("csrc", "qcs_ext", "python", "scripts", "setup.py", "pyproject.toml"):
         p = ROOT / part
         if p.is_dir():
-            shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("*.so", "__pycache__", "build"))
+            shutil.copytree(
+                p, src / part, ignore=shutil.ignore_patterns("*.so", "__pycache__", "build")
+            )
         elif p.exists():
             shutil.copy2(p, src / part)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable,
-           "QCS_GPU_CHECK_BUILD_ONLY_ON_CPU": "1", "PYTHONPATH": ""}
-    proc = subprocess.run(["bash", str(src / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--build-only"],
-                          capture_output=True, text=True, env=env, timeout=3000)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHON": sys.executable,
+        "QCS_GPU_CHECK_BUILD_ONLY_ON_CPU": "1",
+        "PYTHONPATH": "",
+    }
+    proc = subprocess.run(
+        ["bash", str(src / "scripts" / "gpu_check.sh"), str(tmp_path / "out"), "--build-only"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3000,
+    )
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert proc.returncode == 0, summary + (tmp_path / "out" / "build.log").read_text()[-3000:]
     assert "| build | ok |" in summary and "| import | ok |" in summary
@@ -204,8 +284,12 @@ def test_launch_validator_negative_controls(tmp_path):
     if cxx is None:
         _skip_or_fail("no C++ compiler")
     exe = tmp_path / "driver_controls"
-    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
-                           capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe), "controls"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:]
@@ -220,11 +304,17 @@ def test_watchdog_reports_a_planted_deadlock(tmp_path):
     if cxx is None:
         _skip_or_fail("no C++ compiler")
     exe = tmp_path / "driver_deadlock"
-    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
-                           capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-4000:]
     env = {**os.environ, "QCS_EMULATION_WATCHDOG_S": "2"}
-    run = subprocess.run([str(exe), "deadlock"], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [str(exe), "deadlock"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert run.returncode != 0 and "not reported" not in run.stdout
     assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
     assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr

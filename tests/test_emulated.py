@@ -34,7 +34,9 @@ HALF = (torch.float16, torch.bfloat16)
 
 def _features(branches, batch, tokens, channels, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(branches, batch, tokens, channels, generator=gen, dtype=torch.float64).to(dtype)
+    return torch.randn(branches, batch, tokens, channels, generator=gen, dtype=torch.float64).to(
+        dtype
+    )
 
 
 def _theta(dtype, value=0.3):
@@ -61,8 +63,12 @@ def _check_close_to_reference(qk, theta, mode, scope, pair=False, grads=True):
     out, g = maps_and_grads(emu_fn, qk, th, grad_out, **kw)
     assert out.dtype == dtype and out.shape == qk.shape[:3]
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double().sum(-1), torch.ones(qk.shape[:2], dtype=torch.float64),
-                               atol=5e-3 if dtype in HALF else 1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.double().sum(-1),
+        torch.ones(qk.shape[:2], dtype=torch.float64),
+        atol=5e-3 if dtype in HALF else 1e-5,
+        rtol=0,
+    )
     out64, g64 = maps_and_grads(ref_fn, qk.double(), th64, grad_out, **kw)
     if not grads:
         g, g64 = [], []
@@ -94,7 +100,9 @@ def _check_close_to_reference(qk, theta, mode, scope, pair=False, grads=True):
 @pytest.mark.parametrize("batch,tokens", [(2, 1), (2, 7), (1, 7), (2, 49)])
 def test_cross_matches_reference(dtype, mode, scope, batch, tokens):
     qk = _features(4, batch, tokens, 6, dtype, seed=tokens + 10 * batch)
-    _check_close_to_reference(qk, _theta(dtype), mode, scope, grads=tokens != 49 or dtype != torch.float16)
+    _check_close_to_reference(
+        qk, _theta(dtype), mode, scope, grads=tokens != 49 or dtype != torch.float16
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -109,15 +117,26 @@ def test_pair_matches_reference(dtype, scope, batch, tokens):
 def test_streaming_path_small(monkeypatch, mode, scope):
     """The tiled/streaming epilogue (normally N > ~100) forced at small N."""
     monkeypatch.setenv("QCS_CSA_FORCE_STREAMING", "1")
-    _check_close_to_reference(_features(4, 2, 7, 4, torch.float64, seed=5), _theta(torch.float64), mode, scope)
-    _check_close_to_reference(_features(4, 1, 33, 3, torch.float32, seed=6), _theta(torch.float32), mode, scope)
+    _check_close_to_reference(
+        _features(4, 2, 7, 4, torch.float64, seed=5), _theta(torch.float64), mode, scope
+    )
+    _check_close_to_reference(
+        _features(4, 1, 33, 3, torch.float32, seed=6), _theta(torch.float32), mode, scope
+    )
 
 
 @pytest.mark.parametrize(
-    "dtype,mode,scope", [(torch.float64, "sd", "sample"), (torch.float32, "sd", "batch"), (torch.bfloat16, "s", "sample")]
+    "dtype,mode,scope",
+    [
+        (torch.float64, "sd", "sample"),
+        (torch.float32, "sd", "batch"),
+        (torch.bfloat16, "s", "sample"),
+    ],
 )
 def test_tiled_n196(dtype, mode, scope):
-    _check_close_to_reference(_features(4, 1, 196, 8, dtype, seed=7), _theta(dtype, -0.4), mode, scope)
+    _check_close_to_reference(
+        _features(4, 1, 196, 8, dtype, seed=7), _theta(dtype, -0.4), mode, scope
+    )
 
 
 @pytest.mark.slow
@@ -129,7 +148,9 @@ def test_tiled_n784(dtype, scope):
 @pytest.mark.slow
 def test_n196_batch_float64_all_modes():
     for mode in MODES:
-        _check_close_to_reference(_features(4, 1, 196, 4, torch.float64, seed=9), _theta(torch.float64), mode, "batch")
+        _check_close_to_reference(
+            _features(4, 1, 196, 4, torch.float64, seed=9), _theta(torch.float64), mode, "batch"
+        )
 
 
 def _duplicated_tokens(batch=2, tokens=5, channels=3, dtype=torch.float64):
@@ -251,16 +272,22 @@ def test_deterministic_bitwise():
 def test_saved_tensors_layout():
     qk = _features(4, 3, 5, 2, torch.float16, seed=71)
     maps, dist, ext = em.ops.cross_similarity_forward(qk, _theta(torch.float16), 1.0, "sd", "batch")
-    assert maps.dtype == torch.float16 and dist.dtype == torch.float32 and ext.dtype == torch.float32
+    assert (
+        maps.dtype == torch.float16 and dist.dtype == torch.float32 and ext.dtype == torch.float32
+    )
     assert dist.shape == (4, 3, 5, 5) and ext.shape == (4, 3)
     assert (ext == ext[:, :1]).all()  # batch scope: the same extreme in every column
     q = qk.float()
     rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)
     for m in range(4):
-        torch.testing.assert_close(dist[m], torch.cdist(q[rows[m]], q[cols[m]]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            dist[m], torch.cdist(q[rows[m]], q[cols[m]]), atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(ext[:2, 0], dist[:2].amax(dim=(1, 2, 3)))
     torch.testing.assert_close(ext[2:, 0], dist[2:].amin(dim=(1, 2, 3)))
-    _, dist_s, ext_s = em.ops.cross_similarity_forward(qk, _theta(torch.float16), 1.0, "s", "sample")
+    _, dist_s, ext_s = em.ops.cross_similarity_forward(
+        qk, _theta(torch.float16), 1.0, "s", "sample"
+    )
     torch.testing.assert_close(ext_s[0], dist_s[0].amax(dim=(1, 2)))
     assert (dist_s[2:] == 0).all() and (ext_s[2:] == 0).all()  # unused by mode "s"
 
@@ -281,7 +308,8 @@ def test_opcheck_cross(mode, scope):
     maps, dist, ext = em.ops.cross_similarity_forward(qk.detach(), theta.detach(), 1.0, mode, scope)
     g = torch.randn_like(maps)
     torch.library.opcheck(
-        em.ops.cross_similarity_backward, (g, maps, qk.detach(), dist, ext, theta.detach(), 1.0, mode, scope)
+        em.ops.cross_similarity_backward,
+        (g, maps, qk.detach(), dist, ext, theta.detach(), 1.0, mode, scope),
     )
 
 
@@ -289,7 +317,10 @@ def test_opcheck_pair():
     _, _, qk2 = _opcheck_samples()
     torch.library.opcheck(em.ops.pair_similarity_forward, (qk2.requires_grad_(True), "batch"))
     maps, dist, ext = em.ops.pair_similarity_forward(qk2.detach(), "sample")
-    torch.library.opcheck(em.ops.pair_similarity_backward, (torch.randn_like(maps), maps, qk2.detach(), dist, ext, "sample"))
+    torch.library.opcheck(
+        em.ops.pair_similarity_backward,
+        (torch.randn_like(maps), maps, qk2.detach(), dist, ext, "sample"),
+    )
 
 
 def test_bad_input_errors():
@@ -377,7 +408,9 @@ def test_no_kernel_image_falls_back_to_the_reference(no_kernel_image):
     with pytest.warns(RuntimeWarning, match="no kernel image"):
         assert not em.has_kernel("cpu")
     out = em.cross_similarity_maps(qk, _theta(torch.float64), mode="d", scope="sample")
-    assert torch.equal(out, ref.cross_similarity_maps(qk, _theta(torch.float64), mode="d", scope="sample"))
+    assert torch.equal(
+        out, ref.cross_similarity_maps(qk, _theta(torch.float64), mode="d", scope="sample")
+    )
     assert torch.equal(em.pair_similarity_maps(qk[:2]), ref.pair_similarity_maps(qk[:2]))
     with pytest.raises(RuntimeError, match="no CUDA kernel image"):
         em.ops.cross_similarity_forward(qk, _theta(torch.float64), 1.0, "sd", "batch")
@@ -396,8 +429,12 @@ def test_launch_geometry_of_large_batches(monkeypatch, batch):
     monkeypatch.setenv("QCS_EMULATION_DRY_RUN", "1")
     qk = torch.zeros(4, batch, 2, 2)
     for scope in SCOPES:
-        maps, dist, ext = em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", scope)
-        em.ops.cross_similarity_backward(maps, maps, qk, dist, ext, _theta(torch.float32), 1.0, "sd", scope)
+        maps, dist, ext = em.ops.cross_similarity_forward(
+            qk, _theta(torch.float32), 1.0, "sd", scope
+        )
+        em.ops.cross_similarity_backward(
+            maps, maps, qk, dist, ext, _theta(torch.float32), 1.0, "sd", scope
+        )
         maps, dist, ext = em.ops.pair_similarity_forward(qk[:2], scope)
         em.ops.pair_similarity_backward(maps, maps, qk[:2], dist, ext, scope)
 

@@ -42,7 +42,9 @@ def test_test_transform_resize_then_centre_crop():
 
 
 def test_train_transform_steps_follow_the_recipe():
-    names = lambda tf: [type(t).__name__ for t in tf.transforms]
+    def names(tf):
+        return [type(t).__name__ for t in tf.transforms]
+
     affectnet = T.train_transform(224, resize=236, rotation=12, erasing=(0.03, 0.1))
     assert names(affectnet) == ["Resize", "RandomHorizontalFlip", "RandomRotation", "RandomCrop",
                                 "ColorJitter", "ToDtype", "Normalize", "RandomErasing"]

@@ -71,28 +71,48 @@ def _embed_shapes(new_names: bool) -> dict[str, tuple]:
     shapes = {}
     for level, w in enumerate(WIDTHS, start=1):
         shapes[f"conv{level}.weight"], shapes[f"conv{level}.bias"] = (w, w, 3, 3), (w,)
-    for name, shape in ((f"{e1}.0", (DIM, WIDTHS[0], 3, 3)), (f"{e1}.1", (DIM, DIM, 3, 3)),
-                        (f"{e2}.0", (DIM, WIDTHS[1], 3, 3)), (f"{e3}.proj", (DIM, WIDTHS[2], 1, 1))):
+    for name, shape in (
+        (f"{e1}.0", (DIM, WIDTHS[0], 3, 3)),
+        (f"{e1}.1", (DIM, DIM, 3, 3)),
+        (f"{e2}.0", (DIM, WIDTHS[1], 3, 3)),
+        (f"{e3}.proj", (DIM, WIDTHS[2], 1, 1)),
+    ):
         shapes[f"{name}.weight"], shapes[f"{name}.bias"] = shape, (DIM,)
     return shapes
 
 
 def _vit_shapes(prefix: str, depth: int, classes: int) -> dict[str, tuple]:
     shapes = {f"{prefix}.cls_token": (1, 1, DIM), f"{prefix}.pos_embed": (1, TOKENS + 1, DIM)}
-    linears = {"se_block.linear1": (DIM, DIM), "se_block.linear2": (DIM, DIM),
-               "head.linear": (classes, DIM), "norm": None}
+    linears = {
+        "se_block.linear1": (DIM, DIM),
+        "se_block.linear2": (DIM, DIM),
+        "head.linear": (classes, DIM),
+        "norm": None,
+    }
     for i in range(depth):
-        linears.update({f"blocks.{i}.norm1": None, f"blocks.{i}.norm2": None,
-                        f"blocks.{i}.attn.qkv": (3 * DIM, DIM), f"blocks.{i}.attn.proj": (DIM, DIM),
-                        f"blocks.{i}.mlp.fc1": (4 * DIM, DIM), f"blocks.{i}.mlp.fc2": (DIM, 4 * DIM),
-                        f"blocks.{i}.conv": (TOKENS + 1, TOKENS + 1, 1)})  # unused Conv1d
+        linears.update(
+            {
+                f"blocks.{i}.norm1": None,
+                f"blocks.{i}.norm2": None,
+                f"blocks.{i}.attn.qkv": (3 * DIM, DIM),
+                f"blocks.{i}.attn.proj": (DIM, DIM),
+                f"blocks.{i}.mlp.fc1": (4 * DIM, DIM),
+                f"blocks.{i}.mlp.fc2": (DIM, 4 * DIM),
+                f"blocks.{i}.conv": (TOKENS + 1, TOKENS + 1, 1),
+            }
+        )  # unused Conv1d
     for name, shape in linears.items():
         shapes[f"{prefix}.{name}.weight"] = shape or (DIM,)
         shapes[f"{prefix}.{name}.bias"] = (shape[0],) if shape else (DIM,)
     # modules the official ViT holds but never calls (real names, small shapes)
-    shapes.update({f"{prefix}.patch_embed.proj.weight": (4, 3, 1, 1),
-                   f"{prefix}.eca_block.conv.weight": (1, 1, 3),
-                   f"{prefix}.CON1.weight": (4, 3, 1, 1), f"{prefix}.IRLinear1.weight": (3, 4)})
+    shapes.update(
+        {
+            f"{prefix}.patch_embed.proj.weight": (4, 3, 1, 1),
+            f"{prefix}.eca_block.conv.weight": (1, 1, 3),
+            f"{prefix}.CON1.weight": (4, 3, 1, 1),
+            f"{prefix}.IRLinear1.weight": (3, 4),
+        }
+    )
     return shapes
 
 
@@ -100,11 +120,20 @@ def _cross_shapes(variant: str) -> dict[str, tuple]:
     shapes = {}
     for level in (1, 2, 3):
         p = f"cross_attention_{level}"
-        shapes.update({f"{p}.norm1.weight": (DIM,), f"{p}.norm1.bias": (DIM,),
-                       f"{p}.norm2.weight": (DIM,), f"{p}.norm2.bias": (DIM,),
-                       f"{p}.proj.weight": (2 * DIM, DIM), f"{p}.proj.bias": (2 * DIM,),
-                       f"{p}.mlp.fc1.weight": (4 * DIM, DIM), f"{p}.mlp.fc1.bias": (4 * DIM,),
-                       f"{p}.mlp.fc2.weight": (DIM, 4 * DIM), f"{p}.mlp.fc2.bias": (DIM,)})
+        shapes.update(
+            {
+                f"{p}.norm1.weight": (DIM,),
+                f"{p}.norm1.bias": (DIM,),
+                f"{p}.norm2.weight": (DIM,),
+                f"{p}.norm2.bias": (DIM,),
+                f"{p}.proj.weight": (2 * DIM, DIM),
+                f"{p}.proj.bias": (2 * DIM,),
+                f"{p}.mlp.fc1.weight": (4 * DIM, DIM),
+                f"{p}.mlp.fc1.bias": (4 * DIM,),
+                f"{p}.mlp.fc2.weight": (DIM, 4 * DIM),
+                f"{p}.mlp.fc2.bias": (DIM,),
+            }
+        )
         if variant == "qcs":
             shapes[f"{p}.theta"] = ()
     return shapes
@@ -125,17 +154,23 @@ def _random_value(key: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) / max(fan_in, 1) ** 0.5
 
 
-def official_state(variant: str, classes: int, *, new_names: bool = False,
-                   fusion: bool = False, seed: int = 0) -> OrderedDict:
+def official_state(
+    variant: str, classes: int, *, new_names: bool = False, fusion: bool = False, seed: int = 0
+) -> OrderedDict:
     """A random state dict with the official key names (no ``module.`` prefix)."""
-    shapes = {**_backbone_shapes(), **_embed_shapes(new_names),
-              **_vit_shapes("VIT_base", 2, classes),
-              "ir_back.output_layer.0.weight": (4,), "ir_back.output_layer.3.weight": (4, 6)}
+    shapes = {
+        **_backbone_shapes(),
+        **_embed_shapes(new_names),
+        **_vit_shapes("VIT_base", 2, classes),
+        "ir_back.output_layer.0.weight": (4,),
+        "ir_back.output_layer.3.weight": (4, 6),
+    }
     if variant != "baseline":
         shapes.update({**_vit_shapes("VIT_cross", 1, classes), **_cross_shapes(variant)})
     if fusion:  # the 8-class DCS AffectNet model builds an (unused) bilinear classifier
-        shapes.update({"fusion.classifier.weight": (classes, DIM * DIM),
-                       "fusion.classifier.bias": (classes,)})
+        shapes.update(
+            {"fusion.classifier.weight": (classes, DIM * DIM), "fusion.classifier.bias": (classes,)}
+        )
     gen = torch.Generator().manual_seed(seed)
     state = OrderedDict((k, _random_value(k, s, gen)) for k, s in shapes.items())
     for k in [k for k in state if k.endswith("running_var")]:
@@ -153,24 +188,39 @@ class RecorderMeter_matrix:
 def save_official(path, state: OrderedDict, monkeypatch) -> None:
     """``torch.save`` as the authors' training scripts do (DataParallel keys, optimizer
     state, recorder object from ``__main__``)."""
-    monkeypatch.setattr(sys.modules["__main__"], "RecorderMeter_matrix", RecorderMeter_matrix,
-                        raising=False)
+    monkeypatch.setattr(
+        sys.modules["__main__"], "RecorderMeter_matrix", RecorderMeter_matrix, raising=False
+    )
     monkeypatch.setattr(RecorderMeter_matrix, "__module__", "__main__")
     params = [torch.nn.Parameter(v.clone()) for v in list(state.values())[:3]]
     opt = torch.optim.Adam(params, lr=1e-3)
     sum(p.sum() for p in params).backward()
     opt.step()
-    torch.save({"epoch": 12, "state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items()),
-                "best_acc": torch.tensor(88.5), "optimizer": opt.state_dict(),
-                "recorder_m": RecorderMeter_matrix()}, path)
+    torch.save(
+        {
+            "epoch": 12,
+            "state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items()),
+            "best_acc": torch.tensor(88.5),
+            "optimizer": opt.state_dict(),
+            "recorder_m": RecorderMeter_matrix(),
+        },
+        path,
+    )
 
 
 # ------------------------------------------------------- the official forward, functional
 
 
 def _batch_norm(x, p, prefix):
-    return F.batch_norm(x, p[f"{prefix}.running_mean"], p[f"{prefix}.running_var"],
-                        p[f"{prefix}.weight"], p[f"{prefix}.bias"], training=False, eps=1e-5)
+    return F.batch_norm(
+        x,
+        p[f"{prefix}.running_mean"],
+        p[f"{prefix}.running_var"],
+        p[f"{prefix}.weight"],
+        p[f"{prefix}.bias"],
+        training=False,
+        eps=1e-5,
+    )
 
 
 def _ir_unit(x, p, prefix, stride):
@@ -205,10 +255,14 @@ def _conv(x, p, name, stride, padding):
 
 def official_tokens(x, p):
     """conv1..3 (3x3 s2), then embed_q (two 3x3 s2), embed_k (one), embed_v (1x1)."""
-    names = ("embed_1", "embed_2", "embed_3") if "embed_1.0.weight" in p else (
-        "embed_q", "embed_k", "embed_v")
-    f1, f2, f3 = (_conv(f, p, f"conv{i}", 2, 1)
-                  for i, f in enumerate(official_backbone(x, p), start=1))
+    names = (
+        ("embed_1", "embed_2", "embed_3")
+        if "embed_1.0.weight" in p
+        else ("embed_q", "embed_k", "embed_v")
+    )
+    f1, f2, f3 = (
+        _conv(f, p, f"conv{i}", 2, 1) for i, f in enumerate(official_backbone(x, p), start=1)
+    )
     o1 = _conv(_conv(f1, p, f"{names[0]}.0", 2, 1), p, f"{names[0]}.1", 2, 1)
     o2 = _conv(f2, p, f"{names[1]}.0", 2, 1)
     o3 = _conv(f3, p, f"{names[2]}.proj", 1, 0)
@@ -242,8 +296,11 @@ def official_vit(tokens, p, prefix):
         x = _vit_block(x, p, f"{prefix}.blocks.{i}")
     x = _layer_norm(x, p, f"{prefix}.norm", 1e-6)
     cls = x[:, 0]
-    gate = torch.sigmoid(_linear(F.relu(_linear(cls, p, f"{prefix}.se_block.linear1")), p,
-                                 f"{prefix}.se_block.linear2"))
+    gate = torch.sigmoid(
+        _linear(
+            F.relu(_linear(cls, p, f"{prefix}.se_block.linear1")), p, f"{prefix}.se_block.linear2"
+        )
+    )
     return _linear(cls * gate, p, f"{prefix}.head.linear"), x[:, 1:]
 
 
@@ -270,8 +327,10 @@ def official_qcs_maps(qk1, qk2, qk3, qk4, theta):
 def official_dcs_maps(k1, q2):
     """``Attn_DCS_S(K1, Q2)``: the maps of the anchor and of the positive."""
     _, s = _shift_similarity(torch.cdist(q2, k1))
-    return [torch.softmax(F.normalize(s, dim=2).sum(1), dim=-1),
-            torch.softmax(F.normalize(s, dim=1).sum(2), dim=-1)]
+    return [
+        torch.softmax(F.normalize(s, dim=2).sum(1), dim=-1),
+        torch.softmax(F.normalize(s, dim=1).sum(2), dim=-1),
+    ]
 
 
 def official_cross(xs, p, prefix, keeps_input):
@@ -300,10 +359,16 @@ def official_forward(images, p, keeps_input=False):
     if "VIT_cross.head.linear.weight" not in p or len(images) == 1:
         return list(base), []
     n = SIDE * SIDE
-    levels = [official_cross([t[:, i * n:(i + 1) * n] for t in patches], p,
-                             f"cross_attention_{i + 1}", keeps_input) for i in range(3)]
-    cross = [official_vit(t + torch.cat([lv[r] for lv in levels], dim=1), p, "VIT_cross")[0]
-             for r, t in enumerate(patches)]
+    levels = [
+        official_cross(
+            [t[:, i * n : (i + 1) * n] for t in patches], p, f"cross_attention_{i + 1}", keeps_input
+        )
+        for i in range(3)
+    ]
+    cross = [
+        official_vit(t + torch.cat([lv[r] for lv in levels], dim=1), p, "VIT_cross")[0]
+        for r, t in enumerate(patches)
+    ]
     return list(base), cross
 
 
@@ -324,15 +389,32 @@ CASES = [  # variant, classes, --data, new names, fusion (DCS AffectNet-8), 8-cl
 ]
 
 
-@pytest.mark.parametrize("variant, classes, data, new_names, fusion, keeps_input", CASES,
-                         ids=[f"{c[0]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    "variant, classes, data, new_names, fusion, keeps_input",
+    CASES,
+    ids=[f"{c[0]}-{c[2]}" for c in CASES],
+)
 def test_converted_checkpoint_computes_the_official_network(
-        tmp_path, monkeypatch, capsys, variant, classes, data, new_names, fusion, keeps_input):
+    tmp_path, monkeypatch, capsys, variant, classes, data, new_names, fusion, keeps_input
+):
     state = official_state(variant, classes, new_names=new_names, fusion=fusion)
     save_official(tmp_path / "official.pth", state, monkeypatch)
     sets = [a for s in GEOMETRY for a in ("--set", s)]
-    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "ours"),
-                 "--config", "tiny", "--data", data, *sets]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "official.pth"),
+                str(tmp_path / "ours"),
+                "--config",
+                "tiny",
+                "--data",
+                data,
+                *sets,
+            ]
+        )
+        == 0
+    )
     assert f"{variant} network, {classes} classes" in capsys.readouterr().out
     p = {k: v.double() for k, v in state.items() if v.is_floating_point()}
     gen = torch.Generator().manual_seed(1)
@@ -352,8 +434,9 @@ def test_converted_checkpoint_computes_the_official_network(
     else:
         errors.update({f"cross[{r}]": _rel(cross[r], ref_cross[r]) for r in range(branches)})
     worst = max(errors, key=errors.get)
-    assert errors[worst] < TOL, (f"logits differ from the official network by up to "
-                                 f"{errors[worst]:.3g} ({worst}): {errors}")
+    assert errors[worst] < TOL, (
+        f"logits differ from the official network by up to {errors[worst]:.3g} ({worst}): {errors}"
+    )
 
 
 def test_the_reference_is_sensitive_to_what_it_checks():
@@ -361,11 +444,24 @@ def test_the_reference_is_sensitive_to_what_it_checks():
     each move its logits far beyond the tolerance."""
     state = official_state("qcs", 7)
     p = {k: v.double() for k, v in state.items() if v.is_floating_point()}
-    images = list(torch.randn(4, 2, 3, 2 * SIZE, 2 * SIZE, dtype=torch.float64,
-                              generator=torch.Generator().manual_seed(2)))
+    images = list(
+        torch.randn(
+            4,
+            2,
+            3,
+            2 * SIZE,
+            2 * SIZE,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(2),
+        )
+    )
     base, cross = official_forward(images, p)
-    p_theta = dict(p, **{f"cross_attention_{i}.theta": torch.tensor(-0.4, dtype=torch.float64)
-                         for i in (1, 2, 3)})
+    p_theta = dict(
+        p,
+        **{
+            f"cross_attention_{i}.theta": torch.tensor(-0.4, dtype=torch.float64) for i in (1, 2, 3)
+        },
+    )
     assert _rel(official_forward(images, p_theta)[1][0], cross[0]) > 1e-6
     assert _rel(official_forward(images, p, keeps_input=True)[1][0], cross[0]) > 1e-3
     smooth = [F.interpolate(x, size=SIZE, mode="bilinear", antialias=True) for x in images]
@@ -377,13 +473,29 @@ def test_backbone_initialised_from_a_published_checkpoint(tmp_path, monkeypatch)
     ``ir_back`` weights load into our IR50 (per-stage ``body1..3`` names, or through a
     converted checkpoint) and compute the official backbone."""
     from qcs.models.ir50 import IR50, load_backbone_weights
+
     state = official_state("qcs", 8)
-    torch.save({"state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items())},
-               tmp_path / "tensors.pth")
+    torch.save(
+        {"state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items())},
+        tmp_path / "tensors.pth",
+    )
     save_official(tmp_path / "official.pth", state, monkeypatch)
     sets = [a for s in GEOMETRY for a in ("--set", s)]
-    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "conv"),
-                 "--config", "tiny", "--data", "affectnet8", *sets]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "official.pth"),
+                str(tmp_path / "conv"),
+                "--config",
+                "tiny",
+                "--data",
+                "affectnet8",
+                *sets,
+            ]
+        )
+        == 0
+    )
     p = {k: v.double() for k, v in state.items() if v.is_floating_point()}
     x = torch.randn(2, 3, 2 * SIZE, 2 * SIZE, dtype=torch.float64)
     ref = official_backbone(x, p)
@@ -403,10 +515,22 @@ def test_checkpoints_without_the_resize_field_keep_their_resize(tmp_path, monkey
     import json
 
     from qcs.checkpoint import read_metadata
+
     save_official(tmp_path / "official.pth", official_state("baseline", 7), monkeypatch)
     sets = [a for s in GEOMETRY for a in ("--set", s)]
-    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "ours"),
-                 "--config", "tiny", *sets]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "official.pth"),
+                str(tmp_path / "ours"),
+                "--config",
+                "tiny",
+                *sets,
+            ]
+        )
+        == 0
+    )
     path = tmp_path / "ours.json"
     meta = json.loads(path.read_text())
     assert meta["config"]["qcs"]["backbone_resize"] == "nearest"

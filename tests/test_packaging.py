@@ -53,7 +53,8 @@ import sys, importlib.abc
 class Broken(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "qcs_ext._C":
-            raise ImportError("/x/qcs_ext/_C.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
+            raise ImportError(
+                "/x/qcs_ext/_C.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
         return None
 sys.meta_path.insert(0, Broken())
 """
@@ -62,13 +63,19 @@ sys.meta_path.insert(0, Broken())
 def test_license_and_citation_files():
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "the qcs-ext authors" in text
-    assert "THE SOFTWARE IS PROVIDED \"AS IS\"" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS"' in text
     cff = (ROOT / "CITATION.cff").read_text()
     assert "cff-version: 1.2.0" in cff and "preferred-citation:" in cff
-    assert ("QCS: Feature Refining from Quadruplet Cross Similarity for Facial Expression "
-            "Recognition") in cff
-    for family, given in [("Wang", "Chengpeng"), ("Chen", "Li"), ("Wang", "Lili"),
-                          ("Li", "Zhaofan"), ("Lv", "Xuebin")]:
+    assert (
+        "QCS: Feature Refining from Quadruplet Cross Similarity for Facial Expression Recognition"
+    ) in cff
+    for family, given in [
+        ("Wang", "Chengpeng"),
+        ("Chen", "Li"),
+        ("Wang", "Lili"),
+        ("Li", "Zhaofan"),
+        ("Lv", "Xuebin"),
+    ]:
         assert f"- family-names: {family}\n      given-names: {given}" in cff
     assert "year: 2025" in cff and "AAAI" in cff
 
@@ -123,8 +130,8 @@ def test_mismatch_rules():
     cpu = BuildInfo(torch="2.6.0+cu124", cuda="12.4", with_cuda=False)
     cuda = BuildInfo(torch="2.6.0+cu124", cuda="12.4", with_cuda=True)
     assert mismatch(cpu, "2.6.0+cu124", "12.4") is None
-    assert mismatch(cpu, "2.6.0+cpu", None) is None        # CPU kernels: any 2.6.0 wheel
-    assert mismatch(cuda, "2.6.0+cu126", "12.6") is None   # same CUDA major
+    assert mismatch(cpu, "2.6.0+cpu", None) is None  # CPU kernels: any 2.6.0 wheel
+    assert mismatch(cuda, "2.6.0+cu126", "12.6") is None  # same CUDA major
     for version, cuda_version in [("2.7.0+cu124", "12.4"), ("2.6.1", "12.4")]:
         msg = mismatch(cpu, version, cuda_version)
         assert msg is not None and f"torch {version}" in msg and "torch 2.6.0+cu124" in msg
@@ -183,9 +190,22 @@ def test_import_with_a_broken_extension_warns_and_keeps_the_reference_ops():
 def test_trainer_runs_with_a_mismatched_build(tmp_path):
     """The whole ``qcs train`` path (one short epoch of the micro network) under the
     simulated mismatch: exit 0, the warning once, a checkpoint written."""
-    args = ["train", "--epochs", "1", "--max-steps", "2", "--quiet", "--out", str(tmp_path / "run"),
-            "--cache-dir", str(tmp_path / "cache"), "--set", "data.synth_train_per_class=8",
-            "--set", "data.synth_test_per_class=2"]
+    args = [
+        "train",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--set",
+        "data.synth_train_per_class=8",
+        "--set",
+        "data.synth_test_per_class=2",
+    ]
     for item in QCS_MICRO_SET:
         args += ["--set", item]
     run_cli = "from qcs.cli import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -31,7 +31,9 @@ def sass_archs() -> list[int]:
     try:
         archs = sorted({int(a.replace(".", "")) for a in env.split(";") if a.strip()})
     except ValueError:
-        raise SystemExit(f"QCS_CUDA_ARCHS must be SM numbers separated by ';' (e.g. '80;90'), got {env!r}")
+        raise SystemExit(
+            f"QCS_CUDA_ARCHS must be SM numbers separated by ';' (e.g. '80;90'), got {env!r}"
+        )
     if not archs or min(archs) < 70:
         raise SystemExit(f"QCS_CUDA_ARCHS must name SM versions of 70 or above, got {env!r}")
     return archs
@@ -40,7 +42,9 @@ def sass_archs() -> list[int]:
 def newest_arch(nvcc: str) -> int:
     """The highest compute_XX that ``nvcc --list-gpu-arch`` names (PTX_FLOOR if it cannot tell)."""
     try:
-        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return PTX_FLOOR
     found = [int(x) for x in re.findall(r"compute_(\d+)\b", out)]

@@ -93,8 +93,10 @@ def export_onnx(loaded: LoadedModel, out: str | Path, opset: int = 18) -> Path:
     program.save(str(out), external_data=False)
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, onnx_metadata(loaded))
-    proto.doc_string = (f"qcs-ext {__version__}: facial expression logits of {type(model).__name__} "
-                        f"(see the qcs.* metadata for the classes and the input normalisation)")
+    proto.doc_string = (
+        f"qcs-ext {__version__}: facial expression logits of {type(model).__name__} "
+        f"(see the qcs.* metadata for the classes and the input normalisation)"
+    )
     onnx.save(proto, str(out))
     onnx.checker.check_model(str(out), full_check=True)
     return out
@@ -122,8 +124,13 @@ def onnx_metadata(loaded: LoadedModel) -> dict[str, str]:
 
 
 @torch.no_grad()
-def verify_onnx(loaded: LoadedModel, path: str | Path, batch_sizes: tuple[int, ...] = (1, 5),
-                tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+def verify_onnx(
+    loaded: LoadedModel,
+    path: str | Path,
+    batch_sizes: tuple[int, ...] = (1, 5),
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> ExportReport:
     """Run ``path`` with onnxruntime (CPU) and the PyTorch model on the same seeded
     inputs ``[b, 3, S, S]`` for each ``b`` in ``batch_sizes``; report the largest absolute
     logit difference."""
@@ -138,8 +145,10 @@ def verify_onnx(loaded: LoadedModel, path: str | Path, batch_sizes: tuple[int, .
         ref = model(x)
         (got,) = session.run(["logits"], {"images": x.numpy()})
         if tuple(got.shape) != tuple(ref.shape):
-            raise RuntimeError(f"{path}: onnxruntime returned logits of shape {got.shape} for "
-                               f"batch {b}, PyTorch {tuple(ref.shape)}")
+            raise RuntimeError(
+                f"{path}: onnxruntime returned logits of shape {got.shape} for "
+                f"batch {b}, PyTorch {tuple(ref.shape)}"
+            )
         worst = max(worst, float((torch.from_numpy(got) - ref).abs().max()))
         scale = max(scale, float(ref.abs().max()))
     return ExportReport(Path(path), tuple(batch_sizes), worst, tolerance, scale)
@@ -152,8 +161,10 @@ def export_program(loaded: LoadedModel, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     s = loaded.image_size
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(loaded.model.eval().cpu(),
-                                  (torch.zeros(2, loaded.channels, s, s),),
-                                  dynamic_shapes=({0: batch},))
+    program = torch.export.export(
+        loaded.model.eval().cpu(),
+        (torch.zeros(2, loaded.channels, s, s),),
+        dynamic_shapes=({0: batch},),
+    )
     torch.export.save(program, str(out))
     return out

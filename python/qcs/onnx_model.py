@@ -115,7 +115,8 @@ def load_onnx(path: str | Path, device: str | torch.device = "cpu") -> OnnxModel
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {path}: no such ONNX file")
     providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    if torch.device(device).type == "cuda" and cuda_ort:
         providers.insert(0, "CUDAExecutionProvider")
     try:
         session = ort.InferenceSession(str(path), providers=providers)

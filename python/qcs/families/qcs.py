@@ -47,11 +47,11 @@ class QCSConfig:
     csa_gamma: float = 1.0
     csa_mode: str = "sd"
     csa_scope: str = "batch"
-    cross_residual: str = "normed"        # normed (published QCS, 7-class DCS) | input (8-class DCS)
-    backend: str = "auto"                 # qcs_ext backend: auto | fused | reference
-    distill: str = "none"                 # none | kl | mse (between base and cross logits)
+    cross_residual: str = "normed"  # normed (published QCS, 7-class DCS) | input (8-class DCS)
+    backend: str = "auto"  # qcs_ext backend: auto | fused | reference
+    distill: str = "none"  # none | kl | mse (between base and cross logits)
     distill_weight: float = 0.0
-    temperature: float = 1.0              # KL temperature
+    temperature: float = 1.0  # KL temperature
 
 
 def _power_of_two_ratio(value: int, unit: int) -> bool:
@@ -62,14 +62,22 @@ def _power_of_two_ratio(value: int, unit: int) -> bool:
 def ir50_checks(sec: Any) -> list[tuple[str, bool, str]]:
     """Checks of the IR50 backbone fields shared by the QCS and PCD sections."""
     return [
-        ("backbone_resize", sec.backbone_resize in ("nearest", "antialias"),
-         "nearest (as published) or antialias"),
-        ("backbone_depths", len(sec.backbone_depths) == 3
-         and all(d >= 1 for d in sec.backbone_depths), "three depths >= 1"),
-        ("backbone_widths", len(sec.backbone_widths) == 3
-         and all(w >= 1 for w in sec.backbone_widths), "three widths >= 1"),
-        ("embed_dim", sec.heads >= 1 and sec.embed_dim % sec.heads == 0,
-         "a multiple of heads"),
+        (
+            "backbone_resize",
+            sec.backbone_resize in ("nearest", "antialias"),
+            "nearest (as published) or antialias",
+        ),
+        (
+            "backbone_depths",
+            len(sec.backbone_depths) == 3 and all(d >= 1 for d in sec.backbone_depths),
+            "three depths >= 1",
+        ),
+        (
+            "backbone_widths",
+            len(sec.backbone_widths) == 3 and all(w >= 1 for w in sec.backbone_widths),
+            "three widths >= 1",
+        ),
+        ("embed_dim", sec.heads >= 1 and sec.embed_dim % sec.heads == 0, "a multiple of heads"),
     ]
 
 
@@ -90,11 +98,13 @@ class QCSFamily(Family):
             ("dropout", 0 <= sec.dropout < 1, "in [0, 1)"),
             ("vit_cross_dropout", sec.vit_cross_dropout < 1, "< 1 (negative: qcs.dropout)"),
             ("cross_mlp_dropout", sec.cross_mlp_dropout < 1, "< 1 (negative: qcs.dropout)"),
-            ("backend", sec.backend in ("auto", "fused", "reference"),
-             "auto, fused or reference"),
+            ("backend", sec.backend in ("auto", "fused", "reference"), "auto, fused or reference"),
             *ir50_checks(sec),
-            ("backbone_size", _power_of_two_ratio(sec.backbone_size, 8 * sec.tokens_side),
-             "8 * tokens_side * 2^k (paper: 112 = 8 * 7 * 2; tiny: 56)"),
+            (
+                "backbone_size",
+                _power_of_two_ratio(sec.backbone_size, 8 * sec.tokens_side),
+                "8 * tokens_side * 2^k (paper: 112 = 8 * 7 * 2; tiny: 56)",
+            ),
             ("distill", sec.distill in ("none", "kl", "mse"), "none, kl or mse"),
         ]
 
@@ -103,15 +113,18 @@ class QCSFamily(Family):
 
     def data_needs(self, sec: QCSConfig) -> DataNeeds:
         # QCS / DCS draw a positive that is another image of the anchor's class
-        return DataNeeds(branches=BRANCHES[sec.variant],
-                         min_per_class=2 if sec.variant in ("qcs", "dcs") else 1)
+        return DataNeeds(
+            branches=BRANCHES[sec.variant], min_per_class=2 if sec.variant in ("qcs", "dcs") else 1
+        )
 
     def build(self, sec: QCSConfig, num_classes: int) -> QCSNet:
         from ..models.network import QCSNet
+
         return QCSNet(sec, num_classes)
 
     def loss(self, out: BranchOutput, labels: torch.Tensor, sec: QCSConfig) -> Losses:
         from ..models.losses import qcs_loss
+
         cross = None if out.cross is None else out.cross.float()
         total, parts = qcs_loss(out.logits.float(), cross, labels, sec)
         return Losses(total, parts)
@@ -121,6 +134,7 @@ class QCSFamily(Family):
 
     def load_pretrained(self, model: QCSNet, path: str | Path) -> LoadReport:
         from ..models.ir50 import load_backbone_weights
+
         return load_backbone_weights(model.ir_back, path)
 
     def inference_section(self, sec: QCSConfig) -> QCSConfig:
@@ -136,6 +150,7 @@ class QCSFamily(Family):
 def _csa_kind(model: QCSNet, device: torch.device) -> str:
     """``fused CSA`` when the cross modules run the qcs_ext kernels on ``device``."""
     import torch
+
     if model.cross is None:
         return "reference CSA"
     try:
