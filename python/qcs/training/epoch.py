@@ -140,7 +140,7 @@ def save_mid_epoch(run: Run, epoch: int, step: int, stats: EpochStats) -> None:
     if run.dctx.is_main:
         saving.save_mid_epoch(run.run_dir, run.model, run.record, run.opt, epoch, step,
                               {"sums": dict(stats.sums), "train_time_s": stats.train_time,
-                               "rng": rng})
+                               "lr": stats.lr, "rng": rng})
 
 
 def _begin(run: Run, epoch: int, start_step: int, progress: dict[str, Any] | None
@@ -158,6 +158,8 @@ def _begin(run: Run, epoch: int, start_step: int, progress: dict[str, Any] | Non
         skip = min(start_step, run.loaders.steps)
         stats.sums.update(progress["sums"])
         stats.train_time = float(progress.get("train_time_s", 0.0))
+        # the epoch's learning rate is its first step's, not the resumed step's (warm-up)
+        stats.lr = float(progress.get("lr", stats.lr))
         rng = progress["rng"]
         if len(rng) == run.dctx.world:
             set_rng_state(rng[run.dctx.rank], run.device)
