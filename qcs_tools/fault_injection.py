@@ -111,9 +111,16 @@ class Report:
         self.failures.append(msg)
 
 
+def _said_model(log: str) -> bool:
+    """Whether a run's log has its 'model NAME: ...M parameters' line, printed once the
+    network is built (a line may follow a progress bar's carriage return)."""
+    return re.search(r"(^|[\r\n])model \S+: [0-9.]+M parameters", log) is not None
+
+
 def train_args(out: Path, opt: Options) -> list[str]:
     """The ``qcs train`` arguments of both the reference and the faulted runs."""
-    args = ["train", "--out", str(out), "--deterministic", "--quiet", "--threads", "1",
+    # not --quiet: the harness reads the info lines ('model ...', 'resumed from ...')
+    args = ["train", "--out", str(out), "--deterministic", "--threads", "1",
             "--epochs", str(opt.epochs), "--max-steps", str(opt.max_steps), "--seed", "0",
             "--set", f"train.checkpoint_every={opt.checkpoint_every}"]
     for item in MICRO:
@@ -287,7 +294,7 @@ class Harness:
 
     def _segment_args(self, run: Path) -> list[str]:
         if (run / "config.toml").exists() or (run / "last.json").exists():
-            return ["train", "--resume", str(run), "--quiet"]
+            return ["train", "--resume", str(run)]
         return train_args(run, self.opt)  # killed before the run wrote anything useful
 
     def run_event(self, run: Path, ev: Event, before) -> tuple[bool, Any]:
@@ -309,7 +316,7 @@ class Harness:
         if ev.kind == "kill":
             record.update(delay_s=round(ev.delay, 2), in_training=ev.in_training)
             if ev.in_training:
-                self._wait(proc, lambda: "\nmodel " in out.read_text(), opt.timeout)
+                self._wait(proc, lambda: _said_model(out.read_text()), opt.timeout)
             self._wait(proc, lambda: False, min(ev.delay, opt.timeout))
             landed = proc.poll() is None
         elif ev.kind == "kill-in-save":
@@ -319,7 +326,7 @@ class Harness:
                 r.fail(f"process {self.n}: never reached the {ev.phase} phase of a {ev.name} "
                        "save")
         else:  # term / int: once the handlers are in place and this process saved once
-            self._wait(proc, lambda: "\nmodel " in out.read_text(), opt.timeout)
+            self._wait(proc, lambda: _said_model(out.read_text()), opt.timeout)
             mtime = _mtime(run / "last.json")
             landed = self._wait(proc, lambda: _mtime(run / "last.json") != mtime,
                                 opt.timeout) and proc.poll() is None
@@ -338,7 +345,7 @@ class Harness:
             r.resume_processes += 1
             confirmed = "resumed from" in text or "starting it from the beginning" in text
             r.resumes += confirmed
-            if "\nmodel " in text and not confirmed:  # got past loading without resuming
+            if _said_model(text) and not confirmed:  # got past loading without resuming
                 r.fail(f"process {self.n}: resumed without saying from where")
             got = re.search(r"resumed from \S+ \(epoch (\d+)(?:, step (\d+))?\)", text)
             if got:  # it must load the newest checkpoint seen after the previous fault

@@ -261,8 +261,6 @@ def test_compare_runs_sees_a_changed_tensor(tmp_path):
         "leftover files after the run: ['.best.json.staged']"]
 
 
-@pytest.mark.xfail(reason="known open: fails on the merged tree after the per-step LR "
-                   "schedule landed (the in-process mid-epoch resume test passes)", strict=False)
 def test_kill_resume_cycles_end_bit_identical(tmp_path):
     """SIGKILL at seeded random moments and inside saves (``last`` while renaming, ``best``
     before its commit), SIGTERM and SIGINT (exit 143 / 130 after saving), resuming after
