@@ -181,8 +181,10 @@ class KernelImages:
         """Whether the build has a kernel image that runs on ``device`` (False where torch
         sees no GPU); always True for devices of another type than ``image_device``. A
         device without one gets a warning, once."""
+        if device.type != self.image_device:  # first: the common CPU call stops here
+            return True
         ops = getattr(torch.ops, self.namespace)
-        if device.type != self.image_device or not hasattr(ops, "kernel_image_fits"):
+        if not hasattr(ops, "kernel_image_fits"):
             return True
         if device.type == "cuda" and not torch.cuda.is_available():
             return False  # no GPU at all: nothing for the kernels to run on

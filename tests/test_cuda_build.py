@@ -318,3 +318,116 @@ def test_watchdog_reports_a_planted_deadlock(tmp_path):
     assert run.returncode != 0 and "not reported" not in run.stdout
     assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
     assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def planted_driver(tmp_path_factory):
+    """The emulated driver, built once for the negative controls of the race checker, the
+    mask check and the block order (each a mode of the driver)."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path_factory.mktemp("planted") / "driver"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe),
+                            "-pthread"], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return exe
+
+
+def _planted(exe, mode: str, seed: int | None = None, **env_extra) -> subprocess.CompletedProcess:
+    env = dict(os.environ, QCS_EMULATION_WATCHDOG_S="20", **env_extra)
+    if seed is not None:
+        env["QCS_EMULATION_SEED"] = str(seed)
+    return subprocess.run([str(exe), mode], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_race_checker_reports_a_planted_race(planted_driver):
+    """Threads 0 and 40 write and read one shared cell with no barrier between: reported
+    with kernel, block, array, element and both threads (in whichever order they ran)."""
+    run = _planted(planted_driver, "race")
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "qcs emulation race: kernel planted_race, block (0, 0, 0), shared cell[0]" in run.stderr
+    assert ("thread 0 wrote it and thread 40 read it" in run.stderr
+            or "thread 40 read it and thread 0 wrote it" in run.stderr), run.stderr
+
+
+def test_a_shuffle_is_not_a_memory_fence(planted_driver):
+    """Lane 0 writes shared memory, the warp shuffles, lane 1 reads: a race (a shuffle
+    orders no memory); with a __syncwarp between them the same kernel runs clean."""
+    run = _planted(planted_driver, "shuffle-fence")
+    assert run.returncode != 0, run.stdout
+    assert "qcs emulation race: kernel planted_shuffle_fence" in run.stderr
+    clean = _planted(planted_driver, "syncwarp-fence")
+    assert clean.returncode == 0, clean.stderr
+    assert "not reported (out = 7)" in clean.stdout
+
+
+def test_warp_collective_mask_is_checked(planted_driver):
+    """All 32 lanes call __shfl_xor_sync with a mask naming 16: reported and aborted."""
+    run = _planted(planted_driver, "mask")
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "kernel planted_mask" in run.stderr
+    assert "__shfl_xor_sync with mask 0x0000ffff" in run.stderr
+
+
+def test_blocks_run_in_a_seeded_random_order(planted_driver):
+    """Every block of a 64-block grid overwrites one word: the block left is the one run
+    last. Run one block at a time (so that the order alone decides), it varies between
+    launches and seeds (it is never always block 63, the index order) and is the same for
+    the same seed."""
+    def lasts(seed):
+        run = _planted(planted_driver, "order", seed, QCS_EMULATION_CONCURRENT_BLOCKS="1")
+        assert run.returncode == 0, run.stderr
+        return [int(x) for x in run.stdout.split(":")[1].split()]
+    first = lasts(0)
+    assert len(set(first)) > 1 and first != lasts(1), first
+    assert lasts(1) == lasts(1)
+
+
+def test_race_checker_catches_a_missing_barrier_in_the_kernels(tmp_path):
+    """The kernels with the barrier that ends block_sum removed (scratch reused by the
+    next reduction while other warps still read it): the driver reports the race."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    source = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
+    barrier = "  __syncthreads();  // scratch may be reused right after\n"
+    assert source.count(barrier) == 1
+    (tmp_path / "csa_kernels.cuh").write_text(source.replace(barrier, ""))
+    exe = tmp_path / "driver"
+    build = subprocess.run([cxx, "-std=c++20", "-O0", f"-I{tmp_path}", *INCLUDES[:2],
+                            str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0, run.stdout[-2000:]
+    assert "qcs emulation race: kernel" in run.stderr and "shared scratch[" in run.stderr
+
+
+def test_blocks_run_concurrently_with_their_own_shared_memory(planted_driver):
+    """64 blocks each store their index in a shared cell and read it back after a barrier:
+    no block sees another's (one copy per running block)."""
+    run = _planted(planted_driver, "shared-per-block")
+    assert run.returncode == 0 and "shared per block: 0 mismatches" in run.stdout, run.stdout
+
+
+def test_a_race_between_concurrent_blocks_is_reported_by_tsan(tmp_path):
+    """Every block increments one global word without an atomic: with blocks running two at
+    a time, ThreadSanitizer reports the race (run one block at a time, it could not)."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    exe = tmp_path / "driver_tsan"
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", *INCLUDES,
+                            str(DRIVER), "-o", str(exe), "-pthread"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66")
+    run = subprocess.run([str(exe), "cross-block"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 66, (run.returncode, run.stderr[-2000:])
+    assert "ThreadSanitizer: data race" in run.stderr and "planted_cross_block" in run.stderr
+    alone = subprocess.run([str(exe), "cross-block"], capture_output=True, text=True,
+                           env=dict(env, QCS_EMULATION_CONCURRENT_BLOCKS="1"), timeout=300)
+    assert alone.returncode == 0 and "out = 64" in alone.stdout, alone.stderr[-2000:]

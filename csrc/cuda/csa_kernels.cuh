@@ -21,6 +21,7 @@
 #if defined(__CUDACC__)
 #define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define QCS_SHARED_ARRAY(T, name, N) __shared__ T name[N]
 #define QCS_NO_UNROLL _Pragma("unroll 1")
 #else
 #define QCS_NO_UNROLL
@@ -61,11 +62,12 @@ __device__ __forceinline__ A warp_min(A v) {
   return v;
 }
 
-// Block-wide reductions through `scratch` (kMaxWarps values of shared memory). Every
+// Block-wide reductions through `scratch` (kMaxWarps values of shared memory, a
+// QCS_SHARED_ARRAY: the emulation race-checks it, hence the template parameter). Every
 // thread returns the result; the order of the partial sums is fixed (deterministic).
 // blockDim.x must be a multiple of 32.
-template <typename A>
-__device__ __forceinline__ A block_sum(A v, A* scratch) {
+template <typename A, typename Scratch>
+__device__ __forceinline__ A block_sum(A v, Scratch&& scratch) {
   v = warp_sum(v);
   const int nw = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
@@ -75,14 +77,17 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
   __syncthreads();  // scratch may be reused right after
   return total;
 }
-template <typename A>
-__device__ __forceinline__ A block_extreme(A v, A* scratch, bool largest) {
+template <typename A, typename Scratch>
+__device__ __forceinline__ A block_extreme(A v, Scratch&& scratch, bool largest) {
   v = largest ? warp_max(v) : warp_min(v);
   const int nw = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
   __syncthreads();
   A r = scratch[0];
-  for (int w = 1; w < nw; ++w) r = largest ? (scratch[w] > r ? scratch[w] : r) : (scratch[w] < r ? scratch[w] : r);
+  for (int w = 1; w < nw; ++w) {
+    const A x = scratch[w];
+    r = largest ? (x > r ? x : r) : (x < r ? x : r);
+  }
   __syncthreads();
   return r;
 }
@@ -225,7 +230,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kStreamThreads)
     distance_kernel(const T* __restrict__ qk, const A* __restrict__ sq, A* __restrict__ dist, A* __restrict__ partial,
                     int batch, int n, int c, int tiles, Mode mode) {
-  __shared__ A scratch[kMaxWarps];
+  QCS_SHARED_ARRAY(A, scratch, kMaxWarps);
   // 32-bit index arithmetic throughout (n <= 2^15, so n * n < 2^31): a 64-bit division
   // is a call into a slow subroutine, whose saved registers spilled to local memory.
   const unsigned blk = blockIdx.x;
@@ -313,7 +318,7 @@ __global__ void __launch_bounds__(kSmallThreads)
 // grid (M).
 template <typename A>
 __global__ void __launch_bounds__(kSmallThreads) batch_extrema_kernel(A* __restrict__ extrema, int batch, Mode mode) {
-  __shared__ A scratch[kMaxWarps];
+  QCS_SHARED_ARRAY(A, scratch, kMaxWarps);
   const int m = blockIdx.x;
   if (!matrix_used(m, mode)) return;  // phase 1 wrote the zeros
   const bool sim = is_similarity(m);
@@ -439,7 +444,7 @@ __global__ void __launch_bounds__(kStreamThreads)
     backward_stats_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, const A* __restrict__ gscore,
                           const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n,
                           A* __restrict__ stats, A* __restrict__ part) {
-  __shared__ A scratch[kMaxWarps];
+  QCS_SHARED_ARRAY(A, scratch, kMaxWarps);
   const int mb = blockIdx.x, m = mb / batch, b = mb % batch;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;  // stride between workspace planes
   if (!matrix_used(m, mode)) {
@@ -527,8 +532,8 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kSmallThreads)
     backward_reduce_kernel(const A* __restrict__ part, const T* __restrict__ theta, Mode mode, Scope scope, int nmat,
                            int batch, A* __restrict__ route, T* __restrict__ grad_theta) {
-  __shared__ double wide[kMaxWarps];
-  __shared__ A scratch[kMaxWarps];
+  QCS_SHARED_ARRAY(double, wide, kMaxWarps);
+  QCS_SHARED_ARRAY(A, scratch, kMaxWarps);
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
   const int m = blockIdx.x;
   // S = ext - D: the maximum collects +sum(dL/dS); E = D - ext: the minimum -sum(dL/dE).

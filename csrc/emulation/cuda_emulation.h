@@ -2,22 +2,34 @@
 // csrc/cuda/*.cuh compile with a plain C++20 compiler and run on the CPU.
 //
 // Model (what it guarantees, and what it checks through the sanitizers):
-//   * the blocks of a grid run one after the other; the threads of one block run as
-//     real host threads, so data races between them are real races (ThreadSanitizer);
+//   * the threads of a block run as real host threads, and QCS_EMULATION_CONCURRENT_BLOCKS
+//     blocks (default 2, at most 4) run at once, so data races between threads, within a
+//     block or across blocks, are real races (ThreadSanitizer);
 //   * __syncthreads() is a barrier over the block's threads; a thread that returns
 //     from the kernel drops out of every barrier (arrive_and_drop), as on the GPU;
 //   * a watchdog: a thread that waits at a barrier (__syncthreads, __syncwarp, a shuffle)
 //     longer than QCS_EMULATION_WATCHDOG_S seconds (default 300) prints which kernel,
 //     block and barrier, and how many threads arrived, and aborts: a deadlock becomes a
 //     report instead of a hang;
-//   * __shared__ becomes `static`: with one block at a time (and one launch at a time,
-//     see launch_mutex) a static local is exactly one copy per block;
+//   * shared arrays (QCS_SHARED_ARRAY) hold one copy per running block, poisoned (0xFF
+//     bytes) when a block starts; a plain __shared__ does not compile here;
 //   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
 //     0xFF bytes (NaN for floats) so that reading what was never written shows up;
 //   * warp shuffles and ballots go through a per-warp exchange: every lane stores its
 //     value, a warp barrier, every lane reads its source lane (two alternating buffers,
 //     so one barrier per exchange is enough);
-//   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local.
+//   * atomics use std::atomic_ref; threadIdx/blockIdx/blockDim/gridDim are thread-local;
+//   * the blocks of a grid run in a seeded random order (QCS_EMULATION_SEED, default 0,
+//     mixed with a per-process launch counter), never in index order: a kernel that
+//     assumes block 0 runs before block 1 gives different results under different seeds;
+//   * warp collectives check their mask: it must name every lane of the warp (the
+//     kernels use full-warp collectives only); another mask is reported and aborts;
+//   * shared arrays declared with QCS_SHARED_ARRAY are race-checked: per element the
+//     last writer and the readers since, each with the barrier interval it was in
+//     (__syncthreads for the block, __syncwarp within a warp; a shuffle orders nothing).
+//     Two accesses from different threads, one a write, in the same interval are a race:
+//     reported with kernel, block, array, element and threads, then abort. Out-of-range
+//     indices are reported the same way. Dynamic shared memory is not checked.
 // Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
 // must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
 //
@@ -58,7 +70,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-#define __shared__ static
+// Shared memory is declared with QCS_SHARED_ARRAY (per block, race-checked) or
+// QCS_DYNAMIC_SMEM; a plain __shared__ would be one copy for concurrently running blocks.
+#define __shared__ QCS_EMULATION_declare_shared_memory_with_QCS_SHARED_ARRAY
 
 struct dim3 {
   unsigned x, y, z;
@@ -75,6 +89,11 @@ constexpr int warpSize = 32;
 namespace qcs_emu {
 
 inline thread_local const char* tl_kernel = "?";
+// Counts the blocks run by this process (each block's serial number).
+inline std::atomic<uint64_t>& block_serials() {
+  static std::atomic<uint64_t> n{0};
+  return n;
+}
 
 inline double watchdog_seconds() {
   static const double s = [] {
@@ -148,10 +167,20 @@ struct BlockState {
   std::vector<uint64_t> exchange;
   std::vector<unsigned char> parity;  // per thread: which buffer its next exchange uses
   unsigned char* smem;
+  uint64_t serial = ++block_serials();
 };
 
 inline thread_local BlockState* tl_block = nullptr;
 inline thread_local unsigned tl_linear = 0;
+// Barrier intervals of this thread in its block: __syncthreads passed, __syncwarp passed.
+inline thread_local uint32_t tl_block_epoch = 0, tl_warp_epoch = 0;
+// Which block the thread runs (unique over the process), so that checked shared arrays,
+// which are statics, start every block afresh.
+inline thread_local uint64_t tl_block_serial = 0;
+// Which of the launch's concurrently running blocks this thread plays (its slot): the
+// index of the block's copy of every checked shared array.
+constexpr unsigned kMaxConcurrentBlocks = 4;
+inline thread_local unsigned tl_block_slot = 0;
 
 inline unsigned lane() { return tl_linear % 32; }
 inline unsigned warp_id() { return tl_linear / 32; }
@@ -207,7 +236,7 @@ inline bool dry_run() {
   return v != nullptr && v[0] == '1';
 }
 
-// One launch at a time: `__shared__` statics are shared by every block of a kernel.
+// One launch at a time: the checked shared arrays are statics, one set of block copies.
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -262,10 +291,63 @@ inline WorkerPool& worker_pool() {
   return *pool;
 }
 
-// Runs `body` as every thread of every block. One pool thread per thread of a block,
-// reused for block after block: between two blocks all of them meet at a launch-wide
-// barrier whose completion step installs the next block's fresh state (barriers,
-// exchange, poisoned shared memory).
+// How many blocks of a launch run at once (QCS_EMULATION_CONCURRENT_BLOCKS, default 2,
+// 1 to kMaxConcurrentBlocks): blocks that share memory without synchronisation race for
+// real, so ThreadSanitizer sees it.
+inline unsigned concurrent_blocks() {
+  static const unsigned n = [] {
+    const char* v = std::getenv("QCS_EMULATION_CONCURRENT_BLOCKS");
+    const long x = v != nullptr ? std::atol(v) : 2;
+    return static_cast<unsigned>(std::clamp<long>(x, 1, kMaxConcurrentBlocks));
+  }();
+  return n;
+}
+
+// The order in which a launch runs its blocks: a permutation drawn from
+// QCS_EMULATION_SEED (default 0) and the number of launches before this one.
+inline std::vector<unsigned> block_order(unsigned nblocks) {
+  static const uint64_t seed = [] {
+    const char* v = std::getenv("QCS_EMULATION_SEED");
+    return v != nullptr ? std::strtoull(v, nullptr, 10) : 0ull;
+  }();
+  static std::atomic<uint64_t> launches{0};
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + ++launches;
+  auto next = [&x] {  // splitmix64: a few lines, the same on every platform
+    uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
+  std::vector<unsigned> order(nblocks);
+  for (unsigned i = 0; i < nblocks; ++i) order[i] = i;
+  for (unsigned i = nblocks; i > 1; --i) std::swap(order[i - 1], order[next() % i]);
+  return order;
+}
+
+// Runs `body` as every thread of every block. The launch's blocks run
+// concurrent_blocks() at a time, each in its own slot: a slot's pool threads take the
+// blocks at positions slot, slot + slots, ... of the launch's order one after the other,
+// meeting between two blocks at a barrier whose completion step installs the next
+// block's fresh state (barriers, exchange, poisoned dynamic shared memory).
+struct BlockSlot {
+  unsigned nthreads, position, stride, nblocks;
+  std::size_t words;  // dynamic shared memory, in max_align_t units
+  std::unique_ptr<std::max_align_t[]> smem;
+  std::unique_ptr<BlockState> state;
+  void fresh() {
+    std::memset(smem.get(), 0xFF, words * sizeof(std::max_align_t));
+    state = std::make_unique<BlockState>(nthreads, reinterpret_cast<unsigned char*>(smem.get()));
+  }
+  void advance() noexcept {
+    position += stride;
+    if (position < nblocks) fresh();
+  }
+};
+struct AdvanceSlot {
+  BlockSlot* slot;
+  void operator()() noexcept { slot->advance(); }
+};
+
 inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body,
                      const char* kernel = "?") {
   std::lock_guard<std::mutex> guard(launch_mutex());
@@ -273,37 +355,42 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emulated launch: bad block size");
   const unsigned nblocks = grid.x * grid.y * grid.z;
   if (nblocks == 0) return;
+  const std::vector<unsigned> order = block_order(nblocks);
   const std::size_t words = (smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
-  std::unique_ptr<std::max_align_t[]> smem(new std::max_align_t[words ? words : 1]);
-  auto smem_ptr = reinterpret_cast<unsigned char*>(smem.get());
-  unsigned current = 0;
-  auto fresh_block = [&] {
-    std::memset(smem_ptr, 0xFF, words * sizeof(std::max_align_t));
-    return std::make_unique<BlockState>(nthreads, smem_ptr);
-  };
-  std::unique_ptr<BlockState> state = fresh_block();
-  auto next_block = [&]() noexcept {
-    if (++current < nblocks) state = fresh_block();
-  };
-  std::barrier<decltype(next_block)> between_blocks(static_cast<std::ptrdiff_t>(nthreads), next_block);
-  worker_pool().run(nthreads, [&](unsigned t) {
+  const unsigned nslots = std::min(concurrent_blocks(), nblocks);
+  std::vector<std::unique_ptr<BlockSlot>> slots;
+  std::vector<std::unique_ptr<std::barrier<AdvanceSlot>>> between_blocks;
+  for (unsigned g = 0; g < nslots; ++g) {
+    slots.push_back(std::make_unique<BlockSlot>(
+        BlockSlot{nthreads, g, nslots, nblocks, words,
+                  std::unique_ptr<std::max_align_t[]>(new std::max_align_t[words ? words : 1]), nullptr}));
+    slots.back()->fresh();
+    between_blocks.push_back(std::make_unique<std::barrier<AdvanceSlot>>(static_cast<std::ptrdiff_t>(nthreads),
+                                                                         AdvanceSlot{slots.back().get()}));
+  }
+  worker_pool().run(nslots * nthreads, [&](unsigned id) {
+    const unsigned g = id / nthreads, t = id % nthreads;
+    BlockSlot& slot = *slots[g];
     tl_linear = t;
+    tl_block_slot = g;
     tl_kernel = kernel;
     threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     blockDim = block;
     gridDim = grid;
     for (;;) {
-      const unsigned blk = current;  // published by the completion step of between_blocks
-      if (blk >= nblocks) break;
-      BlockState* st = state.get();
+      if (slot.position >= nblocks) break;  // published by the completion step of the barrier
+      const unsigned blk = order[slot.position];
+      BlockState* st = slot.state.get();
       tl_block = st;
+      tl_block_serial = st->serial;
+      tl_block_epoch = tl_warp_epoch = 0;
       blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
       body();
       // The thread has exited the block: it no longer takes part in any of its barriers.
       st->warp[t / 32]->arrive_and_drop();
       st->block.arrive_and_drop();
       tl_block = nullptr;
-      between_blocks.arrive_and_wait();
+      between_blocks[g]->arrive_and_wait();
     }
   });
 }
@@ -357,6 +444,120 @@ T shuffle_from(T value, int src_lane_in_warp, bool valid) {
   return out;
 }
 
+// The mask of a warp collective must name every lane of the calling warp: the kernels
+// use full-warp collectives only, and the exchange above assumes it.
+inline void check_mask(unsigned mask, const char* what) {
+  const unsigned lanes = warp_lanes();
+  const unsigned full = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
+  if (mask == full) return;
+  std::fprintf(stderr,
+               "qcs emulation: kernel %s, block (%u, %u, %u), thread %u: %s with mask 0x%08x, but the warp's "
+               "lanes are 0x%08x (a collective's mask must name every lane that calls it; the emulation "
+               "supports full-warp collectives only)\n",
+               tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z, tl_linear, what, mask, full);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// One access to a checked shared element: which thread, in which barrier intervals.
+struct SharedAccess {
+  unsigned thread;
+  uint32_t block_epoch, warp_epoch;
+};
+inline SharedAccess this_access() { return {tl_linear, tl_block_epoch, tl_warp_epoch}; }
+// Whether `before` happens before the current thread's access `now`: a __syncthreads
+// between them, or a __syncwarp within one warp, or the same thread.
+inline bool ordered(const SharedAccess& before, const SharedAccess& now) {
+  if (before.thread == now.thread || before.block_epoch < now.block_epoch) return true;
+  return before.thread / 32 == now.thread / 32 && before.warp_epoch < now.warp_epoch;
+}
+
+// `__shared__ T name[N]` with a race checker (see the model at the top): one copy per
+// concurrently running block.
+template <typename T, unsigned N>
+class SharedArray {
+ public:
+  explicit SharedArray(const char* name) : name_(name) {}
+  class Ref {
+   public:
+    Ref(SharedArray* a, unsigned i) : a_(a), i_(i) {}
+    operator T() const { return a_->read(i_); }
+    Ref& operator=(T v) {
+      a_->write(i_, v);
+      return *this;
+    }
+    Ref& operator=(const Ref& other) { return *this = static_cast<T>(other); }
+    Ref& operator+=(T v) { return *this = static_cast<T>(*this) + v; }
+
+   private:
+    SharedArray* a_;
+    unsigned i_;
+  };
+  Ref operator[](long long i) { return Ref(this, index(i)); }
+
+ private:
+  struct Copy {
+    std::mutex mutex;
+    uint64_t serial = 0;
+    T data[N];
+    bool written[N] = {};
+    SharedAccess last_write[N] = {};
+    std::vector<SharedAccess> readers[N];
+  };
+  unsigned index(long long i) {
+    if (i >= 0 && i < static_cast<long long>(N)) return static_cast<unsigned>(i);
+    std::fprintf(stderr,
+                 "qcs emulation: kernel %s, block (%u, %u, %u), thread %u: shared %s[%lld] out of range [0, %u)\n",
+                 tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z, tl_linear, name_, i, N);
+    std::fflush(stderr);
+    std::abort();
+  }
+  // The running block's copy; a new block starts with no history and poisoned contents
+  // (0xFF bytes). Call with the copy's mutex held.
+  Copy& mine() {
+    Copy& c = copies_[tl_block_slot];
+    if (c.serial == tl_block_serial) return c;
+    c.serial = tl_block_serial;
+    std::memset(static_cast<void*>(c.data), 0xFF, sizeof(c.data));
+    for (unsigned i = 0; i < N; ++i) {
+      c.written[i] = false;
+      c.readers[i].clear();
+    }
+    return c;
+  }
+  [[noreturn]] void race(const Copy& c, unsigned i, const char* first, unsigned other, const char* second) {
+    std::fprintf(stderr,
+                 "qcs emulation race: kernel %s, block (%u, %u, %u), shared %s[%u] at %p: thread %u %s it and "
+                 "thread %u %s it with no __syncthreads (or __syncwarp within a warp) between\n",
+                 tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z, name_, i, static_cast<const void*>(&c.data[i]), other,
+                 first, tl_linear, second);
+    std::fflush(stderr);
+    std::abort();
+  }
+  T read(unsigned i) {
+    std::lock_guard<std::mutex> lock(copies_[tl_block_slot].mutex);
+    Copy& c = mine();
+    const SharedAccess now = this_access();
+    if (c.written[i] && !ordered(c.last_write[i], now)) race(c, i, "wrote", c.last_write[i].thread, "read");
+    c.readers[i].push_back(now);
+    return c.data[i];
+  }
+  void write(unsigned i, T v) {
+    std::lock_guard<std::mutex> lock(copies_[tl_block_slot].mutex);
+    Copy& c = mine();
+    const SharedAccess now = this_access();
+    if (c.written[i] && !ordered(c.last_write[i], now)) race(c, i, "wrote", c.last_write[i].thread, "wrote");
+    for (const SharedAccess& r : c.readers[i])
+      if (!ordered(r, now)) race(c, i, "read", r.thread, "wrote");
+    c.readers[i].clear();
+    c.written[i] = true;
+    c.last_write[i] = now;
+    c.data[i] = v;
+  }
+  const char* name_;
+  Copy copies_[kMaxConcurrentBlocks];
+};
+
 }  // namespace qcs_emu
 
 // Raises a kernel's dynamic shared memory limit, as the CUDA runtime call does.
@@ -372,35 +573,47 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
-inline void __syncthreads() { qcs_emu::tl_block->block.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { qcs_emu::tl_block->warp[qcs_emu::warp_id()]->arrive_and_wait(); }
+inline void __syncthreads() {
+  qcs_emu::tl_block->block.arrive_and_wait();
+  ++qcs_emu::tl_block_epoch;
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  qcs_emu::check_mask(mask, "__syncwarp");
+  qcs_emu::tl_block->warp[qcs_emu::warp_id()]->arrive_and_wait();
+  ++qcs_emu::tl_warp_epoch;
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
-T __shfl_sync(unsigned, T v, int src, int width = 32) {
+T __shfl_sync(unsigned member_mask, T v, int src, int width = 32) {
+  qcs_emu::check_mask(member_mask, "__shfl_sync");
   const int l = static_cast<int>(qcs_emu::lane());
   return qcs_emu::shuffle_from(v, (l / width) * width + (src % width), true);
 }
 template <typename T>
-T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+T __shfl_down_sync(unsigned member_mask, T v, unsigned delta, int width = 32) {
+  qcs_emu::check_mask(member_mask, "__shfl_down_sync");
   const int l = static_cast<int>(qcs_emu::lane());
   const int src = l + static_cast<int>(delta);
   return qcs_emu::shuffle_from(v, src, src / width == l / width);
 }
 template <typename T>
-T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+T __shfl_up_sync(unsigned member_mask, T v, unsigned delta, int width = 32) {
+  qcs_emu::check_mask(member_mask, "__shfl_up_sync");
   const int l = static_cast<int>(qcs_emu::lane());
   const int src = l - static_cast<int>(delta);
   return qcs_emu::shuffle_from(v, src, src >= 0 && src / width == l / width);
 }
 template <typename T>
-T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+T __shfl_xor_sync(unsigned member_mask, T v, int mask, int width = 32) {
+  qcs_emu::check_mask(member_mask, "__shfl_xor_sync");
   const int l = static_cast<int>(qcs_emu::lane());
   const int src = l ^ mask;
   return qcs_emu::shuffle_from(v, src, src / width == l / width);
 }
-inline unsigned __ballot_sync(unsigned, int predicate) {
+inline unsigned __ballot_sync(unsigned member_mask, int predicate) {
+  qcs_emu::check_mask(member_mask, "__ballot_sync");
   const uint64_t* buf = qcs_emu::warp_exchange(predicate ? 1u : 0u);
   unsigned bits = 0;
   for (unsigned l = 0; l < qcs_emu::warp_lanes(); ++l) bits |= (buf[l] ? 1u : 0u) << l;
@@ -438,3 +651,5 @@ T atomicCAS(T* address, T compare, T value) {
   ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem), #__VA_ARGS__}.bind(&__VA_ARGS__)
 // Dynamic shared memory of the running block (extern __shared__ on the GPU).
 #define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem
+// A race-checked shared array (`__shared__ T name[N]` on the GPU).
+#define QCS_SHARED_ARRAY(T, name, N) static ::qcs_emu::SharedArray<T, (N)> name(#name)

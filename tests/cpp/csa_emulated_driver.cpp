@@ -10,15 +10,15 @@
 // exit status on their own (TSAN_OPTIONS/ASAN_OPTIONS/UBSAN_OPTIONS from the caller).
 #include <algorithm>
 #include <atomic>
-#include <thread>
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
-#include "cuda_emulation.h"
 #include "csa_kernels.cuh"
+#include "cuda_emulation.h"
 
 using qcs::Mode;
 using qcs::Scope;
@@ -41,9 +41,12 @@ static void expect(bool ok, const char* what, double got, double bound) {
 }
 
 // ------------------------------------------------------------------ direct reference
-static std::vector<double> reference_maps(const Problem& p, const std::vector<double>& qk, double theta) {
+static std::vector<double> reference_maps(const Problem& p, const std::vector<double>& qk,
+                                          double theta) {
   const int R = p.R, B = p.B, N = p.N, C = p.C;
-  auto x = [&](int br, int b, int i, int k) { return qk[((static_cast<size_t>(br) * B + b) * N + i) * C + k]; };
+  auto x = [&](int br, int b, int i, int k) {
+    return qk[((static_cast<size_t>(br) * B + b) * N + i) * C + k];
+  };
   std::vector<double> s(R * B * N, 0.0), d(R * B * N, 0.0);
   for (int m = 0; m < p.M; ++m) {
     if (!qcs::matrix_used(m, p.mode)) continue;
@@ -54,7 +57,8 @@ static std::vector<double> reference_maps(const Problem& p, const std::vector<do
       for (int i = 0; i < N; ++i)
         for (int j = 0; j < N; ++j) {
           double acc = 0;
-          for (int k = 0; k < C; ++k) acc += (x(rb, b, i, k) - x(cb, b, j, k)) * (x(rb, b, i, k) - x(cb, b, j, k));
+          for (int k = 0; k < C; ++k)
+            acc += (x(rb, b, i, k) - x(cb, b, j, k)) * (x(rb, b, i, k) - x(cb, b, j, k));
           D[(static_cast<size_t>(b) * N + i) * N + j] = std::sqrt(acc);
         }
     for (int b = 0; b < B; ++b) {
@@ -62,7 +66,8 @@ static std::vector<double> reference_maps(const Problem& p, const std::vector<do
       auto hi = p.scope == Scope::Batch ? D.end() : lo + static_cast<size_t>(N) * N;
       const double ext = sim ? *std::max_element(lo, hi) : *std::min_element(lo, hi);
       std::vector<double> S(static_cast<size_t>(N) * N), rn(N, 0.0), cn(N, 0.0);
-      for (int e = 0; e < N * N; ++e) S[e] = qcs::shifted(D[static_cast<size_t>(b) * N * N + e], ext, sim);
+      for (int e = 0; e < N * N; ++e)
+        S[e] = qcs::shifted(D[static_cast<size_t>(b) * N * N + e], ext, sim);
       for (int i = 0; i < N; ++i)
         for (int j = 0; j < N; ++j) {
           rn[i] += S[i * N + j] * S[i * N + j];
@@ -76,18 +81,21 @@ static std::vector<double> reference_maps(const Problem& p, const std::vector<do
         }
     }
   }
-  const double sw = qcs::s_weight(p.mode), dw = qcs::d_weight(p.mode, qcs::fusion_k(theta, p.gamma));
+  const double sw = qcs::s_weight(p.mode),
+               dw = qcs::d_weight(p.mode, qcs::fusion_k(theta, p.gamma));
   std::vector<double> maps(R * B * N);
   for (int row = 0; row < R * B; ++row) {
     double mx = -HUGE_VAL, sum = 0;
     for (int j = 0; j < N; ++j) mx = std::max(mx, sw * s[row * N + j] + dw * d[row * N + j]);
     for (int j = 0; j < N; ++j) sum += std::exp(sw * s[row * N + j] + dw * d[row * N + j] - mx);
-    for (int j = 0; j < N; ++j) maps[row * N + j] = std::exp(sw * s[row * N + j] + dw * d[row * N + j] - mx) / sum;
+    for (int j = 0; j < N; ++j)
+      maps[row * N + j] = std::exp(sw * s[row * N + j] + dw * d[row * N + j] - mx) / sum;
   }
   return maps;
 }
 
-// ------------------------------------------------------------------ the kernels (mirror of csa_host.h)
+// ------------------------------------------------------------------ the kernels (mirror of
+// csa_host.h)
 template <typename A>
 struct Result {
   std::vector<A> maps, dist, extrema, grad_qk;
@@ -95,7 +103,8 @@ struct Result {
 };
 
 template <typename A>
-static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_maps, bool streaming) {
+static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_maps,
+                             bool streaming) {
   const int R = p.R, M = p.M, B = p.B, N = p.N, C = p.C;
   const size_t NN = static_cast<size_t>(N) * N;
   std::vector<A> qk(p.qk.begin(), p.qk.end());
@@ -119,9 +128,10 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   }
   std::vector<A> sq(R * B * N);
   const int64_t rows = static_cast<int64_t>(R) * B * N;
-  QCS_LAUNCH(static_cast<int>((rows + 7) / 8), kern::kStreamThreads, 0, nullptr, kern::sqnorm_kernel<A, A>)(
-      qk.data(), sq.data(), rows, C);
-  const int tiles = static_cast<int>(std::clamp<int64_t>((NN + kern::kStreamThreads * 16 - 1) / (kern::kStreamThreads * 16), 1, 64));
+  QCS_LAUNCH(static_cast<int>((rows + 7) / 8), kern::kStreamThreads, 0, nullptr,
+             kern::sqnorm_kernel<A, A>)(qk.data(), sq.data(), rows, C);
+  const int tiles = static_cast<int>(std::clamp<int64_t>(
+      (NN + kern::kStreamThreads * 16 - 1) / (kern::kStreamThreads * 16), 1, 64));
   std::vector<A> partial(static_cast<size_t>(M) * B * tiles);
   QCS_LAUNCH(tiles * M * B, kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
       qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, tiles, p.mode);
@@ -129,7 +139,8 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr, kern::sample_extrema_kernel<A>)(
       partial.data(), res.extrema.data(), M, B, tiles, p.mode);
   if (p.scope == Scope::Batch)
-    QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(res.extrema.data(), B, p.mode);
+    QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(
+        res.extrema.data(), B, p.mode);
   res.maps.resize(R * B * N);
   if (!streaming) {
     const size_t smem = (NN + 2 * N + 2 * R * N) * sizeof(A);
@@ -139,27 +150,30 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
     std::vector<A> norms(2 * M * B * N), scores(2 * R * B * N);
     QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::stream_aggregate_kernel<A>)(
         res.dist.data(), res.extrema.data(), norms.data(), scores.data(), M, R, B, N, p.mode);
-    QCS_LAUNCH(B, kern::kSmallThreads, 0, nullptr, kern::fuse_softmax_kernel<A, A>)(scores.data(), th, p.gamma, p.mode,
-                                                                                     R, B, N, res.maps.data());
+    QCS_LAUNCH(B, kern::kSmallThreads, 0, nullptr, kern::fuse_softmax_kernel<A, A>)(
+        scores.data(), th, p.gamma, p.mode, R, B, N, res.maps.data());
   }
   // backward
   std::vector<A> g(grad_maps.begin(), grad_maps.end()), gscore(R * B * N);
-  QCS_LAUNCH(B, kern::kSmallThreads, 0, nullptr, kern::softmax_backward_kernel<A, A>)(g.data(), res.maps.data(),
-                                                                                      gscore.data(), R, B, N);
-  std::vector<A> stats(4 * M * B * N), part(3 * M * B), route(M * B), wmat(M * B * NN), wsum(2 * M * B * N);
+  QCS_LAUNCH(B, kern::kSmallThreads, 0, nullptr, kern::softmax_backward_kernel<A, A>)(
+      g.data(), res.maps.data(), gscore.data(), R, B, N);
+  std::vector<A> stats(4 * M * B * N), part(3 * M * B), route(M * B), wmat(M * B * NN),
+      wsum(2 * M * B * N);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_stats_kernel<A, A>)(
-      res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), part.data());
+      res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N,
+      stats.data(), part.data());
   QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
       part.data(), th, p.mode, p.scope, M, B, route.data(), th ? &res.grad_theta : nullptr);
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_weights_kernel<A, A>)(
-      res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N, stats.data(), route.data(),
-      wmat.data(), wsum.data());
+      res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N,
+      stats.data(), route.data(), wmat.data(), wsum.data());
   res.grad_qk.assign(qk.size(), A(0));
   for (int m = 0; m < M; ++m) {  // dX = diag(W1) X - W Y, dY = diag(W^T 1) Y - W^T X
     if (!qcs::matrix_used(m, p.mode)) continue;
     for (int b = 0; b < B; ++b) {
       const int rb = qcs::row_branch(m), cb = qcs::col_branch(m);
-      const A *x = X(rb, b), *y = X(cb, b), *w = wmat.data() + (static_cast<size_t>(m) * B + b) * NN;
+      const A *x = X(rb, b), *y = X(cb, b),
+              *w = wmat.data() + (static_cast<size_t>(m) * B + b) * NN;
       const A* wr = wsum.data() + (static_cast<size_t>(m) * B + b) * N;
       const A* wc = wsum.data() + (static_cast<size_t>(M + m) * B + b) * N;
       A* gx = res.grad_qk.data() + (static_cast<size_t>(rb) * B + b) * N * C;
@@ -191,7 +205,8 @@ static double max_abs(const std::vector<double>& v) {
 // fd: compare the gradient with finite differences. Off for constant input, where the
 // maps are not differentiable (the normalisation of an all-zero matrix): there the
 // kernels, like autograd through the reference, give exactly zero.
-static void check(const char* name, Problem p, bool streaming, std::mt19937_64& rng, bool fd_check = true) {
+static void check(const char* name, Problem p, bool streaming, std::mt19937_64& rng,
+                  bool fd_check = true) {
   std::normal_distribution<double> normal;
   std::vector<double> gm(static_cast<size_t>(p.R) * p.B * p.N);
   for (double& v : gm) v = normal(rng);
@@ -232,16 +247,19 @@ static void check(const char* name, Problem p, bool streaming, std::mt19937_64& 
   }
   const double scale = std::max(1.0, std::abs(fd));
   if (!fd_check) {
-    expect(max_abs(g64) == 0.0 && r64.grad_theta == 0.0, "grad is zero at constant input", max_abs(g64), 0.0);
-    std::printf("%-32s %s maps64 %.1e maps32 %.1e grad64 max %.1e\n", name, streaming ? "stream" : "fused ", e64, e32,
-                max_abs(g64));
+    expect(max_abs(g64) == 0.0 && r64.grad_theta == 0.0, "grad is zero at constant input",
+           max_abs(g64), 0.0);
+    std::printf("%-32s %s maps64 %.1e maps32 %.1e grad64 max %.1e\n", name,
+                streaming ? "stream" : "fused ", e64, e32, max_abs(g64));
     return;
   }
-  expect(std::abs(an - fd) <= 1e-6 * scale, "grad float64 vs finite differences", std::abs(an - fd), 1e-6 * scale);
+  expect(std::abs(an - fd) <= 1e-6 * scale, "grad float64 vs finite differences", std::abs(an - fd),
+         1e-6 * scale);
   const double gscale = std::max(max_abs(g64), 1e-3) * std::sqrt(static_cast<double>(v.size()));
-  expect(std::abs(an32 - an) <= 1e-3 * gscale, "grad float32 vs float64", std::abs(an32 - an), 1e-3 * gscale);
-  std::printf("%-32s %s maps64 %.1e maps32 %.1e grad64 %.1e grad32 %.1e\n", name, streaming ? "stream" : "fused ",
-              e64, e32, std::abs(an - fd), std::abs(an32 - an));
+  expect(std::abs(an32 - an) <= 1e-3 * gscale, "grad float32 vs float64", std::abs(an32 - an),
+         1e-3 * gscale);
+  std::printf("%-32s %s maps64 %.1e maps32 %.1e grad64 %.1e grad32 %.1e\n", name,
+              streaming ? "stream" : "fused ", e64, e32, std::abs(an - fd), std::abs(an32 - an));
 }
 
 static Problem make(int R, int B, int N, int C, Mode mode, Scope scope, std::mt19937_64& rng) {
@@ -283,14 +301,19 @@ static int validator_controls() {
   bad += !refused("32 x 32 x 2 = 2048 threads", 1, dim3(32, 32, 2), 0, "more than 1024 threads");
   bad += !refused("block z = 65", 1, dim3(1, 1, 65), 0, "block dimension");
   bad += !refused("empty grid", 0, 32, 0, "empty grid");
-  bad += !refused("49 KiB dynamic smem, no opt-in", 1, 32, 49 * 1024, "without cudaFuncSetAttribute");
-  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) != cudaSuccess;
-  bad += !refused("65 KiB dynamic smem, 64 KiB opt-in", 1, 32, 65 * 1024, "limit set by cudaFuncSetAttribute");
-  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024) == cudaSuccess;
+  bad +=
+      !refused("49 KiB dynamic smem, no opt-in", 1, 32, 49 * 1024, "without cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              64 * 1024) != cudaSuccess;
+  bad += !refused("65 KiB dynamic smem, 64 KiB opt-in", 1, 32, 65 * 1024,
+                  "limit set by cudaFuncSetAttribute");
+  bad += cudaFuncSetAttribute(planted_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              200 * 1024) == cudaSuccess;
   int counter = 0;  // at the limits (1024 threads, the 64 KiB opted into): runs
   QCS_LAUNCH(1, 1024, 64 * 1024, nullptr, planted_kernel)(&counter);
   bad += counter != 1;
-  std::printf(bad ? "validator controls FAILED\n" : "validator controls: all refused as expected\n");
+  std::printf(bad ? "validator controls FAILED\n"
+                  : "validator controls: all refused as expected\n");
   return bad;
 }
 
@@ -305,7 +328,77 @@ __global__ void planted_deadlock(int* flag) {
   }
 }
 
+// Negative controls of the race checker, the mask check and the block order. Each planted
+// kernel is run by its own mode (`csa_emulated_driver race`, ...): a report aborts.
+// Threads 0 and 40 (two warps) touch one shared cell with no barrier between.
+__global__ void planted_race(int* out) {
+  QCS_SHARED_ARRAY(int, cell, 1);
+  if (threadIdx.x == 0) cell[0] = 1;
+  if (threadIdx.x == 40) out[0] = cell[0];
+}
+// Lane 0 writes, a shuffle, lane 1 reads: a shuffle is not a memory fence (a race);
+// with `fence` a __syncwarp orders the two (no race).
+__global__ void planted_shuffle_fence(int* out, bool fence) {
+  QCS_SHARED_ARRAY(int, cell, 1);
+  if (threadIdx.x == 0) cell[0] = 7;
+  const int v = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 0);
+  if (fence) __syncwarp();
+  if (threadIdx.x == 1) out[0] = cell[0] + v;
+}
+// All 32 lanes call a shuffle whose mask names only 16 of them.
+__global__ void planted_mask(int* out) {
+  const int v = __shfl_xor_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 1);
+  if (threadIdx.x == 0) out[0] = v;
+}
+// Every block overwrites one word: what is left is the block that ran last.
+__global__ void planted_order(int* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<int>(blockIdx.x);
+}
+
+// Every block's thread 0 stores its index in a shared cell; after a barrier every thread
+// checks it: with one copy for all running blocks, concurrent blocks would disagree.
+__global__ void per_block_shared(int* mismatches) {
+  QCS_SHARED_ARRAY(int, cell, 1);
+  if (threadIdx.x == 0) cell[0] = static_cast<int>(blockIdx.x);
+  __syncthreads();
+  if (cell[0] != static_cast<int>(blockIdx.x)) atomicAdd(mismatches, 1);
+}
+// Every block's thread 0 increments one global word without an atomic: a race between
+// blocks running at once (ThreadSanitizer reports it).
+__global__ void planted_cross_block(int* out) {
+  if (threadIdx.x == 0) out[0] += 1;
+}
+
+static int planted(const std::string& what) {
+  int out = 0;
+  if (what == "race") QCS_LAUNCH(1, 64, 0, nullptr, planted_race)(&out);
+  if (what == "shuffle-fence") QCS_LAUNCH(1, 32, 0, nullptr, planted_shuffle_fence)(&out, false);
+  if (what == "syncwarp-fence") QCS_LAUNCH(1, 32, 0, nullptr, planted_shuffle_fence)(&out, true);
+  if (what == "mask") QCS_LAUNCH(1, 32, 0, nullptr, planted_mask)(&out);
+  if (what == "cross-block") QCS_LAUNCH(64, 32, 0, nullptr, planted_cross_block)(&out);
+  if (what == "shared-per-block") {
+    QCS_LAUNCH(64, 64, 0, nullptr, per_block_shared)(&out);
+    std::printf("shared per block: %d mismatches\n", out);
+    return out == 0 ? 0 : 1;
+  }
+  if (what == "order") {
+    std::printf("last block of 5 launches:");
+    for (int i = 0; i < 5; ++i) {
+      QCS_LAUNCH(64, 32, 0, nullptr, planted_order)(&out);
+      std::printf(" %d", out);
+    }
+    std::printf("\n");
+    return 0;
+  }
+  std::printf("planted %s: not reported (out = %d)\n", what.c_str(), out);
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
+  if (mode == "race" || mode == "shuffle-fence" || mode == "syncwarp-fence" || mode == "mask" ||
+      mode == "order" || mode == "cross-block" || mode == "shared-per-block")
+    return planted(mode);
   if (argc > 1 && std::string(argv[1]) == "deadlock") {
     int flag = 0;
     QCS_LAUNCH(1, 64, 0, nullptr, planted_deadlock)(&flag);
@@ -319,12 +412,14 @@ int main(int argc, char** argv) {
   const Scope scopes[] = {Scope::Batch, Scope::Sample};
   for (Mode mode : modes)
     for (Scope scope : scopes) {
-      if (quick && !((mode == Mode::SD && scope == Scope::Batch) || (mode == Mode::D && scope == Scope::Sample)))
+      if (quick && !((mode == Mode::SD && scope == Scope::Batch) ||
+                     (mode == Mode::D && scope == Scope::Sample)))
         continue;
       check("quad B=2 N=5 C=3", make(4, 2, 5, 3, mode, scope, rng), false, rng);
     }
   check("quad B=1 N=1", make(4, 1, 1, 2, Mode::SD, Scope::Batch, rng), false, rng);
-  check("quad B=2 N=33 C=2 (streaming)", make(4, 2, 33, 2, Mode::SD, Scope::Sample, rng), true, rng);
+  check("quad B=2 N=33 C=2 (streaming)", make(4, 2, 33, 2, Mode::SD, Scope::Sample, rng), true,
+        rng);
   check("quad B=1 N=9 (streaming, batch)", make(4, 1, 9, 3, Mode::D, Scope::Batch, rng), true, rng);
   check("pair B=3 N=4", make(2, 3, 4, 3, Mode::S, Scope::Batch, rng), false, rng);
   check("pair B=2 N=6 (streaming)", make(2, 2, 6, 3, Mode::S, Scope::Sample, rng), true, rng);
@@ -332,7 +427,8 @@ int main(int argc, char** argv) {
     Problem p = make(4, 2, 4, 3, Mode::SD, Scope::Batch, rng);
     const size_t plane = static_cast<size_t>(p.B) * p.N * p.C;
     std::copy(p.qk.begin(), p.qk.begin() + plane, p.qk.begin() + plane);
-    std::copy(p.qk.begin() + 2 * plane, p.qk.begin() + 2 * plane + p.C, p.qk.begin() + 2 * plane + p.C);
+    std::copy(p.qk.begin() + 2 * plane, p.qk.begin() + 2 * plane + p.C,
+              p.qk.begin() + 2 * plane + p.C);
     check("quad duplicated tokens", p, false, rng);
   }
   {  // constant input: all distances 0, the clamp path everywhere
