@@ -10,8 +10,8 @@ read back from each run's ``metrics.jsonl``. Runs are appended to ``RUNS/results
 they finish, so an interrupted comparison keeps what it has and ``--table-only`` rebuilds
 the table from it.
 
-    python -m qcs_tools.compare_variants --runs runs/compare --out docs/comparison.md \
-        --seeds 0 1 --epochs 3 --train-per-class 80 --test-per-class 40 --jobs 2 \
+    python -m qcs_tools.compare_variants --runs runs/compare --seeds 0 1 2 --epochs 8 \
+        --train-per-class 100 --test-per-class 50 --out docs/comparison-table.md \
         --curves docs/comparison-curves.png
 """
 
