@@ -40,6 +40,19 @@ def _skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
+def _build_driver(exe: Path, flags: list[str], kernels_dir: Path | None = None) -> Path:
+    """Build the emulated driver into ``exe`` with ``flags``; ``kernels_dir`` holds a
+    modified ``csa_kernels.cuh`` found before the shipped one (negative controls)."""
+    cxx = _cxx()
+    if cxx is None:
+        _skip_or_fail("no C++ compiler")
+    first = [f"-I{kernels_dir}"] if kernels_dir is not None else []
+    build = subprocess.run([cxx, "-std=c++20", *flags, *first, *INCLUDES, str(DRIVER), "-o",
+                            str(exe), "-pthread"], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return exe
+
+
 @pytest.mark.slow
 def test_cuda_compile_gate():
     if not _have_nvcc():
@@ -81,29 +94,8 @@ SANITIZERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(SANITIZERS))
 def test_emulated_kernels_sanitizers(kind, tmp_path):
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
     flags, env_extra, args = SANITIZERS[kind]
-    exe = tmp_path / f"driver_{kind}"
-    build = subprocess.run(
-        [
-            cxx,
-            "-std=c++20",
-            "-Wall",
-            "-Wextra",
-            *flags,
-            *INCLUDES,
-            str(DRIVER),
-            "-o",
-            str(exe),
-            "-pthread",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = _build_driver(tmp_path / f"driver_{kind}", ["-Wall", "-Wextra", *flags])
     env = {**os.environ, **env_extra}
     run = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=900)
     out = run.stdout + run.stderr
@@ -123,35 +115,14 @@ def test_emulated_kernels_sanitizers(kind, tmp_path):
 def test_tsan_detects_a_missing_syncthreads(tmp_path):
     """Negative control: with the barrier after the fused epilogue's shared-memory load
     removed, ThreadSanitizer must report the race (so a clean run above means something)."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
     src = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
     load = "mat[e] = sim ? ext - d[e] : d[e] - ext;\n    __syncthreads();"
     assert load in src, "the fused epilogue changed: update this negative control"
     (tmp_path / "csa_kernels.cuh").write_text(
         src.replace(load, "mat[e] = sim ? ext - d[e] : d[e] - ext;", 1)
     )
-    exe = tmp_path / "driver_racy"
-    build = subprocess.run(
-        [
-            cxx,
-            "-std=c++20",
-            "-O1",
-            "-g",
-            "-fsanitize=thread",
-            f"-I{tmp_path}",
-            *INCLUDES,
-            str(DRIVER),
-            "-o",
-            str(exe),
-            "-pthread",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = _build_driver(tmp_path / "driver_racy", ["-O1", "-g", "-fsanitize=thread"],
+                        kernels_dir=tmp_path)
     env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1:exitcode=66"}
     run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=900)
     assert "WARNING: ThreadSanitizer: data race" in run.stderr, run.stderr[-3000:]
@@ -276,66 +247,36 @@ def test_gpu_check_build_step(tmp_path):
     assert "has_fused_kernel cpu True" in (tmp_path / "out" / "import.log").read_text()
 
 
-def test_launch_validator_negative_controls(tmp_path):
+@pytest.fixture(scope="module")
+def planted_driver(tmp_path_factory):
+    """The emulated driver, built once for the negative controls of the emulation (the
+    launch validator, the watchdog, the race checker, the mask check, the block order:
+    each a mode of the driver)."""
+    return _build_driver(tmp_path_factory.mktemp("planted") / "driver", ["-O0"])
+
+
+def test_launch_validator_negative_controls(planted_driver):
     """Planted over-limit launches (gridDim.y 65536, 2048 threads, block z 65, an empty
     grid, 49 KiB dynamic shared memory without opt-in, above the opted-in limit) are each
     refused with the kernel's name and the limit; a launch at the limits runs."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
-    exe = tmp_path / "driver_controls"
-    build = subprocess.run(
-        [cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    run = subprocess.run([str(exe), "controls"], capture_output=True, text=True, timeout=300)
+    run = _planted(planted_driver, "controls")
     assert run.returncode == 0, run.stdout[-4000:]
     assert run.stdout.count(" refused: emulated launch of planted_kernel") == 6
     assert "all refused as expected" in run.stdout
 
 
-def test_watchdog_reports_a_planted_deadlock(tmp_path):
+def test_watchdog_reports_a_planted_deadlock(planted_driver):
     """Negative control of the emulator's watchdog: a kernel whose threads wait for each
     other forever is reported (kernel, block, barrier, threads arrived) and aborted."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
-    exe = tmp_path / "driver_deadlock"
-    build = subprocess.run(
-        [cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe), "-pthread"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert build.returncode == 0, build.stderr[-4000:]
-    env = {**os.environ, "QCS_EMULATION_WATCHDOG_S": "2"}
-    run = subprocess.run(
-        [str(exe), "deadlock"], capture_output=True, text=True, env=env, timeout=120
-    )
+    run = _planted(planted_driver, "deadlock", QCS_EMULATION_WATCHDOG_S="2")
     assert run.returncode != 0 and "not reported" not in run.stdout
     assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
     assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr
 
 
-@pytest.fixture(scope="module")
-def planted_driver(tmp_path_factory):
-    """The emulated driver, built once for the negative controls of the race checker, the
-    mask check and the block order (each a mode of the driver)."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
-    exe = tmp_path_factory.mktemp("planted") / "driver"
-    build = subprocess.run([cxx, "-std=c++20", "-O0", *INCLUDES, str(DRIVER), "-o", str(exe),
-                            "-pthread"], capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return exe
-
-
 def _planted(exe, mode: str, seed: int | None = None, **env_extra) -> subprocess.CompletedProcess:
-    env = dict(os.environ, QCS_EMULATION_WATCHDOG_S="20", **env_extra)
+    """Run the driver in ``mode`` (a planted control) with a short watchdog."""
+    env = {**os.environ, "QCS_EMULATION_WATCHDOG_S": "20", **env_extra}
     if seed is not None:
         env["QCS_EMULATION_SEED"] = str(seed)
     return subprocess.run([str(exe), mode], capture_output=True, text=True, env=env,
@@ -388,18 +329,11 @@ def test_blocks_run_in_a_seeded_random_order(planted_driver):
 def test_race_checker_catches_a_missing_barrier_in_the_kernels(tmp_path):
     """The kernels with the barrier that ends block_sum removed (scratch reused by the
     next reduction while other warps still read it): the driver reports the race."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
     source = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
     barrier = "  __syncthreads();  // scratch may be reused right after\n"
     assert source.count(barrier) == 1
     (tmp_path / "csa_kernels.cuh").write_text(source.replace(barrier, ""))
-    exe = tmp_path / "driver"
-    build = subprocess.run([cxx, "-std=c++20", "-O0", f"-I{tmp_path}", *INCLUDES[:2],
-                            str(DRIVER), "-o", str(exe), "-pthread"],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = _build_driver(tmp_path / "driver", ["-O0"], kernels_dir=tmp_path)
     run = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=600)
     assert run.returncode != 0, run.stdout[-2000:]
     assert "qcs emulation race: kernel" in run.stderr and "shared scratch[" in run.stderr
@@ -415,14 +349,7 @@ def test_blocks_run_concurrently_with_their_own_shared_memory(planted_driver):
 def test_a_race_between_concurrent_blocks_is_reported_by_tsan(tmp_path):
     """Every block increments one global word without an atomic: with blocks running two at
     a time, ThreadSanitizer reports the race (run one block at a time, it could not)."""
-    cxx = _cxx()
-    if cxx is None:
-        _skip_or_fail("no C++ compiler")
-    exe = tmp_path / "driver_tsan"
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", *INCLUDES,
-                            str(DRIVER), "-o", str(exe), "-pthread"],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr[-4000:]
+    exe = _build_driver(tmp_path / "driver_tsan", ["-O1", "-g", "-fsanitize=thread"])
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66")
     run = subprocess.run([str(exe), "cross-block"], capture_output=True, text=True, env=env,
                          timeout=300)

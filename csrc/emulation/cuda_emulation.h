@@ -167,6 +167,7 @@ struct BlockState {
   std::vector<uint64_t> exchange;
   std::vector<unsigned char> parity;  // per thread: which buffer its next exchange uses
   unsigned char* smem;
+  // Unique over the process: checked shared arrays (statics) start every block afresh.
   uint64_t serial = ++block_serials();
 };
 
@@ -174,9 +175,6 @@ inline thread_local BlockState* tl_block = nullptr;
 inline thread_local unsigned tl_linear = 0;
 // Barrier intervals of this thread in its block: __syncthreads passed, __syncwarp passed.
 inline thread_local uint32_t tl_block_epoch = 0, tl_warp_epoch = 0;
-// Which block the thread runs (unique over the process), so that checked shared arrays,
-// which are statics, start every block afresh.
-inline thread_local uint64_t tl_block_serial = 0;
 // Which of the launch's concurrently running blocks this thread plays (its slot): the
 // index of the block's copy of every checked shared array.
 constexpr unsigned kMaxConcurrentBlocks = 4;
@@ -382,7 +380,6 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
       const unsigned blk = order[slot.position];
       BlockState* st = slot.state.get();
       tl_block = st;
-      tl_block_serial = st->serial;
       tl_block_epoch = tl_warp_epoch = 0;
       blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
       body();
@@ -487,7 +484,6 @@ class SharedArray {
       return *this;
     }
     Ref& operator=(const Ref& other) { return *this = static_cast<T>(other); }
-    Ref& operator+=(T v) { return *this = static_cast<T>(*this) + v; }
 
    private:
     SharedArray* a_;
@@ -516,8 +512,8 @@ class SharedArray {
   // (0xFF bytes). Call with the copy's mutex held.
   Copy& mine() {
     Copy& c = copies_[tl_block_slot];
-    if (c.serial == tl_block_serial) return c;
-    c.serial = tl_block_serial;
+    if (c.serial == tl_block->serial) return c;
+    c.serial = tl_block->serial;
     std::memset(static_cast<void*>(c.data), 0xFF, sizeof(c.data));
     for (unsigned i = 0; i < N; ++i) {
       c.written[i] = false;
