@@ -14,6 +14,8 @@
 #define QCS_HOST_DEVICE c10::DeviceType::CPU
 #define QCS_HOST_IMAGE_FITS(index) ::qcs_emu_host::kernel_image_fits(index)
 #define QCS_HOST_GEMM_INPUT(t) ::qcs_emu_host::cublas_input(t)
+#define QCS_HOST_HALF c10::Half  // the emulated wmma takes any 16-bit type that converts to float
+#define QCS_HOST_BF16 c10::BFloat16
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -34,6 +36,7 @@ inline bool kernel_image_fits(int /*index*/) {
 // and no at::NoTF32Guard is active, the tensor cores see only the top 10 mantissa bits
 // (the low 13 bits dropped). Emulated so that the CPU tests see what a GPU would.
 inline at::Tensor cublas_input(const at::Tensor& t) {
+  qcs_emu::note_launch("cuBLAS GEMM operand");  // two per GEMM, in the launch log
   if (t.scalar_type() != at::kFloat || at::NoTF32Guard::should_disable_tf32() || !at::globalContext().allowTF32CuBLAS())
     return t;
   return t.contiguous().view(at::kInt).bitwise_and(~0x1FFF).view(at::kFloat);
@@ -54,6 +57,13 @@ TORCH_LIBRARY(qcs_emulated, m) {
   // As qcs_ext::kernel_image_fits of the CUDA build (see csrc/cuda/csa_cuda.cu).
   m.def("kernel_image_fits(int device) -> bool",
         [](int64_t device) { return ::qcs_emu_host::kernel_image_fits(static_cast<int>(device)); });
+  // The kernels launched (and cuBLAS operands passed) since the last call, then cleared.
+  m.def("launch_log() -> str[]", []() {
+    std::lock_guard<std::mutex> lock(qcs_emu::launch_log_mutex());
+    std::vector<std::string> out;
+    out.swap(qcs_emu::launch_log());
+    return out;
+  });
 }
 
 TORCH_LIBRARY_IMPL(qcs_emulated, CPU, m) { qcs::host::register_kernels(m); }

@@ -38,7 +38,8 @@
 // [1, 2^31 - 1], grid y and z in [1, 65535], block dimensions (1024, 1024, 64) and at
 // most 1024 threads, dynamic shared memory within 48 KiB unless cudaFuncSetAttribute
 // raised the kernel's limit (to at most 99 KiB, the smallest opt-in limit among the GPUs
-// that run sm_80 code). QCS_EMULATION_DRY_RUN=1 validates launches without running
+// that run sm_80 code), and the static shared memory of a kernel's QCS_SHARED_ARRAYs
+// within 48 KiB, with the dynamic within the kernel's limit. QCS_EMULATION_DRY_RUN=1 validates launches without running
 // them (to check the launch geometry of problems too large to execute here).
 #pragma once
 
@@ -89,6 +90,8 @@ constexpr int warpSize = 32;
 namespace qcs_emu {
 
 inline thread_local const char* tl_kernel = "?";
+inline thread_local const void* tl_kernel_fn = nullptr;  // the running kernel's address
+inline thread_local std::size_t tl_dynamic_smem = 0;     // and its launch's dynamic shared memory
 // Counts the blocks run by this process (each block's serial number).
 inline std::atomic<uint64_t>& block_serials() {
   static std::atomic<uint64_t> n{0};
@@ -153,6 +156,8 @@ struct BlockState {
     const unsigned nwarps = (nthreads + 31) / 32;
     exchange.resize(2 * nwarps * 32);
     parity.resize(nthreads, 0);
+    tiles.resize(2 * nwarps * kTileExchange);
+    tile_parity.resize(nthreads, 0);
     for (unsigned w = 0; w < nwarps; ++w) {
       const unsigned lanes = std::min(32u, nthreads - 32 * w);
       warp.emplace_back(
@@ -166,6 +171,10 @@ struct BlockState {
   // every lane of its warp has arrived at the next exchange, i.e. finished reading it.
   std::vector<uint64_t> exchange;
   std::vector<unsigned char> parity;  // per thread: which buffer its next exchange uses
+  // The same for the warp-matrix operations (wmma_emulation.h): a whole tile per warp.
+  static constexpr unsigned kTileExchange = 16 * 16;
+  std::vector<double> tiles;
+  std::vector<unsigned char> tile_parity;
   unsigned char* smem;
   // Unique over the process: checked shared arrays (statics) start every block afresh.
   uint64_t serial = ++block_serials();
@@ -205,6 +214,41 @@ inline std::mutex& smem_opt_in_mutex() {
   return m;
 }
 
+// Per kernel: the static shared memory of its QCS_SHARED_ARRAYs, counted as each is
+// constructed (on the kernel's first launch). Call with smem_opt_in_mutex() held.
+inline std::map<const void*, std::size_t>& static_smem() {
+  static std::map<const void*, std::size_t> m;
+  return m;
+}
+constexpr std::size_t kMaxStaticSmem = 48 * 1024;
+// The dynamic shared memory limit of a kernel: 48 KiB unless cudaFuncSetAttribute raised it.
+// Call with smem_opt_in_mutex() held.
+inline std::size_t dynamic_smem_limit(const void* fn) {
+  const auto it = smem_opt_in().find(fn);
+  return it != smem_opt_in().end() ? it->second : kDefaultSmem;
+}
+
+// A QCS_SHARED_ARRAY of `bytes` declared by the running kernel: static shared memory
+// above 48 KiB, or static plus the launch's dynamic above the kernel's limit, fails on the
+// GPU ("too many resources requested for launch"); here it is reported and aborts.
+inline void note_static_shared(const char* array, std::size_t bytes) {
+  std::size_t total, limit;
+  {
+    std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
+    total = static_smem()[tl_kernel_fn] += bytes;
+    limit = dynamic_smem_limit(tl_kernel_fn);
+  }
+  if (total <= kMaxStaticSmem && total + tl_dynamic_smem <= std::max(limit, kDefaultSmem)) return;
+  std::fprintf(stderr,
+               "qcs emulation: kernel %s: shared %s brings its static shared memory to %zu B (with %zu B dynamic): "
+               "above %s\n",
+               tl_kernel, array, total, tl_dynamic_smem,
+               total > kMaxStaticSmem ? "the 48 KiB limit of static shared memory"
+                                      : "the kernel's shared memory limit (48 KiB without cudaFuncSetAttribute)");
+  std::fflush(stderr);
+  std::abort();
+}
+
 inline void validate_launch(const char* kernel, const void* fn, dim3 grid, dim3 block, std::size_t smem) {
   auto fail = [&](const std::string& what) {
     throw LaunchError(std::string("emulated launch of ") + kernel + ": " + what + " (grid " + std::to_string(grid.x) +
@@ -218,15 +262,18 @@ inline void validate_launch(const char* kernel, const void* fn, dim3 grid, dim3 
   if (block.x == 0 || block.y == 0 || block.z == 0) fail("empty block");
   if (block.x > kMaxBlockXY || block.y > kMaxBlockXY || block.z > kMaxBlockZ) fail("block dimension above its limit");
   if (static_cast<unsigned long long>(block.x) * block.y * block.z > kMaxThreads) fail("more than 1024 threads");
-  std::size_t limit = kDefaultSmem;
+  std::size_t limit = kDefaultSmem, known_static = 0;
   {
     std::lock_guard<std::mutex> lock(smem_opt_in_mutex());
-    const auto it = smem_opt_in().find(fn);
-    if (it != smem_opt_in().end()) limit = it->second;
+    limit = dynamic_smem_limit(fn);
+    const auto it = static_smem().find(fn);
+    if (it != static_smem().end()) known_static = it->second;  // from an earlier launch
   }
   if (smem > limit)
     fail(limit == kDefaultSmem ? "dynamic shared memory above 48 KiB without cudaFuncSetAttribute"
                                : "dynamic shared memory above the limit set by cudaFuncSetAttribute");
+  if (known_static + smem > std::max(limit, kDefaultSmem))
+    fail("static (" + std::to_string(known_static) + " B) plus dynamic shared memory above the kernel's limit");
 }
 
 inline bool dry_run() {
@@ -347,7 +394,7 @@ struct AdvanceSlot {
 };
 
 inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body,
-                     const char* kernel = "?") {
+                     const char* kernel = "?", const void* kernel_fn = nullptr) {
   std::lock_guard<std::mutex> guard(launch_mutex());
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emulated launch: bad block size");
@@ -372,6 +419,8 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
     tl_linear = t;
     tl_block_slot = g;
     tl_kernel = kernel;
+    tl_kernel_fn = kernel_fn;
+    tl_dynamic_smem = smem_bytes;
     threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
     blockDim = block;
     gridDim = grid;
@@ -392,6 +441,21 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   });
 }
 
+// The names of the kernels launched, in order (qcs_emulated::launch_log reads and clears
+// it): the tests count the launches of an op.
+inline std::mutex& launch_log_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline std::vector<std::string>& launch_log() {
+  static std::vector<std::string> log;
+  return log;
+}
+inline void note_launch(const char* what) {
+  std::lock_guard<std::mutex> lock(launch_log_mutex());
+  if (launch_log().size() < 100000) launch_log().emplace_back(what);
+}
+
 template <typename Kernel>
 struct Bound {
   dim3 grid, block;
@@ -401,9 +465,10 @@ struct Bound {
   template <typename... Args>
   void operator()(Args... args) const {
     validate_launch(name, reinterpret_cast<const void*>(kernel), grid, block, smem);
+    note_launch(name);
     if (dry_run()) return;
     Kernel* k = kernel;
-    run_grid(grid, block, smem, [=] { k(args...); }, name);
+    run_grid(grid, block, smem, [=] { k(args...); }, name, reinterpret_cast<const void*>(kernel));
   }
 };
 
@@ -474,7 +539,7 @@ inline bool ordered(const SharedAccess& before, const SharedAccess& now) {
 template <typename T, unsigned N>
 class SharedArray {
  public:
-  explicit SharedArray(const char* name) : name_(name) {}
+  explicit SharedArray(const char* name) : name_(name) { note_static_shared(name, sizeof(T) * N); }
   class Ref {
    public:
     Ref(SharedArray* a, unsigned i) : a_(a), i_(i) {}
@@ -490,6 +555,22 @@ class SharedArray {
     unsigned i_;
   };
   Ref operator[](long long i) { return Ref(this, index(i)); }
+  // `name + offset`: a pointer into the array (what a __shared__ array decays to on the
+  // GPU), for code that passes a shared tile to a function (e.g. wmma::load_matrix_sync).
+  class Ptr {
+   public:
+    using element_type = T;
+    Ptr(SharedArray* a, long long off) : a_(a), off_(off) {}
+    Ref operator[](long long i) const { return (*a_)[off_ + i]; }
+    Ptr operator+(long long k) const { return Ptr(a_, off_ + k); }
+    // The byte offset from the array's start (whose alignment is alignof(*this) = 32).
+    long long byte_offset() const { return off_ * static_cast<long long>(sizeof(T)); }
+
+   private:
+    SharedArray* a_;
+    long long off_;
+  };
+  Ptr operator+(long long off) { return Ptr(this, off); }
 
  private:
   struct Copy {
@@ -649,3 +730,6 @@ T atomicCAS(T* address, T compare, T value) {
 #define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem
 // A race-checked shared array (`__shared__ T name[N]` on the GPU).
 #define QCS_SHARED_ARRAY(T, name, N) static ::qcs_emu::SharedArray<T, (N)> name(#name)
+
+// The warp-level matrix API (nvcuda::wmma), emulated with the hardware's input rounding.
+#include "wmma_emulation.h"
