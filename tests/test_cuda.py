@@ -250,3 +250,32 @@ def test_cuda_graph_capture():
     expected = qcs_ext.cross_similarity_maps(qk, theta)
     eq, et = torch.autograd.grad(expected, (qk, theta), g)
     assert torch.equal(out, expected) and torch.equal(gq, eq) and torch.equal(gt, et)
+
+
+def _cuda_kernels(fn):
+    """Names of the CUDA kernels that fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_launch_counts_at_the_paper_shape(dtype):
+    """At N = 49 (tensor-core path): at most 3 kernels forward (scope "batch") and 4
+    backward, and no GEMM library call."""
+    qk = _features(4, 24, 49, 768, dtype, seed=17)
+    theta = torch.tensor(0.3, device="cuda", dtype=dtype)
+    ops = torch.ops.qcs_ext
+    ops.cross_similarity_forward(qk, theta, 1.0, "sd", "batch")  # warm-up
+    fwd = _cuda_kernels(lambda: ops.cross_similarity_forward(qk, theta, 1.0, "sd", "batch"))
+    maps, dist, ext = ops.cross_similarity_forward(qk, theta, 1.0, "sd", "batch")
+    g = torch.randn_like(maps)
+    bwd = _cuda_kernels(
+        lambda: ops.cross_similarity_backward(g, maps, qk, dist, ext, theta, 1.0, "sd", "batch")
+    )
+    assert len(fwd) <= 3 and len(bwd) <= 4, (fwd, bwd)
+    assert not any("gemm" in k.lower() for k in fwd + bwd), (fwd, bwd)

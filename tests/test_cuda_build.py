@@ -358,3 +358,62 @@ def test_a_race_between_concurrent_blocks_is_reported_by_tsan(tmp_path):
     alone = subprocess.run([str(exe), "cross-block"], capture_output=True, text=True,
                            env=dict(env, QCS_EMULATION_CONCURRENT_BLOCKS="1"), timeout=300)
     assert alone.returncode == 0 and "out = 64" in alone.stdout, alone.stderr[-2000:]
+
+
+def test_emulated_wmma_against_independent_products(planted_driver):
+    """The emulated warp-matrix API: __float_to_tf32 rounds to nearest with ties away from
+    zero; one TF32 mma equals the double product of the inputs truncated to 19 bits (and
+    is ~1e-3 off the exact one); 3xTF32 (the kernels' Tf32x3) is within float32 rounding
+    of the exact product; a bfloat16 mma has exact products and float accumulation."""
+    run = _planted(planted_driver, "wmma")
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert "FAIL" not in run.stdout and "3xTF32 by" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "mode,message",
+    [("wmma-misaligned", "pointer not 32-byte (256-bit) aligned"),
+     ("wmma-ldm", "ldm not a multiple of 16 bytes")],
+)
+def test_emulated_wmma_reports_misuse(planted_driver, mode, message):
+    """Negative controls: a fragment load from a pointer 4 bytes off a 32-byte boundary,
+    and one with an ldm of 9 floats, are reported (kernel, block, thread) and abort."""
+    run = _planted(planted_driver, mode)
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "qcs emulation: kernel wmma_products, block (0, 0, 0), thread" in run.stderr
+    assert message in run.stderr
+
+
+def test_one_tf32_mma_alone_fails_the_accuracy_checks(tmp_path):
+    """Negative control of 3xTF32: the kernels with Tf32x3::mma cut to its single
+    big x big product fail the driver's float32 checks (wmma products and the N = 49
+    tensor-core forward against the float64 reference)."""
+    source = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
+    small_terms = ("    wmma::mma_sync(acc, a_small, b_big, acc);\n"
+                   "    wmma::mma_sync(acc, a_big, b_small, acc);\n")
+    assert source.count(small_terms) == 1
+    (tmp_path / "csa_kernels.cuh").write_text(source.replace(small_terms, ""))
+    exe = _build_driver(tmp_path / "driver", ["-O1"], kernels_dir=tmp_path)
+    wmma = subprocess.run([str(exe), "wmma"], capture_output=True, text=True, timeout=120)
+    assert wmma.returncode != 0 and "FAIL 3xTF32 keeps float32 accuracy" in wmma.stdout
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0, run.stdout[-2000:]
+    assert "FAIL maps float32 vs reference" in run.stdout
+
+
+@pytest.mark.parametrize(
+    "mode,message",
+    [("static-smem", "kernel planted_static_49k: shared other_half brings its static shared "
+                     "memory to 50176 B (with 0 B dynamic): above the 48 KiB limit"),
+     ("static-plus-dynamic", "kernel planted_static_40k: shared big brings its static shared "
+                             "memory to 40960 B (with 10240 B dynamic): above the kernel's "
+                             "shared memory limit")],
+)
+def test_static_shared_memory_is_checked(planted_driver, mode, message):
+    """Negative controls of the static shared memory check: 49 KiB of shared arrays, and
+    40 KiB with 10 KiB of dynamic shared memory, are reported; 40 + 8 KiB runs."""
+    run = _planted(planted_driver, mode)
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert message in run.stderr
+    ok = _planted(planted_driver, "static-within-limits")
+    assert ok.returncode == 0 and "static within limits: ran (out = 1)" in ok.stdout

@@ -362,13 +362,19 @@ def tf32_switches_on():
     torch.set_float32_matmul_precision(before[1])
 
 
-def test_tf32_switches_do_not_reach_the_gemms(tf32_switches_on):
+@pytest.mark.parametrize("path", ["gemms", "tensor cores"])
+def test_tf32_switches_do_not_reach_the_gemms(tf32_switches_on, monkeypatch, path):
     """Risk 1: the emulation rounds GEMM operands to TF32 where cuBLAS would (global
-    switches on, no NoTF32Guard); the op pins full float32, so distances, maps and
-    gradients keep float32 accuracy with the switches on."""
+    switches on, no NoTF32Guard); the op pins full float32 on the GEMM path and uses
+    3xTF32 on the tensor-core path, so distances, maps and gradients keep float32
+    accuracy with the switches on, on both paths."""
     assert torch.backends.cuda.matmul.allow_tf32
+    if path == "gemms":
+        monkeypatch.setenv("QCS_CSA_FORCE_STREAMING", "1")
     qk = _features(4, 2, 7, 64, torch.float32, seed=91)
+    em.ops.launch_log()
     _, dist, _ = em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", "sample")
+    assert any("cuBLAS" in k for k in em.ops.launch_log()) == (path == "gemms")
     q = qk.double()
     rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)
     for m in range(4):
@@ -376,6 +382,73 @@ def test_tf32_switches_do_not_reach_the_gemms(tf32_switches_on):
         err = (dist[m].double() - exact).abs().max().item()
         assert err <= 2e-5 * exact.max().item(), f"matrix {m}: {err} (TF32 gives ~1e-3)"
     _check_close_to_reference(qk, _theta(torch.float32), "sd", "batch")
+
+
+def _kernel_names(log):
+    """Kernel names of a launch log entry ("kern::name<T, A>" -> "name")."""
+    return [k.split("::")[-1].split("<")[0] if "cuBLAS" not in k else "cuBLAS" for k in log]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_forward_launches_at_small_n(dtype, scope):
+    """At the paper's N = 49 the forward is one tensor-core kernel (Gram tiles, distances,
+    sample extremes), the batch extremes (scope "batch" only) and the fused epilogue: at
+    most 3 launches and no cuBLAS call (the GEMM path takes 4 GEMMs and 5-6 kernels)."""
+    qk = _features(4, 2, 49, 16, dtype, seed=97)
+    em.ops.launch_log()
+    em.ops.cross_similarity_forward(qk, _theta(dtype), 1.0, "sd", scope)
+    names = _kernel_names(em.ops.launch_log())
+    expected = ["tensor_core_distance_kernel"]
+    expected += ["batch_extrema_kernel"] if scope == "batch" else []
+    assert names == expected + ["fused_epilogue_kernel"]
+
+
+def test_forward_launches_at_n196():
+    """Above N = 64 the Gram tiles still run on tensor cores (64 x 64 tiles spread over the
+    grid, the tiles' extremes reduced per sample): 5 launches, no cuBLAS call."""
+    qk = _features(4, 1, 196, 8, torch.float32, seed=100)
+    em.ops.launch_log()
+    em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", "batch")
+    assert _kernel_names(em.ops.launch_log()) == [
+        "tensor_core_distance_kernel", "sample_extrema_kernel", "batch_extrema_kernel",
+        "stream_aggregate_kernel", "fuse_softmax_kernel",
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_launches_at_small_n(dtype):
+    """At N = 49 the backward is 4 launches (softmax backward, per-matrix statistics, the
+    routed extremes and theta's gradient, then W on chip with the gradient products on
+    tensor cores) and no cuBLAS call (the GEMM path: 8 GEMMs and ~16 ATen ops more)."""
+    qk = _features(4, 2, 49, 16, dtype, seed=99)
+    maps, dist, ext = em.ops.cross_similarity_forward(qk, _theta(dtype), 1.0, "sd", "batch")
+    em.ops.launch_log()
+    em.ops.cross_similarity_backward(
+        torch.randn_like(maps), maps, qk, dist, ext, _theta(dtype), 1.0, "sd", "batch"
+    )
+    assert _kernel_names(em.ops.launch_log()) == [
+        "softmax_backward_kernel", "backward_stats_kernel", "backward_reduce_kernel",
+        "tensor_core_gradient_kernel",
+    ]
+
+
+def test_tensor_cores_keep_float32_accuracy():
+    """3xTF32: float32 distances at N = 49 and C = 256 within 1e-6 relative of float64
+    (one TF32 mma alone is ~1e-3 off: see test_cuda_build's negative control), the cases
+    that cancel (a large common offset) recomputed directly."""
+    gen = torch.Generator().manual_seed(98)
+    q = torch.randn(4, 1, 49, 256, generator=gen, dtype=torch.float64)
+    q[2:] += 30.0  # n and n2 far from a and p: D_na, D_n2p large, D_pa, D_n2n not
+    _, dist, _ = em.ops.cross_similarity_forward(
+        q.float(), _theta(torch.float32), 1.0, "sd", "batch"
+    )
+    qf = q.float().double()  # the float32 inputs, exactly
+    rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)
+    for m in range(4):
+        exact = torch.cdist(qf[rows[m]], qf[cols[m]])
+        rel = ((dist[m].double() - exact).abs() / exact).max().item()
+        assert rel <= 1e-6, f"matrix {m}: relative error {rel:.2e}"
 
 
 def test_subnormal_squared_distances_stay_nonzero():

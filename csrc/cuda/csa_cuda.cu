@@ -42,6 +42,8 @@ inline bool kernel_image_fits(int index) {
 #define QCS_HOST_DEVICE c10::DeviceType::CUDA
 #define QCS_HOST_IMAGE_FITS(index) ::qcs::cuda::kernel_image_fits(index)
 #define QCS_HOST_GEMM_INPUT(t) (t)
+#define QCS_HOST_HALF __half
+#define QCS_HOST_BF16 __nv_bfloat16
 #include "csa_host.h"
 
 TORCH_LIBRARY_IMPL(qcs_ext, CUDA, m) { qcs::host::register_kernels(m); }

@@ -10,12 +10,14 @@
 //   QCS_HOST_IMAGE_FITS(i) whether a kernel image of this build runs on device i
 //   QCS_HOST_GEMM_INPUT(t) a GEMM operand as the BLAS will see it (the identity on the
 //                          GPU; the emulation rounds to TF32 where cuBLAS would)
+//   QCS_HOST_HALF, QCS_HOST_BF16  the 16-bit types of the tensor-core fragments
 // Nothing here synchronises with the device: theta is read by the kernels.
 //
 // Precision: the GEMMs run with TF32 pinned off (at::NoTF32Guard), whatever the global
 // switches (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision) say:
 // the Gram identity loses digits to cancellation and TF32's 10-bit mantissa would leave
-// float32 distances ~1e-3 off.
+// float32 distances ~1e-3 off. The tensor-core path (N <= 64) keeps float32 accuracy
+// its own way: 3xTF32 (kern::Tf32x3), whatever the switches say.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +29,7 @@
 #include <cstdlib>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "csa_checks.h"
 #include "csa_kernels.cuh"
@@ -84,16 +87,65 @@ inline void gemm_sub(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) 
   acc.baddbmm_(QCS_HOST_GEMM_INPUT(a), QCS_HOST_GEMM_INPUT(b), 1, -1);
 }
 
-// Matrix m of a library with `nmat` matrices multiplies branch row_branch(m) by col_branch(m).
+// QCS_CSA_FORCE_STREAMING=1: the GEMM path and the streaming epilogue at every N (tests).
+inline bool force_streaming() {
+  const char* force = std::getenv("QCS_CSA_FORCE_STREAMING");
+  return force != nullptr && force[0] == '1';
+}
 inline bool fused_fits(int64_t n, int64_t nbranch, size_t elem) {
-  if (const char* force = std::getenv("QCS_CSA_FORCE_STREAMING"); force != nullptr && force[0] == '1') return false;
+  if (force_streaming()) return false;
   return static_cast<size_t>(n * n + 2 * n + 2 * nbranch * n) * elem <= 48 * 1024;
 }
 
-// theta: a 0-dim tensor (nullptr data for the pair op).
+// How a dtype enters the tensor cores (kern::tensor_core_distance_kernel): float32
+// through 3xTF32, float16/bfloat16 natively; float64 has no recipe (the GEMM path).
+// QCS_HOST_HALF / QCS_HOST_BF16: the 16-bit types the wmma fragments take.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& qk, const T* theta, double gamma,
-                                                             Mode mode, Scope scope, int nmat) {
+struct TensorCoreRecipe {
+  using type = void;
+};
+template <>
+struct TensorCoreRecipe<float> {
+  using type = kern::Tf32x3;
+};
+template <>
+struct TensorCoreRecipe<c10::Half> {
+  using type = kern::Native16<QCS_HOST_HALF>;
+};
+template <>
+struct TensorCoreRecipe<c10::BFloat16> {
+  using type = kern::Native16<QCS_HOST_BF16>;
+};
+
+// Distances [M,B,N,N] and sample extremes [M,B] on tensor cores: one launch for N <= 64
+// (one tile per matrix), two above (64 x 64 tiles, then the sample extremes of the tiles').
+template <typename T, typename Recipe>
+std::tuple<at::Tensor, at::Tensor> distances_on_tensor_cores(const at::Tensor& qk, Mode mode, int nmat) {
+  const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2)), c = static_cast<int>(qk.size(3));
+  const auto acc = qk.options().dtype(at::kFloat);
+  const int64_t tiles = ceil_div(n, kern::kTcTokens), per_matrix = tiles * tiles;
+  at::Tensor dist = at::empty({nmat, batch, n, n}, acc);
+  at::Tensor extrema = at::empty({nmat, batch}, acc);
+  at::Tensor partial = per_matrix == 1 ? extrema : at::empty({nmat, batch, per_matrix}, acc);
+  QCS_LAUNCH(checked_grid("tensor_core_distance_kernel", per_matrix * nmat * batch, kern::kTcThreads, kern::kTcThreads),
+             kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, Recipe>)(
+      qk.data_ptr<T>(), dist.data_ptr<float>(), partial.data_ptr<float>(), batch, n, c, mode);
+  QCS_HOST_LAUNCH_CHECK();
+  if (per_matrix > 1) {
+    const dim3 ext_grid =
+        checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
+                     kern::kSmallThreads, kern::kSmallThreads);
+    QCS_LAUNCH(ext_grid, kern::kSmallThreads, 0, QCS_HOST_STREAM, kern::sample_extrema_kernel<float>)(
+        partial.data_ptr<float>(), extrema.data_ptr<float>(), nmat, batch, static_cast<int>(per_matrix), mode);
+    QCS_HOST_LAUNCH_CHECK();
+  }
+  return {dist, extrema};
+}
+
+// Distances [M,B,N,N] and sample extremes [M,B] from Gram GEMMs (ATen: cuBLAS) and
+// streaming kernels: any N, float64.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> distances_from_gemms(const at::Tensor& qk, Mode mode, int nmat) {
   using A = at::opmath_type<T>;
   const at::NoTF32Guard full_fp32_gemms;  // see "Precision" above
   const int nbranch = static_cast<int>(qk.size(0));
@@ -128,19 +180,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
       qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
 
-  // Extremes in two fixed-order phases: per sample (a warp each), then per batch.
+  // Sample extremes: a warp per (m, b) over its tile extremes.
   at::Tensor extrema = at::empty({nmat, batch}, acc);
   const dim3 ext_grid = checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
                                      kern::kSmallThreads, kern::kSmallThreads);
   QCS_LAUNCH(ext_grid, kern::kSmallThreads, 0, stream, kern::sample_extrema_kernel<A>)(
       partial.data_ptr<A>(), extrema.data_ptr<A>(), nmat, batch, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
+  return {dist, extrema};
+}
+
+// Launches, forward, for a 32- or 16-bit dtype: tensor_core_distance_kernel
+// (+ sample_extrema_kernel above N = 64), batch_extrema_kernel (scope "batch"), the
+// epilogue (fused_epilogue_kernel, or 2 streaming kernels above N ~ 100): 3 at N <= 64, 5
+// at N = 196 or 784. float64: the Gram GEMMs and 4-6 kernels.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& qk, const T* theta, double gamma,
+                                                             Mode mode, Scope scope, int nmat) {
+  using A = at::opmath_type<T>;
+  using Recipe = typename TensorCoreRecipe<T>::type;
+  const int nbranch = static_cast<int>(qk.size(0));
+  const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2));
+  const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto stream = QCS_HOST_STREAM;
+
+  at::Tensor dist, extrema;
+  bool on_tensor_cores = false;
+  if constexpr (!std::is_void_v<Recipe>) {
+    if (!force_streaming()) {
+      std::tie(dist, extrema) = distances_on_tensor_cores<T, Recipe>(qk, mode, nmat);
+      on_tensor_cores = true;
+    }
+  }
+  if (!on_tensor_cores) std::tie(dist, extrema) = distances_from_gemms<T>(qk, mode, nmat);
+
+  // The batch's extremes from the samples': a fixed-order block reduction (no atomics).
   if (scope == Scope::Batch) {
     QCS_LAUNCH(checked_grid("batch_extrema_kernel", nmat, kern::kSmallThreads, kern::kSmallThreads),
                kern::kSmallThreads, 0, stream, kern::batch_extrema_kernel<A>)(extrema.data_ptr<A>(), batch, mode);
     QCS_HOST_LAUNCH_CHECK();
   }
 
+  const int64_t nn = static_cast<int64_t>(n) * n;
   at::Tensor maps = at::empty({nbranch, batch, n}, qk.options());
   if (fused_fits(n, nbranch, sizeof(A))) {
     const size_t smem = static_cast<size_t>(nn + 2 * n + 2 * nbranch * n) * sizeof(A);
@@ -165,6 +246,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
   return {maps, dist, extrema};
 }
 
+// Launches, backward: softmax_backward_kernel, backward_stats_kernel,
+// backward_reduce_kernel, then for N <= 64 and a 32- or 16-bit dtype
+// tensor_core_gradient_kernel: 4. Otherwise backward_weights_kernel and the gradient
+// GEMMs (8 cuBLAS calls and ~16 element-wise ATen ops in the quadruplet).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, const at::Tensor& maps,
                                                   const at::Tensor& qk, const at::Tensor& dist,
@@ -199,6 +284,19 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
              kern::backward_reduce_kernel<T, A>)(part.data_ptr<A>(), theta, mode, scope, nmat, batch,
                                                  route.data_ptr<A>(), want_theta ? grad_theta.data_ptr<T>() : nullptr);
   QCS_HOST_LAUNCH_CHECK();
+
+  if constexpr (!std::is_void_v<typename TensorCoreRecipe<T>::type>) {
+    if (n <= kern::kTcTokens && !force_streaming()) {  // W on chip, products on tensor cores
+      at::Tensor grad = at::empty(qk.sizes(), qk.options());
+      QCS_LAUNCH(checked_grid("tensor_core_gradient_kernel", int64_t{nbranch} * batch, kern::kTcGradThreads,
+                              kern::kTcGradThreads),
+                 kern::kTcGradThreads, 0, stream, kern::tensor_core_gradient_kernel<T>)(
+          qk.data_ptr<T>(), dist.data_ptr<A>(), extrema.data_ptr<A>(), gscore.data_ptr<A>(), theta, gamma, mode, nmat,
+          batch, n, static_cast<int>(qk.size(3)), stats.data_ptr<A>(), route.data_ptr<A>(), grad.data_ptr<T>());
+      QCS_HOST_LAUNCH_CHECK();
+      return {grad, grad_theta};
+    }
+  }
 
   at::Tensor wmat = at::empty({nmat, batch, n, n}, acc);
   at::Tensor wsum = at::empty({2, nmat, batch, n}, acc);

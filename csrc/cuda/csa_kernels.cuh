@@ -15,16 +15,23 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "csa_common.h"
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#define QCS_SHARED_ARRAY(T, name, N) __shared__ T name[N]
+// 32-byte aligned: a tile passed to wmma::load_matrix_sync must be (256 bits).
+#define QCS_SHARED_ARRAY(T, name, N) __shared__ __align__(32) T name[N]
 #define QCS_NO_UNROLL _Pragma("unroll 1")
+#define QCS_UNROLL _Pragma("unroll")
 #else
 #define QCS_NO_UNROLL
+#define QCS_UNROLL
 #include "cuda_emulation.h"
 #endif
 
@@ -201,6 +208,31 @@ __device__ __forceinline__ void softmax_warp(const A* s, const A* d, A sw, A dw,
 
 // ---------------------------------------------------------------------------- forward
 
+// The entries of a warp flagged by `refine` (where the Gram form d2 = |x|^2 + |y|^2 - 2 x.y
+// cancels) recomputed directly as |x_i - y_j|^2 by the whole warp, lanes along the C
+// channels (coalesced), one flagged entry after another; (i, j) is this lane's entry
+// (x and y: the branches' [N, C] token rows). Returns this lane's d2, replaced if it was
+// flagged. Inputs with a large common offset flag every entry: C/32 steps per entry, not
+// C strided loads per thread.
+template <typename T, typename A>
+__device__ __forceinline__ A recompute_flagged(A d2, bool refine, int i, int j, const T* __restrict__ x,
+                                               const T* __restrict__ y, int c) {
+  const int lane = threadIdx.x % 32;
+  for (unsigned todo = __ballot_sync(0xffffffffu, refine); todo != 0; todo &= todo - 1) {
+    const int src = __ffs(static_cast<int>(todo)) - 1;
+    const T* xi = x + static_cast<int64_t>(__shfl_sync(0xffffffffu, i, src)) * c;
+    const T* yj = y + static_cast<int64_t>(__shfl_sync(0xffffffffu, j, src)) * c;
+    A direct = 0;
+    for (int k = lane; k < c; k += 32) {
+      const A diff = static_cast<A>(xi[k]) - static_cast<A>(yj[k]);
+      direct += diff * diff;
+    }
+    direct = warp_sum(direct);
+    if (lane == src) d2 = direct;
+  }
+  return d2;
+}
+
 // sq[r] = |qk[r, :]|^2 for every token row r of qk: one warp per row.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kStreamThreads)
@@ -220,10 +252,7 @@ __global__ void __launch_bounds__(kStreamThreads)
 
 // Distances from the Gram products, in place: dist holds x.y on entry and ||x - y|| on
 // exit; where the Gram form cancels (d2 < threshold * (|x|^2 + |y|^2)) the distance is
-// recomputed directly, by the whole warp (lanes along the C channels, coalesced): the
-// warp's 32 consecutive entries are flagged by a ballot and recomputed one after another,
-// so inputs with a large common offset (every entry flagged) cost C/32 steps per entry,
-// not C serial, strided loads per thread. Also the extreme of every tile:
+// recomputed directly (recompute_flagged). Also the extreme of every tile:
 // partial[mb * tiles + tile]. grid (tiles * M * B), 1-D: block -> (mb, tile), so the
 // batch size is not bound by gridDim.y's 65535.
 template <typename T, typename A>
@@ -262,19 +291,7 @@ __global__ void __launch_bounds__(kStreamThreads)
       d2 = norms - A(2) * d[e];
       refine = d2 < threshold * norms;
     }
-    for (unsigned todo = __ballot_sync(0xffffffffu, refine); todo != 0; todo &= todo - 1) {
-      const int src = __ffs(static_cast<int>(todo)) - 1;
-      const int es = base + src;
-      const T* xi = x + static_cast<int64_t>(es / n) * c;
-      const T* yj = y + static_cast<int64_t>(es % n) * c;
-      A direct = 0;
-      for (int k = lane; k < c; k += 32) {
-        const A diff = static_cast<A>(xi[k]) - static_cast<A>(yj[k]);
-        direct += diff * diff;
-      }
-      direct = warp_sum(direct);
-      if (lane == src) d2 = direct;
-    }
+    d2 = recompute_flagged(d2, refine, e < nn ? e / n : 0, e < nn ? e % n : 0, x, y, c);
     if (e < nn) d[e] = d2 < A(0) ? A(0) : d2;  // clamps rounding below 0 but keeps NaN
   }
   // The square roots in a second sweep over the same (thread-private) entries: keeps the
@@ -287,6 +304,200 @@ __global__ void __launch_bounds__(kStreamThreads)
   }
   ext = block_extreme(ext, scratch, sim);
   if (threadIdx.x == 0) partial[static_cast<int64_t>(mb) * tiles + tile] = ext;
+}
+
+// ---------------------------------------------------------------------------- tensor cores
+// The Gram products on tensor cores (nvcuda::wmma), 64 x 64 tiles of the N x N matrix per
+// block, then the distances and the tile's extreme; at N <= kTcTokens (the paper's 49) one
+// tile is the whole matrix, and one launch replaces the Gram GEMMs, sqnorm_kernel,
+// distance_kernel and sample_extrema_kernel. The backward on tensor cores
+// (tensor_core_gradient_kernel) holds whole N x N matrices: N <= kTcTokens only.
+namespace wmma = nvcuda::wmma;
+
+constexpr int kTcTokens = 64;             // N <= 64: 4 x 4 tiles of 16 x 16
+constexpr int kTcThreads = 256;           // 8 warps, 2 of the 16 output tiles each
+constexpr int kTcChunk = 32;              // channels staged per step (one warp-wide row each)
+constexpr int kTcGramLd = kTcTokens + 4;  // padded rows of the Gram tile in shared memory
+
+// Staged values in and out of shared memory (the 16-bit CUDA types have no implicit
+// conversions in torch's builds: __CUDA_NO_HALF_CONVERSIONS__).
+#if defined(__CUDACC__)
+template <typename S>
+__device__ __forceinline__ S stage_from(float v);
+template <>
+__device__ __forceinline__ float stage_from<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half stage_from<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 stage_from<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+#else
+template <typename S>
+inline S stage_from(float v) {
+  return static_cast<S>(v);
+}
+#endif
+
+// How float32 enters the tensor cores: 3xTF32. Each operand is split x = big + small,
+// both TF32 (10-bit mantissas), and a b = big_a big_b + big_a small_b + small_a big_b
+// (small_a small_b, ~2^-22 relative, dropped): float32 accuracy from three TF32 mmas,
+// the small products first. One TF32 mma alone leaves distances ~1e-3 off.
+struct Tf32x3 {
+  using Stage = float;
+  using Input = wmma::precision::tf32;
+  static constexpr int kK = 8, kPad = 4;
+  template <typename Frag>
+  __device__ static void split(const Frag& f, Frag& big, Frag& small) {
+    for (int i = 0; i < f.num_elements; ++i) {
+      const float v = f.x[i];
+      const float hi = wmma::__float_to_tf32(v);
+      big.x[i] = hi;
+      small.x[i] = wmma::__float_to_tf32(v - hi);
+    }
+  }
+  template <typename Acc, typename FragA, typename FragB>
+  __device__ static void mma(Acc& acc, const FragA& a, const FragB& b) {
+    FragA a_big, a_small;
+    FragB b_big, b_small;
+    split(a, a_big, a_small);
+    split(b, b_big, b_small);
+    wmma::mma_sync(acc, a_small, b_big, acc);
+    wmma::mma_sync(acc, a_big, b_small, acc);
+    wmma::mma_sync(acc, a_big, b_big, acc);
+  }
+};
+
+// How float16 and bfloat16 enter: natively (H: __half or __nv_bfloat16). Their products
+// are exact in float and accumulate in float: the same Gram as widening to float32 first.
+template <typename H>
+struct Native16 {
+  using Stage = H;
+  using Input = H;
+  static constexpr int kK = 16, kPad = 8;
+  template <typename Acc, typename FragA, typename FragB>
+  __device__ static void mma(Acc& acc, const FragA& a, const FragB& b) {
+    wmma::mma_sync(acc, a, b, acc);
+  }
+};
+
+// One block per 64 x 64 tile of the N x N matrix of one (m, b): grid (M * B * tiles^2),
+// tiles = ceil(N / 64), kTcThreads threads (so N = 784 spreads 169 blocks per matrix over
+// the GPU). The tile's 64 x and 64 y tokens are staged kTcChunk channels at a time
+// (zero-padded past N), each warp accumulates two 16 x 16 Gram sub-tiles in registers and
+// the squared token norms in float; the Gram tile then goes to shared memory and the
+// distances are formed from it (the cancelling entries recomputed from qk by
+// recompute_flagged), written to dist [M,B,N,N] (for the epilogue and the backward), and
+// the tile's extreme to partial[mb * tiles^2 + tile]: with one tile (N <= 64) that is the
+// sample's extreme, else sample_extrema_kernel reduces the tiles. Unused matrices get
+// zeros (distances and extremes).
+template <typename T, typename Recipe>
+__global__ void __launch_bounds__(kTcThreads)
+    tensor_core_distance_kernel(const T* __restrict__ qk, float* __restrict__ dist, float* __restrict__ partial,
+                                int batch, int n, int c, Mode mode) {
+  using S = typename Recipe::Stage;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, Recipe::kK, typename Recipe::Input, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, Recipe::kK, typename Recipe::Input, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, Recipe::kK, float>;
+  constexpr int kLd = kTcChunk + Recipe::kPad;  // padded rows: fewer bank conflicts
+  constexpr int kRowsPerWarp = 2 * kTcTokens / (kTcThreads / 32);
+  QCS_SHARED_ARRAY(S, xs, kTcTokens * kLd);
+  QCS_SHARED_ARRAY(S, ys, kTcTokens * kLd);
+  QCS_SHARED_ARRAY(float, gram, kTcTokens* kTcGramLd);
+  QCS_SHARED_ARRAY(float, sq, 2 * kTcTokens);
+  QCS_SHARED_ARRAY(float, scratch, kMaxWarps);
+  // 32-bit index arithmetic (n <= 2^15): a 64-bit division is a slow subroutine call.
+  const int tiles = (n + kTcTokens - 1) / kTcTokens;
+  const unsigned per_matrix = static_cast<unsigned>(tiles * tiles);
+  const int mb = static_cast<int>(blockIdx.x / per_matrix), tile = static_cast<int>(blockIdx.x % per_matrix);
+  const int m = mb / batch, b = mb % batch;
+  const int i0 = tile / tiles * kTcTokens, j0 = tile % tiles * kTcTokens;
+  const int rows = n - i0 < kTcTokens ? n - i0 : kTcTokens, cols = n - j0 < kTcTokens ? n - j0 : kTcTokens;
+  float* d = dist + static_cast<int64_t>(mb) * n * n + static_cast<int64_t>(i0) * n + j0;
+  if (!matrix_used(m, mode)) {  // block-uniform
+    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) d[e / cols * n + e % cols] = 0;
+    if (threadIdx.x == 0) partial[blockIdx.x] = 0;
+    return;
+  }
+  const bool sim = is_similarity(m);
+  const T* x = qk + (static_cast<int64_t>(row_branch(m)) * batch + b) * n * c;
+  const T* y = qk + (static_cast<int64_t>(col_branch(m)) * batch + b) * n * c;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub_rows = (rows + 15) / 16, sub_cols = (cols + 15) / 16;  // 16 x 16 sub-tiles in use
+  FragC acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  float ss[kRowsPerWarp] = {};  // this lane's share of the squared norms of the warp's rows
+
+  for (int k0 = 0; k0 < c; k0 += kTcChunk) {
+    // Stage 128 rows (x tokens, then y tokens) of kTcChunk channels: warp w takes rows
+    // w, w + 8, ...; lane l channel k0 + l (coalesced).
+    QCS_UNROLL  // ss[] stays in registers only if every index is a constant
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = warp + r * (kTcThreads / 32), tok = row % kTcTokens;
+      const bool is_x = row < kTcTokens;
+      const int token = (is_x ? i0 : j0) + tok;
+      const T* src = is_x ? x : y;
+      const float v =
+          token < n && k0 + lane < c ? static_cast<float>(src[static_cast<int64_t>(token) * c + k0 + lane]) : 0.f;
+      ss[r] += v * v;
+      if (is_x) xs[tok * kLd + lane] = stage_from<S>(v);
+      else ys[tok * kLd + lane] = stage_from<S>(v);
+    }
+    __syncthreads();
+    QCS_UNROLL  // acc[] likewise
+        for (int t = 0; t < 2; ++t) {
+      const int sub = 2 * warp + t, ti = sub / 4, tj = sub % 4;
+      if (ti >= sub_rows || tj >= sub_cols) continue;  // warp-uniform
+      for (int kk = 0; kk < kTcChunk; kk += Recipe::kK) {
+        FragA fa;
+        FragB fb;
+        wmma::load_matrix_sync(fa, xs + ti * 16 * kLd + kk, kLd);
+        wmma::load_matrix_sync(fb, ys + tj * 16 * kLd + kk, kLd);  // y^T: column-major
+        Recipe::mma(acc[t], fa, fb);
+      }
+    }
+    __syncthreads();  // the stage is overwritten next
+  }
+  QCS_UNROLL
+  for (int t = 0; t < 2; ++t) {
+    const int sub = 2 * warp + t, ti = sub / 4, tj = sub % 4;
+    if (ti < sub_rows && tj < sub_cols)
+      wmma::store_matrix_sync(gram + ti * 16 * kTcGramLd + tj * 16, acc[t], kTcGramLd, wmma::mem_row_major);
+  }
+  QCS_UNROLL
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const float total = warp_sum(ss[r]);
+    if (lane == 0) sq[warp + r * (kTcThreads / 32)] = total;
+  }
+  __syncthreads();
+
+  const float threshold = static_cast<float>(RefineThreshold<float>::value);
+  const int entries = rows * cols;
+  float ext = sim ? -pos_inf<float>() : pos_inf<float>();
+  for (int base = 32 * warp; base < entries; base += blockDim.x) {  // warp-uniform trip count
+    const int e = base + lane;
+    const int i = e < entries ? e / cols : 0, j = e < entries ? e % cols : 0;  // in the tile
+    float d2 = 0;
+    bool refine = false;
+    if (e < entries) {
+      const float norms = sq[i] + sq[kTcTokens + j];
+      d2 = norms - 2.f * gram[i * kTcGramLd + j];
+      refine = d2 < threshold * norms;
+    }
+    d2 = recompute_flagged(d2, refine, i0 + i, j0 + j, x, y, c);
+    if (e < entries) {
+      const float v = std::sqrt(d2 < 0.f ? 0.f : d2);  // clamps rounding below 0 but keeps NaN
+      d[i * n + j] = v;
+      ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
+    }
+  }
+  ext = block_extreme(ext, scratch, sim);
+  if (threadIdx.x == 0) partial[blockIdx.x] = ext;
 }
 
 // Extremes, phase 1: extrema[m, b] of every sample from its tile extremes, one warp per
@@ -434,6 +645,15 @@ struct MatrixGrad {
     return w * (gu[l] * rinv[i] + gv[i] * cinv[l]) - mil * (ahat[i] + bhat[l]);
   }
 };
+
+// W[i,l] = dL/dD[i,l] / D[i,l] (0 where D == 0) from the shifted matrix's gradient:
+// dL/dD = sign * dL/dM (sign -1 for S = ext - D), plus `route` where D is the extreme.
+template <typename A>
+__device__ __forceinline__ A distance_weight(const MatrixGrad<A>& grad, int i, int l, A dv, A ext, A sign, A route) {
+  A gd = sign * grad(i, l, sign * (dv - ext));
+  if (dv == ext) gd += route;
+  return dv == A(0) ? A(0) : gd / dv;
+}
 
 // Per (m, b): the workspace stats [4, M, B, N] (rinv, cinv, ahat, bhat, see MatrixGrad)
 // and three partial sums part [3, M, B]: the theta term sum(g_score * d) of this matrix's
@@ -605,10 +825,7 @@ __global__ void __launch_bounds__(kStreamThreads)
     A* q = wm + static_cast<int64_t>(i) * n;
     A rowsum = 0;
     for (int l = lane; l < n; l += 32) {
-      const A dv = p[l];
-      A gd = sign * grad(i, l, sign * (dv - ext));
-      if (dv == ext) gd += rt;
-      const A wv = dv == A(0) ? A(0) : gd / dv;
+      const A wv = distance_weight(grad, i, l, p[l], ext, sign, rt);
       q[l] = wv;
       rowsum += wv;
     }
@@ -621,6 +838,166 @@ __global__ void __launch_bounds__(kStreamThreads)
     A colsum = 0;
     for (int i = 0; i < n; ++i, q += n) colsum += *q;
     wsum[(mbs + mb) * n + l] = colsum;
+  }
+}
+
+// Backward on tensor cores for N <= kTcTokens: the whole gradient of one branch r of one
+// sample b, grid (R * B), kTcGradThreads threads. Branch r sits in two matrices (one in
+// the pair op); for each, W = dL/dD / D is formed in shared memory (distance_weight,
+// stored negated) with its row sums (r the row branch: dX = diag(W 1) X - W Y) or column
+// sums (r the column branch: dY = diag(W^T 1) Y - W^T X). Then, kTcGradChunk channels at a
+// time, the gradient of the chunk is
+//     sum_k  wsum_k (x - o_k)  -  W_k (y_k - o_k)      (W_k^T for a column branch)
+// with o_k the mean token of matrix k's pair (both terms are unchanged by a common shift;
+// centring keeps a large common offset from cancelling float32's digits). The first sum
+// starts the accumulator, the products run on tensor cores in 3xTF32 (every dtype: the
+// centred tokens are not 16-bit values), and the chunk is written once, in T.
+// Deterministic: fixed order everywhere. Static shared memory: 47.6 KiB.
+constexpr int kTcGradThreads = 128;  // 4 warps, one 16-row output tile each
+constexpr int kTcGradChunk = 16;     // channels per step: one 16-column output tile
+constexpr int kTcGradLd = kTcGradChunk + 4;
+
+template <typename FragLayout, typename FragC, typename WPtr, typename PPtr>
+__device__ __forceinline__ void subtract_w_times_partner(FragC& acc, WPtr w, PPtr partner, int i0, int n) {
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, FragLayout>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  constexpr bool kTransposed = std::is_same_v<FragLayout, wmma::col_major>;
+  for (int kk = 0; kk < n; kk += 8) {  // padding rows and columns of W and the partner are 0
+    FragA fa;
+    FragB fb;
+    // -W rows i0.., columns kk.. (row branch), or -W^T: W's columns i0.., rows kk..
+    wmma::load_matrix_sync(fa, w + (kTransposed ? kk * kTcTokens + i0 : i0 * kTcTokens + kk), kTcTokens);
+    wmma::load_matrix_sync(fb, partner + kk * kTcGradLd, kTcGradLd);
+    Tf32x3::mma(acc, fa, fb);
+  }
+}
+
+// The k-th matrix (k = 0, 1) among the first nmat that holds branch r, or -1.
+__device__ __forceinline__ int matrix_of_branch(int r, int k, int nmat) {
+  int seen = 0;
+  for (int m = 0; m < nmat; ++m) {
+    if (row_branch(m) != r && col_branch(m) != r) continue;
+    if (seen == k) return m;
+    ++seen;
+  }
+  return -1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcGradThreads)
+    tensor_core_gradient_kernel(const T* __restrict__ qk, const float* __restrict__ dist,
+                                const float* __restrict__ extrema, const float* __restrict__ gscore,
+                                const T* __restrict__ theta, double gamma, Mode mode, int nmat, int batch, int n, int c,
+                                const float* __restrict__ stats, const float* __restrict__ route,
+                                T* __restrict__ grad) {
+  constexpr int kTile = kTcTokens * kTcTokens;
+  QCS_SHARED_ARRAY(float, wneg, 2 * kTile);                     // -W of the branch's matrices
+  QCS_SHARED_ARRAY(float, wsum, 2 * kTcTokens);                 // their row or column sums
+  QCS_SHARED_ARRAY(float, own, kTcTokens* kTcGradLd);           // branch r's chunk, then the result
+  QCS_SHARED_ARRAY(float, partner, 2 * kTcTokens * kTcGradLd);  // each matrix's other branch
+  QCS_SHARED_ARRAY(float, centre, 2 * kTcGradChunk);            // o_k of the chunk
+  const int r = blockIdx.x / batch, b = blockIdx.x % batch;
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
+  // The matrices that hold branch r (two in the quadruplet, one in the pair: then the
+  // second slot repeats it, unused). Arrays indexed by constants only: registers.
+  const int first = matrix_of_branch(r, 0, nmat), second = matrix_of_branch(r, 1, nmat);
+  const int mats[2] = {first, second < 0 ? first : second};
+  const bool as_row[2] = {row_branch(mats[0]) == r, row_branch(mats[1]) == r};
+  const bool used[2] = {matrix_used(mats[0], mode), second >= 0 && matrix_used(mats[1], mode)};
+  const T* partner_x[2];
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k) {  // W of each matrix (0 if unused), negated
+    const int m = mats[k];
+    const int64_t mb = static_cast<int64_t>(m) * batch + b;
+    const int pb = as_row[k] ? col_branch(m) : row_branch(m);
+    partner_x[k] = qk + (static_cast<int64_t>(pb) * batch + b) * n * c;
+    if (!used[k]) {  // block-uniform
+      for (int e = threadIdx.x; e < kTile; e += blockDim.x) wneg[k * kTile + e] = 0.f;
+      continue;
+    }
+    const bool sim = is_similarity(m);
+    const MatrixGrad<float> mg{gscore + (static_cast<int64_t>(col_branch(m)) * batch + b) * n,
+                               gscore + (static_cast<int64_t>(row_branch(m)) * batch + b) * n,
+                               matrix_weight<T, float>(m, mode, theta, gamma),
+                               stats + mb * n,
+                               stats + (mbs + mb) * n,
+                               stats + (2 * mbs + mb) * n,
+                               stats + (3 * mbs + mb) * n};
+    const float* d = dist + mb * n * n;
+    const float ext = extrema[mb], rt = route[mb], sign = sim ? -1.f : 1.f;
+    for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
+      const int i = e / kTcTokens, l = e % kTcTokens;
+      wneg[k * kTile + e] = i < n && l < n ? -distance_weight(mg, i, l, d[i * n + l], ext, sign, rt) : 0.f;
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < 2 * kTcTokens; t += blockDim.x) {
+    const int k = t / kTcTokens, i = t % kTcTokens;
+    const bool rows = k == 0 ? as_row[0] : as_row[1];
+    float sum = 0;
+    for (int l = 0; l < kTcTokens; ++l)
+      sum -= rows ? wneg[k * kTile + i * kTcTokens + l] : wneg[k * kTile + l * kTcTokens + i];
+    wsum[t] = sum;
+  }
+  // (the first barrier of the chunk loop orders these writes before their reads)
+
+  const T* own_x = qk + (static_cast<int64_t>(r) * batch + b) * n * c;
+  T* out = grad + (static_cast<int64_t>(r) * batch + b) * n * c;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, i0 = 16 * warp;
+  constexpr int kStaged = kTcTokens * kTcGradChunk;
+  for (int k0 = 0; k0 < c; k0 += kTcGradChunk) {
+    for (int e = threadIdx.x; e < 3 * kStaged; e += blockDim.x) {
+      const int which = e / kStaged, row = e % kStaged / kTcGradChunk, col = e % kTcGradChunk;
+      const T* src = which == 0 ? own_x : which == 1 ? partner_x[0] : partner_x[1];
+      const float v = row < n && k0 + col < c ? static_cast<float>(src[static_cast<int64_t>(row) * c + k0 + col]) : 0.f;
+      if (which == 0) own[row * kTcGradLd + col] = v;
+      else partner[(which - 1) * kTcTokens * kTcGradLd + row * kTcGradLd + col] = v;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < 2 * kTcGradChunk; t += blockDim.x) {
+      const int k = t / kTcGradChunk, col = t % kTcGradChunk;
+      float so = 0, sp = 0;
+      for (int row = 0; row < n; ++row) {
+        so += own[row * kTcGradLd + col];
+        sp += partner[k * kTcTokens * kTcGradLd + row * kTcGradLd + col];
+      }
+      centre[t] = (so + sp) / static_cast<float>(2 * n);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * kTcGradChunk; e += blockDim.x) {  // padding rows stay 0
+      const int row = e / kTcGradChunk, col = e % kTcGradChunk;
+      const float x = own[row * kTcGradLd + col];
+      float start = 0;
+      QCS_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        const float o = centre[k * kTcGradChunk + col];
+        const int at = k * kTcTokens * kTcGradLd + row * kTcGradLd + col;
+        partner[at] = partner[at] - o;
+        start += wsum[k * kTcTokens + row] * (x - o);
+      }
+      own[row * kTcGradLd + col] = start;
+    }
+    __syncthreads();
+    if (i0 < n) {  // warp-uniform
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+      wmma::load_matrix_sync(acc, own + i0 * kTcGradLd, kTcGradLd, wmma::mem_row_major);
+      QCS_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        if (!used[k]) continue;
+        if (as_row[k])
+          subtract_w_times_partner<wmma::row_major>(acc, wneg + k * kTile, partner + k * kTcTokens * kTcGradLd, i0, n);
+        else
+          subtract_w_times_partner<wmma::col_major>(acc, wneg + k * kTile, partner + k * kTcTokens * kTcGradLd, i0, n);
+      }
+      wmma::store_matrix_sync(own + i0 * kTcGradLd, acc, kTcGradLd, wmma::mem_row_major);
+      __syncwarp();  // the lanes read what other lanes stored
+      for (int e = lane; e < 16 * kTcGradChunk; e += 32) {
+        const int row = i0 + e / kTcGradChunk, col = e % kTcGradChunk;
+        if (row < n && k0 + col < c)
+          out[static_cast<int64_t>(row) * c + k0 + col] = static_cast<T>(own[row * kTcGradLd + col]);
+      }
+    }
+    __syncthreads();  // the stages are overwritten next
   }
 }
 

@@ -12,9 +12,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "csa_kernels.cuh"
@@ -102,17 +105,13 @@ struct Result {
   A grad_theta = 0;
 };
 
+// Distances and sample extremes from Gram products (cuBLAS in the real build) and the
+// streaming kernels: the path of float64, of N > 64 and of the streaming checks.
 template <typename A>
-static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_maps,
-                             bool streaming) {
+static void gemm_distances(const Problem& p, const std::vector<A>& qk, Result<A>& res) {
   const int R = p.R, M = p.M, B = p.B, N = p.N, C = p.C;
   const size_t NN = static_cast<size_t>(N) * N;
-  std::vector<A> qk(p.qk.begin(), p.qk.end());
-  const A theta = static_cast<A>(p.theta);
-  const A* th = p.M == 4 ? &theta : nullptr;
   auto X = [&](int br, int b) { return qk.data() + (static_cast<size_t>(br) * B + b) * N * C; };
-  Result<A> res;
-  res.dist.assign(M * B * NN, A(0));
   for (int m = 0; m < M; ++m) {  // Gram products (cuBLAS in the real build)
     if (!qcs::matrix_used(m, p.mode)) continue;
     for (int b = 0; b < B; ++b) {
@@ -135,9 +134,37 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   std::vector<A> partial(static_cast<size_t>(M) * B * tiles);
   QCS_LAUNCH(tiles * M * B, kern::kStreamThreads, 0, nullptr, kern::distance_kernel<A, A>)(
       qk.data(), sq.data(), res.dist.data(), partial.data(), B, N, C, tiles, p.mode);
-  res.extrema.resize(M * B);
   QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr, kern::sample_extrema_kernel<A>)(
       partial.data(), res.extrema.data(), M, B, tiles, p.mode);
+}
+
+template <typename A>
+static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_maps,
+                             bool streaming) {
+  const int R = p.R, M = p.M, B = p.B, N = p.N, C = p.C;
+  const size_t NN = static_cast<size_t>(N) * N;
+  std::vector<A> qk(p.qk.begin(), p.qk.end());
+  const A theta = static_cast<A>(p.theta);
+  const A* th = p.M == 4 ? &theta : nullptr;
+  auto X = [&](int br, int b) { return qk.data() + (static_cast<size_t>(br) * B + b) * N * C; };
+  Result<A> res;
+  res.dist.assign(M * B * NN, A(0));
+  res.extrema.resize(M * B);
+  bool on_tensor_cores = false;
+  if constexpr (std::is_same_v<A, float>) {  // as csa_host.h: float on tensor cores
+    if (!streaming) {
+      const int tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens;
+      std::vector<float> partial(static_cast<size_t>(M) * B * tiles * tiles);
+      QCS_LAUNCH(M * B * tiles * tiles, kern::kTcThreads, 0, nullptr,
+                 kern::tensor_core_distance_kernel<float, kern::Tf32x3>)(
+          qk.data(), res.dist.data(), partial.data(), B, N, C, p.mode);
+      QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr,
+                 kern::sample_extrema_kernel<float>)(partial.data(), res.extrema.data(), M, B,
+                                                     tiles * tiles, p.mode);
+      on_tensor_cores = true;
+    }
+  }
+  if (!on_tensor_cores) gemm_distances(p, qk, res);
   if (p.scope == Scope::Batch)
     QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(
         res.extrema.data(), B, p.mode);
@@ -164,6 +191,15 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       stats.data(), part.data());
   QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::backward_reduce_kernel<A, A>)(
       part.data(), th, p.mode, p.scope, M, B, route.data(), th ? &res.grad_theta : nullptr);
+  if constexpr (std::is_same_v<A, float>) {
+    if (on_tensor_cores && N <= kern::kTcTokens) {  // as csa_host.h: W on chip
+      res.grad_qk.assign(qk.size(), A(0));
+      QCS_LAUNCH(R * B, kern::kTcGradThreads, 0, nullptr, kern::tensor_core_gradient_kernel<float>)(
+          qk.data(), res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B,
+          N, C, stats.data(), route.data(), res.grad_qk.data());
+      return res;
+    }
+  }
   QCS_LAUNCH(M * B, kern::kStreamThreads, 0, nullptr, kern::backward_weights_kernel<A, A>)(
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N,
       stats.data(), route.data(), wmat.data(), wsum.data());
@@ -369,8 +405,29 @@ __global__ void planted_cross_block(int* out) {
   if (threadIdx.x == 0) out[0] += 1;
 }
 
+// Static shared memory: 40 KiB (with 10 KiB dynamic: 50 KiB, above the 48 KiB a kernel
+// has without cudaFuncSetAttribute), and 49 KiB (above the static limit).
+__global__ void planted_static_40k(int* out) {
+  QCS_SHARED_ARRAY(float, big, 10 * 1024);
+  big[threadIdx.x] = 1.f;
+  if (threadIdx.x == 0) *out = 1;
+}
+__global__ void planted_static_49k(int* out) {
+  QCS_SHARED_ARRAY(float, half_of_it, 6 * 1024);
+  QCS_SHARED_ARRAY(float, other_half, 6 * 1024 + 256);
+  half_of_it[threadIdx.x] = other_half[threadIdx.x] = 1.f;
+  if (threadIdx.x == 0) *out = 1;
+}
+
 static int planted(const std::string& what) {
   int out = 0;
+  if (what == "static-smem") QCS_LAUNCH(1, 32, 0, nullptr, planted_static_49k)(&out);
+  if (what == "static-plus-dynamic") QCS_LAUNCH(1, 32, 10 * 1024, nullptr, planted_static_40k)(&out);
+  if (what == "static-within-limits") {  // 40 KiB static + 8 KiB dynamic: exactly the limit
+    QCS_LAUNCH(1, 32, 8 * 1024, nullptr, planted_static_40k)(&out);
+    std::printf("static within limits: ran (out = %d)\n", out);
+    return out == 1 ? 0 : 1;
+  }
   if (what == "race") QCS_LAUNCH(1, 64, 0, nullptr, planted_race)(&out);
   if (what == "shuffle-fence") QCS_LAUNCH(1, 32, 0, nullptr, planted_shuffle_fence)(&out, false);
   if (what == "syncwarp-fence") QCS_LAUNCH(1, 32, 0, nullptr, planted_shuffle_fence)(&out, true);
@@ -394,10 +451,144 @@ static int planted(const std::string& what) {
   return 0;
 }
 
+// ------------------------------------------------------------------ the emulated wmma
+namespace wmma = nvcuda::wmma;
+
+// A bfloat16 (round to nearest even from float), to drive the 16-bit fragments without torch.
+struct Bf16 {
+  uint16_t bits = 0;
+  Bf16() = default;
+  explicit Bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  explicit operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+struct alignas(32) WmmaBuffers {
+  float a[16 * 16], b[16 * 16], one[16 * 16], three[16 * 16], half[16 * 16];
+  Bf16 ah[16 * 16], bh[16 * 16];
+};
+
+// One warp: c = a b (16 x 8 times 8 x 16) with one TF32 mma and with 3xTF32 (kern::Tf32x3),
+// and a bfloat16 m16n16k16 product. `offset` (elements) and `ldm_extra` misplace the
+// operands for the negative controls.
+__global__ void wmma_products(WmmaBuffers* buf, int offset, int ldm_extra) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::load_matrix_sync(fa, buf->a + offset, 8 + ldm_extra);
+  wmma::load_matrix_sync(fb, buf->b, 16);
+  wmma::fill_fragment(acc, 0.f);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(buf->one, acc, 16, wmma::mem_row_major);
+  wmma::fill_fragment(acc, 0.f);
+  kern::Tf32x3::mma(acc, fa, fb);
+  wmma::store_matrix_sync(buf->three, acc, 16, wmma::mem_row_major);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, Bf16, wmma::row_major> ha;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, Bf16, wmma::col_major> hb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> hacc;
+  wmma::load_matrix_sync(ha, buf->ah, 16);
+  wmma::load_matrix_sync(hb, buf->bh, 16);
+  wmma::fill_fragment(hacc, 1.f);
+  wmma::mma_sync(hacc, ha, hb, hacc);
+  wmma::store_matrix_sync(buf->half, hacc, 16, wmma::mem_row_major);
+}
+
+static float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The emulated warp-matrix API against independent computations: TF32 conversion
+// rounding, one TF32 mma (inputs truncated to 19 bits), 3xTF32 (float32 accuracy), and a
+// bfloat16 mma (exact products, float accumulation). Modes wmma-misaligned / wmma-ldm:
+// a planted misaligned pointer or bad ldm, which the emulation must report.
+static int wmma_checks(const std::string& mode) {
+  int failures = 0;
+  auto want = [&](bool ok, const char* what, double got, double bound) {
+    if (!ok) {
+      ++failures;
+      std::printf("FAIL %s: %.3e (bound %.3e)\n", what, got, bound);
+    }
+  };
+  // __float_to_tf32: to nearest, ties away from zero, 10 mantissa bits kept.
+  const struct {
+    uint32_t in, out;
+  } rounding[] = {
+      {0x3F801000u, 0x3F802000u},  // 1 + 2^-11: a tie, away from zero -> 1 + 2^-10
+      {0xBF801000u, 0xBF802000u},  // the same, negative
+      {0x3F800800u, 0x3F800000u},  // 1 + 2^-12: below half -> 1
+      {0x3F801800u, 0x3F802000u},  // 1 + 3 * 2^-12: above half -> 1 + 2^-10
+      {0x3F803000u, 0x3F804000u},  // 1 + 3 * 2^-11: a tie from an odd value, away from zero
+      {0x7F800000u, 0x7F800000u},  // +inf stays
+  };
+  for (const auto& r : rounding) {
+    const float got = wmma::__float_to_tf32(bits_float(r.in));
+    uint32_t u;
+    std::memcpy(&u, &got, 4);
+    want(u == r.out, "__float_to_tf32 rounding", static_cast<double>(u), static_cast<double>(r.out));
+  }
+  auto buf = std::make_unique<WmmaBuffers>();
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal;
+  for (int e = 0; e < 256; ++e) {
+    buf->a[e] = normal(rng);
+    buf->b[e] = normal(rng);
+    buf->ah[e] = Bf16(normal(rng));
+    buf->bh[e] = Bf16(normal(rng));
+  }
+  const int offset = mode == "wmma-misaligned" ? 1 : 0;
+  const int ldm_extra = mode == "wmma-ldm" ? 1 : 0;
+  QCS_LAUNCH(1, 32, 0, nullptr, wmma_products)(buf.get(), offset, ldm_extra);
+  if (offset || ldm_extra) {
+    std::printf("the planted wmma misuse was not reported\n");
+    return 1;
+  }
+  auto trunc19 = [](float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    return static_cast<double>(bits_float(u & ~0x1FFFu));
+  };
+  double err_one = 0, err_three = 0, err_one_vs_trunc = 0, err_half = 0;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      double exact = 0, truncated = 0, half = 1;
+      for (int k = 0; k < 8; ++k) {
+        exact += static_cast<double>(buf->a[i * 8 + k]) * buf->b[k * 16 + j];
+        truncated += trunc19(buf->a[i * 8 + k]) * trunc19(buf->b[k * 16 + j]);
+      }
+      for (int k = 0; k < 16; ++k)  // b is column-major: element (k, j) at j * 16 + k
+        half += static_cast<double>(static_cast<float>(buf->ah[i * 16 + k])) *
+                static_cast<float>(buf->bh[j * 16 + k]);
+      err_one = std::max(err_one, std::abs(buf->one[i * 16 + j] - exact));
+      err_three = std::max(err_three, std::abs(buf->three[i * 16 + j] - exact));
+      err_one_vs_trunc = std::max(err_one_vs_trunc, std::abs(buf->one[i * 16 + j] - truncated));
+      err_half = std::max(err_half, std::abs(buf->half[i * 16 + j] - half));
+    }
+  // Products of ~N(0,1) values summed 8 at a time: entries are O(3).
+  want(err_one_vs_trunc <= 1e-6, "one TF32 mma = the product of the truncated inputs", err_one_vs_trunc, 1e-6);
+  want(err_one > 1e-4, "one TF32 mma loses digits (the inputs are truncated)", err_one, 1e-4);
+  want(err_three <= 4e-6, "3xTF32 keeps float32 accuracy", err_three, 4e-6);
+  want(err_half <= 4e-6, "bfloat16 mma: exact products, float accumulation", err_half, 4e-6);
+  std::printf("wmma: one TF32 mma off by %.2e, 3xTF32 by %.2e, bfloat16 by %.2e\n", err_one, err_three,
+              err_half);
+  return failures;
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
+  if (mode.rfind("wmma", 0) == 0) return wmma_checks(mode) == 0 ? 0 : 1;
   if (mode == "race" || mode == "shuffle-fence" || mode == "syncwarp-fence" || mode == "mask" ||
-      mode == "order" || mode == "cross-block" || mode == "shared-per-block")
+      mode == "order" || mode == "cross-block" || mode == "shared-per-block" ||
+      mode.rfind("static-", 0) == 0)
     return planted(mode);
   if (argc > 1 && std::string(argv[1]) == "deadlock") {
     int flag = 0;
@@ -436,6 +627,11 @@ int main(int argc, char** argv) {
     std::fill(p.qk.begin(), p.qk.end(), 0.5);
     check("quad constant input", p, true, rng, false);
   }
+  // Every tile of the tensor-core kernels (N = 49: 4 x 4 tiles), after the checks above
+  // so that their random draws stay as they were.
+  check("quad B=2 N=49 C=40 (all tiles)", make(4, 2, 49, 40, Mode::SD, Scope::Batch, rng), false, rng);
+  check("quad B=1 N=70 C=33 (2 x 2 tiles)", make(4, 1, 70, 33, Mode::SD, Scope::Sample, rng), false,
+        rng);
   if (g_failures) {
     std::printf("%d check(s) FAILED\n", g_failures);
     return 1;
