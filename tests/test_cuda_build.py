@@ -417,3 +417,33 @@ def test_static_shared_memory_is_checked(planted_driver, mode, message):
     assert message in run.stderr
     ok = _planted(planted_driver, "static-within-limits")
     assert ok.returncode == 0 and "static within limits: ran (out = 1)" in ok.stdout
+
+
+def test_dynamic_shared_memory_is_race_checked(planted_driver):
+    """Negative controls of the dynamic shared memory checker: a write and a read of one
+    float by threads 0 and 40 with no barrier, and a write one float past the launch's 64
+    bytes, are reported (kernel, block, byte, threads) and abort."""
+    run = _planted(planted_driver, "dynamic-race")
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "qcs emulation race: kernel planted_dynamic, block (0, 0, 0)" in run.stderr
+    assert ("race: thread 0 wrote it and thread 40 read it" in run.stderr
+            or "race: thread 40 read it and thread 0 wrote it" in run.stderr), run.stderr
+    run = _planted(planted_driver, "dynamic-range")
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert ("kernel planted_dynamic, block (0, 0, 0), thread 0: dynamic shared memory at byte "
+            "64: out of range" in run.stderr)
+
+
+def test_race_checker_catches_a_missing_barrier_in_the_epilogue(tmp_path):
+    """The kernels with the barrier after the fused epilogue's shift into dynamic shared
+    memory removed (norms read entries other threads are still writing): reported."""
+    source = (ROOT / "csrc" / "cuda" / "csa_kernels.cuh").read_text()
+    shift = "mat[e] = sim ? ext - d[e] : d[e] - ext;\n"
+    barrier = shift + "    __syncthreads();\n"
+    assert source.count(barrier) == 1
+    (tmp_path / "csa_kernels.cuh").write_text(source.replace(barrier, shift))
+    exe = _build_driver(tmp_path / "driver", ["-O0"], kernels_dir=tmp_path)
+    run = subprocess.run([str(exe), "quick"], capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0, run.stdout[-2000:]
+    assert "qcs emulation race: kernel kern::fused_epilogue_kernel" in run.stderr
+    assert "dynamic shared memory at byte" in run.stderr

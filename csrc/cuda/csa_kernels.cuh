@@ -25,6 +25,8 @@
 #include <mma.h>
 #define QCS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define QCS_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// A typed view of dynamic shared memory (race-checked under the emulation).
+#define QCS_SMEM_VIEW(T, raw) reinterpret_cast<T*>(raw)
 // 32-byte aligned: a tile passed to wmma::load_matrix_sync must be (256 bits).
 #define QCS_SHARED_ARRAY(T, name, N) __shared__ __align__(32) T name[N]
 #define QCS_NO_UNROLL _Pragma("unroll 1")
@@ -123,14 +125,16 @@ __device__ __forceinline__ A matrix_weight(int m, Mode mode, const T* theta, dou
 // A shifted N x N matrix (S = ext - D or E = D - ext) of one (m, b): entry (i, j) is
 // sign * (d[i*n + j] - ext) with sign = -1 for similarity matrices (exact in IEEE
 // arithmetic). A matrix already shifted into shared memory is read with ext 0, sign 1.
-template <typename A>
+// P: a pointer to the entries (const A* in global memory; a view of dynamic shared memory,
+// which is A* on the GPU and a race-checked pointer under the emulation).
+template <typename A, typename P = const A*>
 struct Shifted {
-  const A* d;
+  P d;
   A ext;
   A sign;
   int n;
-  __device__ __forceinline__ A at(const A* p) const { return sign * (*p - ext); }
-  __device__ __forceinline__ const A* row(int i) const { return d + static_cast<int64_t>(i) * n; }
+  __device__ __forceinline__ A at(const P& p) const { return sign * (static_cast<A>(*p) - ext); }
+  __device__ __forceinline__ P row(int i) const { return d + static_cast<int64_t>(i) * n; }
 };
 template <typename A>
 __device__ __forceinline__ Shifted<A> shifted_matrix(const A* d, A ext, bool sim, int n) {
@@ -138,11 +142,11 @@ __device__ __forceinline__ Shifted<A> shifted_matrix(const A* d, A ext, bool sim
 }
 
 // Row norms (one warp per row) and column norms (one thread per column) of an N x N matrix.
-template <typename A>
-__device__ __forceinline__ void norms_pass(const Shifted<A> mat, A* rn, A* cn) {
+template <typename A, typename P, typename Out>
+__device__ __forceinline__ void norms_pass(const Shifted<A, P> mat, Out rn, Out cn) {
   const int n = mat.n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   for (int i = warp; i < n; i += nw) {
-    const A* p = mat.row(i);
+    const P p = mat.row(i);
     A ss = 0;
     for (int j = lane; j < n; j += 32) {
       const A v = mat.at(p + j);
@@ -152,7 +156,7 @@ __device__ __forceinline__ void norms_pass(const Shifted<A> mat, A* rn, A* cn) {
     if (lane == 0) rn[i] = clamped_norm(ss);
   }
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const A* p = mat.d + j;
+    P p = mat.d + j;
     A ss = 0;
     for (int i = 0; i < n; ++i, p += n) {
       const A v = mat.at(p);
@@ -164,32 +168,32 @@ __device__ __forceinline__ void norms_pass(const Shifted<A> mat, A* rn, A* cn) {
 
 // cols(M)[j] = sum_i M[i,j] / rn[i] (thread per column); rows(M)[i] = sum_j M[i,j] / cn[j]
 // (warp per row). Needs rn/cn complete (a barrier after norms_pass).
-template <typename A>
-__device__ __forceinline__ void aggregate_pass(const Shifted<A> mat, const A* rn, const A* cn, A* cols, A* rows) {
+template <typename A, typename P, typename In, typename Out>
+__device__ __forceinline__ void aggregate_pass(const Shifted<A, P> mat, In rn, In cn, Out cols, Out rows) {
   const int n = mat.n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const A* p = mat.d + j;
+    P p = mat.d + j;
     A acc = 0;
-    for (int i = 0; i < n; ++i, p += n) acc += mat.at(p) / rn[i];
+    for (int i = 0; i < n; ++i, p += n) acc += mat.at(p) / static_cast<A>(rn[i]);
     cols[j] = acc;
   }
   for (int i = warp; i < n; i += nw) {
-    const A* p = mat.row(i);
+    const P p = mat.row(i);
     A acc = 0;
-    for (int j = lane; j < n; j += 32) acc += mat.at(p + j) / cn[j];
+    for (int j = lane; j < n; j += 32) acc += mat.at(p + j) / static_cast<A>(cn[j]);
     acc = warp_sum(acc);
     if (lane == 0) rows[i] = acc;
   }
 }
 
 // softmax(sw * s + dw * d) over n tokens, by one warp; a zero weight skips its term.
-template <typename T, typename A>
-__device__ __forceinline__ void softmax_warp(const A* s, const A* d, A sw, A dw, int n, T* out) {
+template <typename T, typename A, typename In>
+__device__ __forceinline__ void softmax_warp(In s, In d, A sw, A dw, int n, T* out) {
   const int lane = threadIdx.x % 32;
   auto score = [&](int j) -> A {
     A v = 0;
-    if (sw != A(0)) v += sw * s[j];
-    if (dw != A(0)) v += dw * d[j];
+    if (sw != A(0)) v += sw * static_cast<A>(s[j]);
+    if (dw != A(0)) v += dw * static_cast<A>(d[j]);
     return v;
   };
   A mx = -pos_inf<A>();
@@ -550,10 +554,10 @@ __global__ void __launch_bounds__(kSmallThreads)
     fused_epilogue_kernel(const A* __restrict__ dist, const A* __restrict__ extrema, const T* __restrict__ theta,
                           double gamma, Mode mode, int nmat, int nbranch, int batch, int n, T* __restrict__ maps) {
   QCS_DYNAMIC_SMEM(smem_raw);
-  A* mat = reinterpret_cast<A*>(smem_raw);
-  A* rn = mat + n * n;
-  A* cn = rn + n;
-  A* sc = cn + n;  // [2][R][N]: s then d
+  auto mat = QCS_SMEM_VIEW(A, smem_raw);  // pointer-like: A* on the GPU
+  auto rn = mat + n * n;
+  auto cn = rn + n;
+  auto sc = cn + n;  // [2][R][N]: s then d
   const int b = blockIdx.x;
   for (int e = threadIdx.x; e < 2 * nbranch * n; e += blockDim.x) sc[e] = 0;
   for (int m = 0; m < nmat; ++m) {
@@ -564,10 +568,10 @@ __global__ void __launch_bounds__(kSmallThreads)
     const A* d = dist + mb * n * n;
     for (int e = threadIdx.x; e < n * n; e += blockDim.x) mat[e] = sim ? ext - d[e] : d[e] - ext;
     __syncthreads();
-    const Shifted<A> held{mat, A(0), A(1), n};
+    const Shifted<A, decltype(mat)> held{mat, A(0), A(1), n};
     norms_pass(held, rn, cn);
     __syncthreads();
-    A* kind = sc + (sim ? 0 : nbranch * n);
+    const auto kind = sc + (sim ? 0 : nbranch * n);
     aggregate_pass(held, rn, cn, kind + col_branch(m) * n, kind + row_branch(m) * n);
     __syncthreads();
   }

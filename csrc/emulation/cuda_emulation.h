@@ -13,8 +13,10 @@
 //     report instead of a hang;
 //   * shared arrays (QCS_SHARED_ARRAY) hold one copy per running block, poisoned (0xFF
 //     bytes) when a block starts; a plain __shared__ does not compile here;
-//   * dynamic shared memory (QCS_DYNAMIC_SMEM) is a fresh buffer per block, filled with
-//     0xFF bytes (NaN for floats) so that reading what was never written shows up;
+//   * dynamic shared memory (QCS_DYNAMIC_SMEM, read and written through QCS_SMEM_VIEW) is
+//     a fresh buffer per block, filled with 0xFF bytes (NaN for floats) so that reading
+//     what was never written shows up, and race-checked like the shared arrays (per 4-byte
+//     word), with accesses past the launch's size reported;
 //   * warp shuffles and ballots go through a per-warp exchange: every lane stores its
 //     value, a warp barrier, every lane reads its source lane (two alternating buffers,
 //     so one barrier per exchange is enough);
@@ -29,7 +31,7 @@
 //     (__syncthreads for the block, __syncwarp within a warp; a shuffle orders nothing).
 //     Two accesses from different threads, one a write, in the same interval are a race:
 //     reported with kernel, block, array, element and threads, then abort. Out-of-range
-//     indices are reported the same way. Dynamic shared memory is not checked.
+//     indices are reported the same way.
 // Warps are lanes [32w, 32w+32) of the linearised thread index, as on the GPU; kernels
 // must call warp collectives from all live lanes of a warp (full mask), as on Volta+.
 //
@@ -150,9 +152,21 @@ class WatchedBarrier {
   const char* what_;
 };
 
+// The race checker's record of one 4-byte word of dynamic shared memory.
+struct SharedAccess {
+  unsigned thread;
+  uint32_t block_epoch, warp_epoch;
+};
+struct DynamicWord {
+  bool written = false;
+  SharedAccess last_write{};
+  std::vector<SharedAccess> readers;
+};
+
 struct BlockState {
   using Barrier = WatchedBarrier;
-  explicit BlockState(unsigned nthreads, unsigned char* smem) : block(nthreads, "__syncthreads"), smem(smem) {
+  BlockState(unsigned nthreads, unsigned char* smem, std::size_t smem_bytes)
+      : block(nthreads, "__syncthreads"), smem(smem), smem_bytes(smem_bytes), dynamic_words(smem_bytes / 4) {
     const unsigned nwarps = (nthreads + 31) / 32;
     exchange.resize(2 * nwarps * 32);
     parity.resize(nthreads, 0);
@@ -176,6 +190,10 @@ struct BlockState {
   std::vector<double> tiles;
   std::vector<unsigned char> tile_parity;
   unsigned char* smem;
+  std::size_t smem_bytes;
+  // Race-checker state of the dynamic shared memory (QCS_SMEM_VIEW), one per 4 bytes.
+  std::mutex dynamic_mutex;
+  std::vector<DynamicWord> dynamic_words;
   // Unique over the process: checked shared arrays (statics) start every block afresh.
   uint64_t serial = ++block_serials();
 };
@@ -376,12 +394,13 @@ inline std::vector<unsigned> block_order(unsigned nblocks) {
 // block's fresh state (barriers, exchange, poisoned dynamic shared memory).
 struct BlockSlot {
   unsigned nthreads, position, stride, nblocks;
-  std::size_t words;  // dynamic shared memory, in max_align_t units
+  std::size_t words;          // dynamic shared memory, in max_align_t units
+  std::size_t dynamic_bytes;  // as launched
   std::unique_ptr<std::max_align_t[]> smem;
   std::unique_ptr<BlockState> state;
   void fresh() {
     std::memset(smem.get(), 0xFF, words * sizeof(std::max_align_t));
-    state = std::make_unique<BlockState>(nthreads, reinterpret_cast<unsigned char*>(smem.get()));
+    state = std::make_unique<BlockState>(nthreads, reinterpret_cast<unsigned char*>(smem.get()), dynamic_bytes);
   }
   void advance() noexcept {
     position += stride;
@@ -407,7 +426,7 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   std::vector<std::unique_ptr<std::barrier<AdvanceSlot>>> between_blocks;
   for (unsigned g = 0; g < nslots; ++g) {
     slots.push_back(std::make_unique<BlockSlot>(
-        BlockSlot{nthreads, g, nslots, nblocks, words,
+        BlockSlot{nthreads, g, nslots, nblocks, words, smem_bytes,
                   std::unique_ptr<std::max_align_t[]>(new std::max_align_t[words ? words : 1]), nullptr}));
     slots.back()->fresh();
     between_blocks.push_back(std::make_unique<std::barrier<AdvanceSlot>>(static_cast<std::ptrdiff_t>(nthreads),
@@ -521,11 +540,8 @@ inline void check_mask(unsigned mask, const char* what) {
   std::abort();
 }
 
-// One access to a checked shared element: which thread, in which barrier intervals.
-struct SharedAccess {
-  unsigned thread;
-  uint32_t block_epoch, warp_epoch;
-};
+// One access to a checked shared element (SharedAccess): which thread, in which barrier
+// intervals.
 inline SharedAccess this_access() { return {tl_linear, tl_block_epoch, tl_warp_epoch}; }
 // Whether `before` happens before the current thread's access `now`: a __syncthreads
 // between them, or a __syncwarp within one warp, or the same thread.
@@ -635,6 +651,93 @@ class SharedArray {
   Copy copies_[kMaxConcurrentBlocks];
 };
 
+// Dynamic shared memory seen through QCS_SMEM_VIEW(T, raw): a pointer-like view whose
+// element accesses go through the race checker, with the same rules as SharedArray, per
+// 4-byte word of the running block's dynamic shared memory (views of different types may
+// overlap). Accesses past the launch's dynamic shared memory are reported too.
+template <typename T>
+class DynamicPtr {
+ public:
+  explicit DynamicPtr(long long byte_offset) : off_(byte_offset) {}
+  class Ref {
+   public:
+    explicit Ref(long long off) : off_(off) {}
+    operator T() const {
+      T v;
+      access(off_, false, &v);
+      return v;
+    }
+    Ref& operator=(T v) {
+      access(off_, true, &v);
+      return *this;
+    }
+    Ref& operator=(const Ref& other) { return *this = static_cast<T>(other); }
+
+   private:
+    long long off_;
+  };
+  Ref operator[](long long i) const { return Ref(off_ + i * static_cast<long long>(sizeof(T))); }
+  Ref operator*() const { return Ref(off_); }
+  DynamicPtr operator+(long long k) const { return DynamicPtr(off_ + k * static_cast<long long>(sizeof(T))); }
+  DynamicPtr& operator+=(long long k) {
+    off_ += k * static_cast<long long>(sizeof(T));
+    return *this;
+  }
+  long long byte_offset() const { return off_; }
+
+ private:
+  [[noreturn]] static void report(long long off, const char* what) {
+    std::fprintf(stderr,
+                 "qcs emulation%s: kernel %s, block (%u, %u, %u), thread %u: dynamic shared memory at byte %lld: %s\n",
+                 std::strstr(what, "race") != nullptr ? " race" : "", tl_kernel, blockIdx.x, blockIdx.y, blockIdx.z,
+                 tl_linear, off, what);
+    std::fflush(stderr);
+    std::abort();
+  }
+  // Reads (write false) or writes one T at byte `off`, checking every word it covers.
+  static void access(long long off, bool write, T* value) {
+    BlockState& st = *tl_block;
+    if (off < 0 || static_cast<std::size_t>(off) + sizeof(T) > st.smem_bytes)
+      report(off, "out of range of the launch's dynamic shared memory");
+    const SharedAccess now = this_access();
+    char what[160];
+    std::lock_guard<std::mutex> lock(st.dynamic_mutex);
+    for (std::size_t w = static_cast<std::size_t>(off) / 4; w <= (static_cast<std::size_t>(off) + sizeof(T) - 1) / 4;
+         ++w) {
+      DynamicWord& word = st.dynamic_words[w];
+      if (word.written && !ordered(word.last_write, now)) {
+        std::snprintf(what, sizeof(what), "race: thread %u wrote it and thread %u %s it with no barrier between",
+                      word.last_write.thread, tl_linear, write ? "wrote" : "read");
+        report(off, what);
+      }
+      if (write) {
+        for (const SharedAccess& r : word.readers)
+          if (!ordered(r, now)) {
+            std::snprintf(what, sizeof(what), "race: thread %u read it and thread %u wrote it with no barrier between",
+                          r.thread, tl_linear);
+            report(off, what);
+          }
+        word.readers.clear();
+        word.written = true;
+        word.last_write = now;
+      } else {
+        word.readers.push_back(now);
+      }
+    }
+    if (write) std::memcpy(st.smem + off, value, sizeof(T));
+    else std::memcpy(value, st.smem + off, sizeof(T));
+  }
+  long long off_;
+};
+
+// The handle QCS_DYNAMIC_SMEM declares: views of the running block's dynamic shared memory.
+struct DynamicSmem {
+  template <typename T>
+  DynamicPtr<T> view() const {
+    return DynamicPtr<T>(0);
+  }
+};
+
 }  // namespace qcs_emu
 
 // Raises a kernel's dynamic shared memory limit, as the CUDA runtime call does.
@@ -726,8 +829,11 @@ T atomicCAS(T* address, T compare, T value) {
 // `QCS_LAUNCH(grid, block, smem, stream, kernel)(args...)`: kernel<<<grid, block, smem, stream>>>.
 #define QCS_LAUNCH(grid, block, smem, stream, ...) \
   ::qcs_emu::Launch{dim3(grid), dim3(block), static_cast<std::size_t>(smem), #__VA_ARGS__}.bind(&__VA_ARGS__)
-// Dynamic shared memory of the running block (extern __shared__ on the GPU).
-#define QCS_DYNAMIC_SMEM(name) unsigned char* name = ::qcs_emu::tl_block->smem
+// Dynamic shared memory of the running block (extern __shared__ on the GPU), used through
+// race-checked views: QCS_SMEM_VIEW(T, name) is `(T*)name` on the GPU.
+#define QCS_DYNAMIC_SMEM(name) \
+  const ::qcs_emu::DynamicSmem name {}
+#define QCS_SMEM_VIEW(T, raw) (raw).template view<T>()
 // A race-checked shared array (`__shared__ T name[N]` on the GPU).
 #define QCS_SHARED_ARRAY(T, name, N) static ::qcs_emu::SharedArray<T, (N)> name(#name)
 

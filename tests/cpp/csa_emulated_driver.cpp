@@ -419,8 +419,23 @@ __global__ void planted_static_49k(int* out) {
   if (threadIdx.x == 0) *out = 1;
 }
 
+// Dynamic shared memory: thread 0 writes a float that thread 40 reads with no barrier
+// between (a race), or (past_end) thread 0 writes one float past the launch's 64 bytes.
+__global__ void planted_dynamic(int* out, bool past_end) {
+  QCS_DYNAMIC_SMEM(raw);
+  auto cells = QCS_SMEM_VIEW(float, raw);
+  if (past_end) {
+    if (threadIdx.x == 0) cells[16] = 1.f;
+    return;
+  }
+  if (threadIdx.x == 0) cells[3] = 1.f;
+  if (threadIdx.x == 40) out[0] = static_cast<int>(cells[3]);
+}
+
 static int planted(const std::string& what) {
   int out = 0;
+  if (what == "dynamic-race") QCS_LAUNCH(1, 64, 64, nullptr, planted_dynamic)(&out, false);
+  if (what == "dynamic-range") QCS_LAUNCH(1, 64, 64, nullptr, planted_dynamic)(&out, true);
   if (what == "static-smem") QCS_LAUNCH(1, 32, 0, nullptr, planted_static_49k)(&out);
   if (what == "static-plus-dynamic") QCS_LAUNCH(1, 32, 10 * 1024, nullptr, planted_static_40k)(&out);
   if (what == "static-within-limits") {  // 40 KiB static + 8 KiB dynamic: exactly the limit
@@ -588,7 +603,7 @@ int main(int argc, char** argv) {
   if (mode.rfind("wmma", 0) == 0) return wmma_checks(mode) == 0 ? 0 : 1;
   if (mode == "race" || mode == "shuffle-fence" || mode == "syncwarp-fence" || mode == "mask" ||
       mode == "order" || mode == "cross-block" || mode == "shared-per-block" ||
-      mode.rfind("static-", 0) == 0)
+      mode.rfind("static-", 0) == 0 || mode.rfind("dynamic-", 0) == 0)
     return planted(mode);
   if (argc > 1 && std::string(argv[1]) == "deadlock") {
     int flag = 0;
