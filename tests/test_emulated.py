@@ -404,15 +404,25 @@ def test_forward_launches_at_small_n(dtype, scope):
     assert names == expected + ["fused_epilogue_kernel"]
 
 
-def test_forward_launches_at_n196():
+def test_launches_at_n196():
     """Above N = 64 the Gram tiles still run on tensor cores (64 x 64 tiles spread over the
-    grid, the tiles' extremes reduced per sample): 5 launches, no cuBLAS call."""
+    grid, the tiles' extremes reduced per sample): 5 launches forward; the backward writes
+    W and takes its products on tensor cores in 64 x 32 tiles: 5 launches. No cuBLAS."""
     qk = _features(4, 1, 196, 8, torch.float32, seed=100)
     em.ops.launch_log()
-    em.ops.cross_similarity_forward(qk, _theta(torch.float32), 1.0, "sd", "batch")
+    maps, dist, ext = em.ops.cross_similarity_forward(
+        qk, _theta(torch.float32), 1.0, "sd", "batch"
+    )
     assert _kernel_names(em.ops.launch_log()) == [
         "tensor_core_distance_kernel", "sample_extrema_kernel", "batch_extrema_kernel",
         "stream_aggregate_kernel", "fuse_softmax_kernel",
+    ]
+    em.ops.cross_similarity_backward(
+        torch.randn_like(maps), maps, qk, dist, ext, _theta(torch.float32), 1.0, "sd", "batch"
+    )
+    assert _kernel_names(em.ops.launch_log()) == [
+        "softmax_backward_kernel", "backward_stats_kernel", "backward_reduce_kernel",
+        "backward_weights_kernel", "tensor_core_gradient_tiles_kernel",
     ]
 
 

@@ -247,9 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
 }
 
 // Launches, backward: softmax_backward_kernel, backward_stats_kernel,
-// backward_reduce_kernel, then for N <= 64 and a 32- or 16-bit dtype
-// tensor_core_gradient_kernel: 4. Otherwise backward_weights_kernel and the gradient
-// GEMMs (8 cuBLAS calls and ~16 element-wise ATen ops in the quadruplet).
+// backward_reduce_kernel, then for a 32- or 16-bit dtype tensor_core_gradient_kernel
+// (N <= 64: 4 in all) or backward_weights_kernel + tensor_core_gradient_tiles_kernel
+// (5). float64: backward_weights_kernel and the gradient GEMMs (8 cuBLAS calls and ~16
+// element-wise ATen ops in the quadruplet).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, const at::Tensor& maps,
                                                   const at::Tensor& qk, const at::Tensor& dist,
@@ -305,6 +306,21 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
       stats.data_ptr<A>(), route.data_ptr<A>(), wmat.data_ptr<A>(), wsum.data_ptr<A>());
   QCS_HOST_LAUNCH_CHECK();
 
+  if constexpr (!std::is_void_v<typename TensorCoreRecipe<T>::type>) {
+    if (!force_streaming()) {  // the gradient products on tensor cores, 64 x 32 output tiles
+      const int c = static_cast<int>(qk.size(3));
+      at::Tensor grad = at::empty(qk.sizes(), qk.options());
+      const int64_t tiles = ceil_div(n, kern::kTcTokens) * ceil_div(c, kern::kTcTileChannels);
+      QCS_LAUNCH(checked_grid("tensor_core_gradient_tiles_kernel", tiles * nbranch * batch, kern::kTcThreads,
+                              kern::kTcThreads),
+                 kern::kTcThreads, 0, stream, kern::tensor_core_gradient_tiles_kernel<T>)(
+          qk.data_ptr<T>(), wmat.data_ptr<A>(), wsum.data_ptr<A>(), mode, nmat, batch, n, c, grad.data_ptr<T>());
+      QCS_HOST_LAUNCH_CHECK();
+      return {grad, grad_theta};
+    }
+  }
+
+  // float64 (and QCS_CSA_FORCE_STREAMING): the gradient GEMMs through ATen.
   // dL/dX = diag(W 1) X - W Y (rows), dL/dY = diag(W^T 1) Y - W^T X (columns); each
   // branch sits in two matrices: accumulate (fixed order, deterministic). Both terms are
   // unchanged when X and Y are shifted by one common vector o per sample, so they are

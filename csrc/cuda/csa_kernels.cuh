@@ -355,21 +355,23 @@ struct Tf32x3 {
   using Stage = float;
   using Input = wmma::precision::tf32;
   static constexpr int kK = 8, kPad = 4;
+  // big (x on entry) -> x rounded to TF32, small = the rest, rounded: in place, so that
+  // the caller's fragments are not live beside their two halves (register pressure).
   template <typename Frag>
-  __device__ static void split(const Frag& f, Frag& big, Frag& small) {
-    for (int i = 0; i < f.num_elements; ++i) {
-      const float v = f.x[i];
+  __device__ static void split(Frag& big, Frag& small) {
+    for (int i = 0; i < big.num_elements; ++i) {
+      const float v = big.x[i];
       const float hi = wmma::__float_to_tf32(v);
       big.x[i] = hi;
       small.x[i] = wmma::__float_to_tf32(v - hi);
     }
   }
   template <typename Acc, typename FragA, typename FragB>
-  __device__ static void mma(Acc& acc, const FragA& a, const FragB& b) {
-    FragA a_big, a_small;
-    FragB b_big, b_small;
-    split(a, a_big, a_small);
-    split(b, b_big, b_small);
+  __device__ static void mma(Acc& acc, FragA a_big, FragB b_big) {
+    FragA a_small;
+    FragB b_small;
+    split(a_big, a_small);
+    split(b_big, b_small);
     wmma::mma_sync(acc, a_small, b_big, acc);
     wmma::mma_sync(acc, a_big, b_small, acc);
     wmma::mma_sync(acc, a_big, b_big, acc);
@@ -392,15 +394,17 @@ struct Native16 {
 // One block per 64 x 64 tile of the N x N matrix of one (m, b): grid (M * B * tiles^2),
 // tiles = ceil(N / 64), kTcThreads threads (so N = 784 spreads 169 blocks per matrix over
 // the GPU). The tile's 64 x and 64 y tokens are staged kTcChunk channels at a time
-// (zero-padded past N), each warp accumulates two 16 x 16 Gram sub-tiles in registers and
-// the squared token norms in float; the Gram tile then goes to shared memory and the
+// (zero-padded past N), each warp accumulates two 16 x 16 Gram sub-tiles in registers (and
+// the squared token norms of the rows it stages); the Gram tile then goes to shared memory and the
 // distances are formed from it (the cancelling entries recomputed from qk by
 // recompute_flagged), written to dist [M,B,N,N] (for the epilogue and the backward), and
 // the tile's extreme to partial[mb * tiles^2 + tile]: with one tile (N <= 64) that is the
 // sample's extreme, else sample_extrema_kernel reduces the tiles. Unused matrices get
 // zeros (distances and extremes).
+// (__launch_bounds__ asks for 2 blocks per SM, i.e. up to 128 registers: left to itself
+// ptxas held the float32 kernel to 64 on sm_90 and spilled around sqrt's slow-path call.)
 template <typename T, typename Recipe>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, 2)
     tensor_core_distance_kernel(const T* __restrict__ qk, float* __restrict__ dist, float* __restrict__ partial,
                                 int batch, int n, int c, Mode mode) {
   using S = typename Recipe::Stage;
@@ -435,26 +439,30 @@ __global__ void __launch_bounds__(kTcThreads)
   FragC acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
-  float ss[kRowsPerWarp] = {};  // this lane's share of the squared norms of the warp's rows
+  // Squared token norms, summed chunk by chunk in sq by lane 0 of the warp that stages
+  // the row (its own rows: no barrier needed until the distances read them).
+  if (lane == 0)
+    for (int r = 0; r < kRowsPerWarp; ++r) sq[warp + r * (kTcThreads / 32)] = 0.f;
 
   for (int k0 = 0; k0 < c; k0 += kTcChunk) {
     // Stage 128 rows (x tokens, then y tokens) of kTcChunk channels: warp w takes rows
     // w, w + 8, ...; lane l channel k0 + l (coalesced).
-    QCS_UNROLL  // ss[] stays in registers only if every index is a constant
-        for (int r = 0; r < kRowsPerWarp; ++r) {
+    for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = warp + r * (kTcThreads / 32), tok = row % kTcTokens;
       const bool is_x = row < kTcTokens;
       const int token = (is_x ? i0 : j0) + tok;
       const T* src = is_x ? x : y;
       const float v =
           token < n && k0 + lane < c ? static_cast<float>(src[static_cast<int64_t>(token) * c + k0 + lane]) : 0.f;
-      ss[r] += v * v;
+      const float part = warp_sum(v * v);
+      if (lane == 0) sq[row] = sq[row] + part;
       if (is_x) xs[tok * kLd + lane] = stage_from<S>(v);
       else ys[tok * kLd + lane] = stage_from<S>(v);
     }
     __syncthreads();
-    QCS_UNROLL  // acc[] likewise
-        for (int t = 0; t < 2; ++t) {
+    // acc[] stays in registers only if every index is a constant: unrolled
+    QCS_UNROLL
+    for (int t = 0; t < 2; ++t) {
       const int sub = 2 * warp + t, ti = sub / 4, tj = sub % 4;
       if (ti >= sub_rows || tj >= sub_cols) continue;  // warp-uniform
       for (int kk = 0; kk < kTcChunk; kk += Recipe::kK) {
@@ -473,11 +481,6 @@ __global__ void __launch_bounds__(kTcThreads)
     if (ti < sub_rows && tj < sub_cols)
       wmma::store_matrix_sync(gram + ti * 16 * kTcGramLd + tj * 16, acc[t], kTcGramLd, wmma::mem_row_major);
   }
-  QCS_UNROLL
-  for (int r = 0; r < kRowsPerWarp; ++r) {
-    const float total = warp_sum(ss[r]);
-    if (lane == 0) sq[warp + r * (kTcThreads / 32)] = total;
-  }
   __syncthreads();
 
   const float threshold = static_cast<float>(RefineThreshold<float>::value);
@@ -494,11 +497,15 @@ __global__ void __launch_bounds__(kTcThreads)
       refine = d2 < threshold * norms;
     }
     d2 = recompute_flagged(d2, refine, i0 + i, j0 + j, x, y, c);
-    if (e < entries) {
-      const float v = std::sqrt(d2 < 0.f ? 0.f : d2);  // clamps rounding below 0 but keeps NaN
-      d[i * n + j] = v;
-      ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
-    }
+    if (e < entries) gram[i * kTcGramLd + j] = d2 < 0.f ? 0.f : d2;  // clamps rounding below 0, keeps NaN
+  }
+  // The square roots in a second sweep over the same (thread-private) entries: keeps the
+  // refinement loop's live registers away from sqrt's slow-path call (no spills).
+  for (int e = threadIdx.x; e < entries; e += blockDim.x) {
+    const int i = e / cols, j = e % cols;
+    const float v = std::sqrt(static_cast<float>(gram[i * kTcGramLd + j]));
+    d[i * n + j] = v;
+    ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
   }
   ext = block_extreme(ext, scratch, sim);
   if (threadIdx.x == 0) partial[blockIdx.x] = ext;
@@ -861,17 +868,20 @@ constexpr int kTcGradThreads = 128;  // 4 warps, one 16-row output tile each
 constexpr int kTcGradChunk = 16;     // channels per step: one 16-column output tile
 constexpr int kTcGradLd = kTcGradChunk + 4;
 
+// acc -= W' P over k < kmax (3xTF32): W' = rows i0.. of W (FragLayout row_major), or of
+// W^T (col_major: W's columns i0..), W held negated in shared memory with rows of w_ld
+// floats; P: the centred partner rows (p_ld floats each) from the 16 output columns.
 template <typename FragLayout, typename FragC, typename WPtr, typename PPtr>
-__device__ __forceinline__ void subtract_w_times_partner(FragC& acc, WPtr w, PPtr partner, int i0, int n) {
+__device__ __forceinline__ void subtract_w_times_partner(FragC& acc, WPtr w, int w_ld, PPtr partner, int p_ld, int i0,
+                                                         int kmax) {
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, FragLayout>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   constexpr bool kTransposed = std::is_same_v<FragLayout, wmma::col_major>;
-  for (int kk = 0; kk < n; kk += 8) {  // padding rows and columns of W and the partner are 0
+  for (int kk = 0; kk < kmax; kk += 8) {  // padding rows and columns of W and the partner are 0
     FragA fa;
     FragB fb;
-    // -W rows i0.., columns kk.. (row branch), or -W^T: W's columns i0.., rows kk..
-    wmma::load_matrix_sync(fa, w + (kTransposed ? kk * kTcTokens + i0 : i0 * kTcTokens + kk), kTcTokens);
-    wmma::load_matrix_sync(fb, partner + kk * kTcGradLd, kTcGradLd);
+    wmma::load_matrix_sync(fa, w + (kTransposed ? kk * w_ld + i0 : i0 * w_ld + kk), w_ld);
+    wmma::load_matrix_sync(fb, partner + kk * p_ld, p_ld);
     Tf32x3::mma(acc, fa, fb);
   }
 }
@@ -989,9 +999,11 @@ __global__ void __launch_bounds__(kTcGradThreads)
       for (int k = 0; k < 2; ++k) {
         if (!used[k]) continue;
         if (as_row[k])
-          subtract_w_times_partner<wmma::row_major>(acc, wneg + k * kTile, partner + k * kTcTokens * kTcGradLd, i0, n);
+          subtract_w_times_partner<wmma::row_major>(acc, wneg + k * kTile, kTcTokens,
+                                                    partner + k * kTcTokens * kTcGradLd, kTcGradLd, i0, n);
         else
-          subtract_w_times_partner<wmma::col_major>(acc, wneg + k * kTile, partner + k * kTcTokens * kTcGradLd, i0, n);
+          subtract_w_times_partner<wmma::col_major>(acc, wneg + k * kTile, kTcTokens,
+                                                    partner + k * kTcTokens * kTcGradLd, kTcGradLd, i0, n);
       }
       wmma::store_matrix_sync(own + i0 * kTcGradLd, acc, kTcGradLd, wmma::mem_row_major);
       __syncwarp();  // the lanes read what other lanes stored
@@ -1002,6 +1014,113 @@ __global__ void __launch_bounds__(kTcGradThreads)
       }
     }
     __syncthreads();  // the stages are overwritten next
+  }
+}
+
+// Backward on tensor cores above N = 64: the gradient of branch r of sample b from W and
+// its sums written by backward_weights_kernel (wmat [M,B,N,N], wsum [2,M,B,N]), one
+// 64-token x 32-channel output tile per block: grid (R * B * ceil(N/64) * ceil(C/32)),
+// kTcThreads threads (8 warps, 4 x 2 sub-tiles of 16 x 16). The tile starts as
+// sum_k wsum_k (x - o_k) and takes -W_k' (y_k - o_k) over 64-token steps (W_k' = W_k, or
+// W_k^T for a column branch, staged negated), on tensor cores in 3xTF32; o_k is the mean
+// token of matrix k's pair over the tile's channels (the centring of the small-N kernel).
+// Written once, in T. Deterministic. Static shared memory: 35.3 KiB.
+constexpr int kTcTileChannels = 32;
+constexpr int kTcWLd = kTcTokens + 4;
+constexpr int kTcChanLd = kTcTileChannels + 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads)
+    tensor_core_gradient_tiles_kernel(const T* __restrict__ qk, const float* __restrict__ wmat,
+                                      const float* __restrict__ wsum, Mode mode, int nmat, int batch, int n, int c,
+                                      T* __restrict__ grad) {
+  QCS_SHARED_ARRAY(float, wt, kTcTokens* kTcWLd);        // -W' tile (row branch) or -W tile (column)
+  QCS_SHARED_ARRAY(float, pt, kTcTokens* kTcChanLd);     // centred partner tile
+  QCS_SHARED_ARRAY(float, ot, kTcTokens* kTcChanLd);     // the output tile
+  QCS_SHARED_ARRAY(float, centre, 2 * kTcTileChannels);  // o_k of the tile's channels
+  const int row_tiles = (n + kTcTokens - 1) / kTcTokens, chan_tiles = (c + kTcTileChannels - 1) / kTcTileChannels;
+  const unsigned per_branch = static_cast<unsigned>(row_tiles * chan_tiles);
+  const int rb = static_cast<int>(blockIdx.x / per_branch), tile = static_cast<int>(blockIdx.x % per_branch);
+  const int r = rb / batch, b = rb % batch;
+  const int i0 = tile / chan_tiles * kTcTokens, c0 = tile % chan_tiles * kTcTileChannels;
+  const int first = matrix_of_branch(r, 0, nmat), second = matrix_of_branch(r, 1, nmat);
+  const int mats[2] = {first, second < 0 ? first : second};
+  const bool as_row[2] = {row_branch(mats[0]) == r, row_branch(mats[1]) == r};
+  const bool used[2] = {matrix_used(mats[0], mode), second >= 0 && matrix_used(mats[1], mode)};
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
+  const T* own_x = qk + static_cast<int64_t>(rb) * n * c;
+  const T* partner_x[2];
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k)
+    partner_x[k] =
+        qk + (static_cast<int64_t>(as_row[k] ? col_branch(mats[k]) : row_branch(mats[k])) * batch + b) * n * c;
+
+  for (int t = threadIdx.x; t < 2 * kTcTileChannels; t += blockDim.x) {  // o_k, lanes along channels
+    const int k = t / kTcTileChannels, ch = c0 + t % kTcTileChannels;
+    const T* px = k == 0 ? partner_x[0] : partner_x[1];
+    float so = 0, sp = 0;
+    if (ch < c)
+      for (int tok = 0; tok < n; ++tok) {
+        so += static_cast<float>(own_x[static_cast<int64_t>(tok) * c + ch]);
+        sp += static_cast<float>(px[static_cast<int64_t>(tok) * c + ch]);
+      }
+    centre[t] = (so + sp) / static_cast<float>(2 * n);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
+    const int row = e / kTcTileChannels, col = e % kTcTileChannels, i = i0 + row, ch = c0 + col;
+    float start = 0;
+    if (i < n && ch < c) {
+      const float x = static_cast<float>(own_x[static_cast<int64_t>(i) * c + ch]);
+      QCS_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        if (!used[k]) continue;
+        const int64_t mb = static_cast<int64_t>(mats[k]) * batch + b;
+        start += wsum[((as_row[k] ? 0 : mbs) + mb) * n + i] * (x - centre[k * kTcTileChannels + col]);
+      }
+    }
+    ot[row * kTcChanLd + col] = start;
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub_r = 16 * (warp / 2), sub_c = 16 * (warp % 2);
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::load_matrix_sync(acc, ot + sub_r * kTcChanLd + sub_c, kTcChanLd, wmma::mem_row_major);
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    if (!used[k]) continue;  // block-uniform
+    const float* w = wmat + (static_cast<int64_t>(mats[k]) * batch + b) * n * n;
+    const T* px = k == 0 ? partner_x[0] : partner_x[1];
+    for (int j0 = 0; j0 < n; j0 += kTcTokens) {
+      // -W[i0.., j0..] (row branch), or -W[j0.., i0..] read as its transpose (column
+      // branch): either way rows of the stage follow W's rows (coalesced reads).
+      const int w_row0 = as_row[k] ? i0 : j0, w_col0 = as_row[k] ? j0 : i0;
+      for (int e = threadIdx.x; e < kTcTokens * kTcTokens; e += blockDim.x) {
+        const int row = e / kTcTokens, col = e % kTcTokens;
+        const bool inside = w_row0 + row < n && w_col0 + col < n;
+        wt[row * kTcWLd + col] = inside ? -w[static_cast<int64_t>(w_row0 + row) * n + w_col0 + col] : 0.f;
+      }
+      for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
+        const int row = e / kTcTileChannels, col = e % kTcTileChannels, j = j0 + row, ch = c0 + col;
+        pt[row * kTcChanLd + col] = j < n && ch < c ? static_cast<float>(px[static_cast<int64_t>(j) * c + ch]) -
+                                                          centre[k * kTcTileChannels + col]
+                                                    : 0.f;
+      }
+      __syncthreads();
+      const int kmax = n - j0 < kTcTokens ? n - j0 : kTcTokens;
+      // (wt + 0: a pointer to the stage; the emulation's shared arrays become one through +)
+      if (as_row[k]) subtract_w_times_partner<wmma::row_major>(acc, wt + 0, kTcWLd, pt + sub_c, kTcChanLd, sub_r, kmax);
+      else subtract_w_times_partner<wmma::col_major>(acc, wt + 0, kTcWLd, pt + sub_c, kTcChanLd, sub_r, kmax);
+      __syncthreads();  // the stages are overwritten next
+    }
+  }
+  wmma::store_matrix_sync(ot + sub_r * kTcChanLd + sub_c, acc, kTcChanLd, wmma::mem_row_major);
+  __syncwarp();  // the lanes read what other lanes stored
+  T* out = grad + static_cast<int64_t>(rb) * n * c;
+  for (int e = lane; e < 16 * 16; e += 32) {
+    const int row = sub_r + e / 16, col = sub_c + e % 16, i = i0 + row, ch = c0 + col;
+    if (i < n && ch < c) out[static_cast<int64_t>(i) * c + ch] = static_cast<T>(ot[row * kTcChanLd + col]);
   }
 }
 

@@ -204,6 +204,16 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N,
       stats.data(), route.data(), wmat.data(), wsum.data());
   res.grad_qk.assign(qk.size(), A(0));
+  if constexpr (std::is_same_v<A, float>) {
+    if (on_tensor_cores) {  // as csa_host.h: the gradient products on tensor cores
+      const int tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens *
+                        ((C + kern::kTcTileChannels - 1) / kern::kTcTileChannels);
+      QCS_LAUNCH(R * B * tiles, kern::kTcThreads, 0, nullptr,
+                 kern::tensor_core_gradient_tiles_kernel<float>)(
+          qk.data(), wmat.data(), wsum.data(), p.mode, M, B, N, C, res.grad_qk.data());
+      return res;
+    }
+  }
   for (int m = 0; m < M; ++m) {  // dX = diag(W1) X - W Y, dY = diag(W^T 1) Y - W^T X
     if (!qcs::matrix_used(m, p.mode)) continue;
     for (int b = 0; b < B; ++b) {
