@@ -16,8 +16,8 @@
 // Precision: the GEMMs run with TF32 pinned off (at::NoTF32Guard), whatever the global
 // switches (torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision) say:
 // the Gram identity loses digits to cancellation and TF32's 10-bit mantissa would leave
-// float32 distances ~1e-3 off. The tensor-core path (N <= 64) keeps float32 accuracy
-// its own way: 3xTF32 (kern::Tf32x3), whatever the switches say.
+// float32 distances ~1e-3 off. The tensor-core paths (float32, float16, bfloat16) keep
+// float32 accuracy their own way: 3xTF32 (kern::Tf32x3), whatever the switches say.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -117,6 +117,18 @@ struct TensorCoreRecipe<c10::BFloat16> {
   using type = kern::Native16<QCS_HOST_BF16>;
 };
 
+// extrema [M,B]: each sample's extreme of its `tiles` tile extremes in partial [M,B,tiles],
+// a warp per (m, b).
+template <typename A>
+void launch_sample_extrema(const at::Tensor& partial, at::Tensor& extrema, int tiles, Mode mode) {
+  const int nmat = static_cast<int>(extrema.size(0)), batch = static_cast<int>(extrema.size(1));
+  const dim3 grid = checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
+                                 kern::kSmallThreads, kern::kSmallThreads);
+  QCS_LAUNCH(grid, kern::kSmallThreads, 0, QCS_HOST_STREAM, kern::sample_extrema_kernel<A>)(
+      partial.data_ptr<A>(), extrema.data_ptr<A>(), nmat, batch, tiles, mode);
+  QCS_HOST_LAUNCH_CHECK();
+}
+
 // Distances [M,B,N,N] and sample extremes [M,B] on tensor cores: one launch for N <= 64
 // (one tile per matrix), two above (64 x 64 tiles, then the sample extremes of the tiles').
 template <typename T, typename Recipe>
@@ -131,14 +143,7 @@ std::tuple<at::Tensor, at::Tensor> distances_on_tensor_cores(const at::Tensor& q
              kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, Recipe>)(
       qk.data_ptr<T>(), dist.data_ptr<float>(), partial.data_ptr<float>(), batch, n, c, mode);
   QCS_HOST_LAUNCH_CHECK();
-  if (per_matrix > 1) {
-    const dim3 ext_grid =
-        checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
-                     kern::kSmallThreads, kern::kSmallThreads);
-    QCS_LAUNCH(ext_grid, kern::kSmallThreads, 0, QCS_HOST_STREAM, kern::sample_extrema_kernel<float>)(
-        partial.data_ptr<float>(), extrema.data_ptr<float>(), nmat, batch, static_cast<int>(per_matrix), mode);
-    QCS_HOST_LAUNCH_CHECK();
-  }
+  if (per_matrix > 1) launch_sample_extrema<float>(partial, extrema, static_cast<int>(per_matrix), mode);
   return {dist, extrema};
 }
 
@@ -180,13 +185,8 @@ std::tuple<at::Tensor, at::Tensor> distances_from_gemms(const at::Tensor& qk, Mo
       qk.data_ptr<T>(), sq.data_ptr<A>(), dist.data_ptr<A>(), partial.data_ptr<A>(), batch, n, c, tiles, mode);
   QCS_HOST_LAUNCH_CHECK();
 
-  // Sample extremes: a warp per (m, b) over its tile extremes.
   at::Tensor extrema = at::empty({nmat, batch}, acc);
-  const dim3 ext_grid = checked_grid("sample_extrema_kernel", ceil_div(int64_t{nmat} * batch, kern::kSmallThreads / 32),
-                                     kern::kSmallThreads, kern::kSmallThreads);
-  QCS_LAUNCH(ext_grid, kern::kSmallThreads, 0, stream, kern::sample_extrema_kernel<A>)(
-      partial.data_ptr<A>(), extrema.data_ptr<A>(), nmat, batch, tiles, mode);
-  QCS_HOST_LAUNCH_CHECK();
+  launch_sample_extrema<A>(partial, extrema, tiles, mode);
   return {dist, extrema};
 }
 

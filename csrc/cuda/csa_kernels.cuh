@@ -897,6 +897,21 @@ __device__ __forceinline__ int matrix_of_branch(int r, int k, int nmat) {
   return -1;
 }
 
+// The matrices that hold branch r (two in the quadruplet; one in the pair, where the
+// second slot repeats it, unused), whether r is their row branch, whether the mode uses
+// them. The kernels index these arrays with constants only (unrolled loops): registers.
+struct BranchMatrices {
+  int mats[2];
+  bool as_row[2], used[2];
+};
+__device__ __forceinline__ BranchMatrices branch_matrices(int r, int nmat, Mode mode) {
+  const int first = matrix_of_branch(r, 0, nmat), second = matrix_of_branch(r, 1, nmat);
+  const int m1 = second < 0 ? first : second;
+  return {{first, m1},
+          {row_branch(first) == r, row_branch(m1) == r},
+          {matrix_used(first, mode), second >= 0 && matrix_used(m1, mode)}};
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTcGradThreads)
     tensor_core_gradient_kernel(const T* __restrict__ qk, const float* __restrict__ dist,
@@ -912,12 +927,8 @@ __global__ void __launch_bounds__(kTcGradThreads)
   QCS_SHARED_ARRAY(float, centre, 2 * kTcGradChunk);            // o_k of the chunk
   const int r = blockIdx.x / batch, b = blockIdx.x % batch;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
-  // The matrices that hold branch r (two in the quadruplet, one in the pair: then the
-  // second slot repeats it, unused). Arrays indexed by constants only: registers.
-  const int first = matrix_of_branch(r, 0, nmat), second = matrix_of_branch(r, 1, nmat);
-  const int mats[2] = {first, second < 0 ? first : second};
-  const bool as_row[2] = {row_branch(mats[0]) == r, row_branch(mats[1]) == r};
-  const bool used[2] = {matrix_used(mats[0], mode), second >= 0 && matrix_used(mats[1], mode)};
+  const BranchMatrices held = branch_matrices(r, nmat, mode);
+  const auto& [mats, as_row, used] = held;
   const T* partner_x[2];
   QCS_UNROLL
   for (int k = 0; k < 2; ++k) {  // W of each matrix (0 if unused), negated
@@ -1043,10 +1054,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int rb = static_cast<int>(blockIdx.x / per_branch), tile = static_cast<int>(blockIdx.x % per_branch);
   const int r = rb / batch, b = rb % batch;
   const int i0 = tile / chan_tiles * kTcTokens, c0 = tile % chan_tiles * kTcTileChannels;
-  const int first = matrix_of_branch(r, 0, nmat), second = matrix_of_branch(r, 1, nmat);
-  const int mats[2] = {first, second < 0 ? first : second};
-  const bool as_row[2] = {row_branch(mats[0]) == r, row_branch(mats[1]) == r};
-  const bool used[2] = {matrix_used(mats[0], mode), second >= 0 && matrix_used(mats[1], mode)};
+  const BranchMatrices held = branch_matrices(r, nmat, mode);
+  const auto& [mats, as_row, used] = held;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
   const T* own_x = qk + static_cast<int64_t>(rb) * n * c;
   const T* partner_x[2];
