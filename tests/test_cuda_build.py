@@ -270,13 +270,30 @@ def test_launch_validator_negative_controls(planted_driver):
     assert "all refused as expected" in run.stdout
 
 
-def test_watchdog_reports_a_planted_deadlock(planted_driver):
+@pytest.mark.parametrize("host_threads", ["0", "1"], ids=["fibers", "host-threads"])
+def test_watchdog_reports_a_planted_deadlock(planted_driver, host_threads):
     """Negative control of the emulator's watchdog: a kernel whose threads wait for each
-    other forever is reported (kernel, block, barrier, threads arrived) and aborted."""
-    run = _planted(planted_driver, "deadlock", QCS_EMULATION_WATCHDOG_S="2")
+    other forever (thread 0 at a barrier, the others spinning until it passes) is
+    reported (kernel, block, barrier, threads arrived) and aborted, whether the block's
+    threads are fibers or host threads."""
+    run = _planted(planted_driver, "deadlock", QCS_EMULATION_WATCHDOG_S="2",
+                   QCS_EMULATION_HOST_THREADS=host_threads)
     assert run.returncode != 0 and "not reported" not in run.stdout
     assert "deadlock in kernel planted_deadlock, block (0, 0, 0)" in run.stderr
     assert "at a __syncthreads with 1 of 64 threads arrived" in run.stderr
+
+
+@pytest.mark.parametrize("host_threads", ["0", "1"], ids=["fibers", "host-threads"])
+def test_watchdog_reports_a_deadlock_at_barriers(planted_driver, host_threads):
+    """Thread 0 at __syncthreads, the rest of its warp at __syncwarp, the other warp at
+    __syncthreads: every thread waits. Reported with the barrier and its count (with
+    fibers at once: no thread can be resumed)."""
+    run = _planted(planted_driver, "barrier-deadlock", QCS_EMULATION_WATCHDOG_S="2",
+                   QCS_EMULATION_HOST_THREADS=host_threads)
+    assert run.returncode != 0 and "not reported" not in run.stdout
+    assert "deadlock in kernel planted_barrier_deadlock, block (0, 0, 0)" in run.stderr
+    assert ("at a __syncthreads with 33 of 64 threads arrived" in run.stderr
+            or "with 31 of 32 threads arrived" in run.stderr), run.stderr
 
 
 def _planted(exe, mode: str, seed: int | None = None, **env_extra) -> subprocess.CompletedProcess:

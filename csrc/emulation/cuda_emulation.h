@@ -2,15 +2,21 @@
 // csrc/cuda/*.cuh compile with a plain C++20 compiler and run on the CPU.
 //
 // Model (what it guarantees, and what it checks through the sanitizers):
-//   * the threads of a block run as real host threads, and QCS_EMULATION_CONCURRENT_BLOCKS
-//     blocks (default 2, at most 4) run at once, so data races between threads, within a
-//     block or across blocks, are real races (ThreadSanitizer);
+//   * QCS_EMULATION_CONCURRENT_BLOCKS blocks (default 2, at most 4) run at once, each on
+//     its own host thread(s), so data races across blocks are real races (ThreadSanitizer);
+//   * the threads of a block: in builds with ThreadSanitizer or AddressSanitizer (and where
+//     QCS_EMULATION_HOST_THREADS=1), each a real host thread, so races between them are
+//     real races too; otherwise (x86-64) fibers, all the block's threads on one host
+//     thread, switched at barriers, shuffles and warp-matrix exchanges only: the same
+//     semantics at a fraction of the cost (a barrier costs no system call), with the race
+//     checkers below doing the within-block checking in both;
 //   * __syncthreads() is a barrier over the block's threads; a thread that returns
 //     from the kernel drops out of every barrier (arrive_and_drop), as on the GPU;
 //   * a watchdog: a thread that waits at a barrier (__syncthreads, __syncwarp, a shuffle)
 //     longer than QCS_EMULATION_WATCHDOG_S seconds (default 300) prints which kernel,
 //     block and barrier, and how many threads arrived, and aborts: a deadlock becomes a
-//     report instead of a hang;
+//     report instead of a hang (with fibers: at once when every thread of the block waits,
+//     and after that time when one thread runs without reaching a barrier, a spin loop);
 //   * shared arrays (QCS_SHARED_ARRAY) hold one copy per running block, poisoned (0xFF
 //     bytes) when a block starts; a plain __shared__ does not compile here;
 //   * dynamic shared memory (QCS_DYNAMIC_SMEM, read and written through QCS_SMEM_VIEW) is
@@ -66,6 +72,27 @@
 #include <type_traits>
 #include <vector>
 
+// Fibers (see the model above): x86-64, and not under a sanitizer (which would need
+// annotations of every stack switch).
+#if !defined(QCS_EMULATION_FIBERS)
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define QCS_EMULATION_SANITIZED 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define QCS_EMULATION_SANITIZED 1
+#endif
+#if defined(__x86_64__) && defined(__linux__) && !defined(QCS_EMULATION_SANITIZED)
+#define QCS_EMULATION_FIBERS 1
+#else
+#define QCS_EMULATION_FIBERS 0
+#endif
+#endif
+#if QCS_EMULATION_FIBERS
+#include <sys/mman.h>
+#endif
+
 #define QCS_EMULATION 1
 #define __global__
 #define __device__
@@ -111,10 +138,31 @@ inline double watchdog_seconds() {
 
 // A reusable barrier over `expected` threads (arrive_and_wait / arrive_and_drop, as
 // std::barrier) whose waits are bounded by the watchdog.
+#if QCS_EMULATION_FIBERS
+class WatchedBarrier;
+// The fibers of the running block (null on a host thread that plays one emulated thread).
+struct FiberSlot;
+inline thread_local FiberSlot* tl_fibers = nullptr;
+// Parks the running fiber until `barrier` leaves `phase` (defined with the fibers below).
+inline void fiber_wait(const WatchedBarrier* barrier, uint64_t phase);
+#endif
+
 class WatchedBarrier {
  public:
   WatchedBarrier(std::ptrdiff_t expected, const char* what) : expected_(expected), what_(what) {}
   void arrive_and_wait() {
+#if QCS_EMULATION_FIBERS
+    if (tl_fibers != nullptr) {  // the whole block runs on this host thread: no lock
+      const uint64_t phase = phase_;
+      if (++arrived_ == expected_) {
+        arrived_ = 0;
+        ++phase_;
+      } else {
+        fiber_wait(this, phase);
+      }
+      return;
+    }
+#endif
     std::unique_lock<std::mutex> lock(mutex_);
     const uint64_t phase = phase_;
     if (++arrived_ == expected_) {
@@ -125,10 +173,24 @@ class WatchedBarrier {
     if (!cv_.wait_for(lock, limit, [&] { return phase_ != phase; })) report(lock);
   }
   void arrive_and_drop() {
+#if QCS_EMULATION_FIBERS
+    if (tl_fibers != nullptr) {
+      if (--expected_ > 0 && arrived_ == expected_) {
+        arrived_ = 0;
+        ++phase_;
+      }
+      return;
+    }
+#endif
     std::lock_guard<std::mutex> lock(mutex_);
     --expected_;
     if (expected_ > 0 && arrived_ == expected_) complete();
   }
+  // For the fiber scheduler and its deadlock reports.
+  uint64_t phase() const { return phase_; }
+  std::ptrdiff_t arrived() const { return arrived_; }
+  std::ptrdiff_t expected() const { return expected_; }
+  const char* what() const { return what_; }
 
  private:
   void complete() {
@@ -311,7 +373,8 @@ inline std::mutex& launch_mutex() {
 // first n workers and returns when all have finished.
 class WorkerPool {
  public:
-  void run(unsigned n, const std::function<void(unsigned)>& job) {
+  // tick (if given) runs on the calling thread about once a second while the job runs.
+  void run(unsigned n, const std::function<void(unsigned)>& job, const std::function<void()>* tick = nullptr) {
     std::unique_lock<std::mutex> lock(mutex_);
     while (workers_.size() < n) {
       const unsigned id = static_cast<unsigned>(workers_.size());
@@ -322,7 +385,12 @@ class WorkerPool {
     remaining_ = n;
     ++generation_;
     start_.notify_all();
-    done_.wait(lock, [this] { return remaining_ == 0; });
+    while (!done_.wait_for(lock, std::chrono::seconds(1), [this] { return remaining_ == 0; }))
+      if (tick != nullptr) {
+        lock.unlock();
+        (*tick)();
+        lock.lock();
+      }
     job_ = nullptr;
   }
 
@@ -412,6 +480,249 @@ struct AdvanceSlot {
   void operator()() noexcept { slot->advance(); }
 };
 
+// ---------------------------------------------------------------- fibers
+// A block's threads as fibers on its slot's host thread (QCS_EMULATION_FIBERS): each has
+// its own stack; the scheduler resumes them in turn, and a fiber runs until it waits at a
+// barrier (WatchedBarrier::arrive_and_wait parks it) or returns from the kernel. The
+// per-thread state the kernels see (threadIdx, the lane, the barrier intervals) is
+// swapped in and out at each switch; per-block state (blockIdx, tl_block) is the host
+// thread's.
+#if QCS_EMULATION_FIBERS
+extern "C" void qcs_emu_fiber_switch(void** save_sp, void* load_sp);
+extern "C" void qcs_emu_fiber_entry();
+// qcs_emu_fiber_switch saves the callee-saved registers and the SSE/x87 control words on
+// the current stack, stores the stack pointer in *save_sp and resumes the stack load_sp.
+// qcs_emu_fiber_entry starts a new fiber: calls r13(r12) on an aligned stack. (COMDAT, as
+// an inline function: every translation unit may carry it.)
+__asm__(
+    ".pushsection .text.qcs_emu_fiber_switch,\"axG\",@progbits,qcs_emu_fiber_switch,comdat\n"
+    ".weak qcs_emu_fiber_switch\n"
+    ".type qcs_emu_fiber_switch,@function\n"
+    "qcs_emu_fiber_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size qcs_emu_fiber_switch, .-qcs_emu_fiber_switch\n"
+    ".popsection\n"
+    ".pushsection .text.qcs_emu_fiber_entry,\"axG\",@progbits,qcs_emu_fiber_entry,comdat\n"
+    ".weak qcs_emu_fiber_entry\n"
+    ".type qcs_emu_fiber_entry,@function\n"
+    "qcs_emu_fiber_entry:\n"
+    "  andq $-16, %rsp\n  movq %r12, %rdi\n  callq *%r13\n  ud2\n"
+    ".size qcs_emu_fiber_entry, .-qcs_emu_fiber_entry\n"
+    ".popsection\n");
+
+struct Fiber {
+  void* sp = nullptr;
+  unsigned char* stack = nullptr;  // kFiberStack bytes, a guard page below
+  dim3 thread_idx;
+  unsigned linear = 0;
+  uint32_t block_epoch = 0, warp_epoch = 0;
+  const WatchedBarrier* waiting = nullptr;  // parked until it leaves waiting_phase
+  uint64_t waiting_phase = 0;
+  bool done = false;
+};
+constexpr std::size_t kFiberStack = 256 * 1024, kFiberGuard = 4096;
+
+struct FiberSlot {
+  std::vector<Fiber> fibers;  // reserved for 1024: never reallocated
+  void* scheduler_sp = nullptr;
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  // Read by the watchdog on another thread: progress, and what runs.
+  std::atomic<uint64_t> switches{0};
+  std::atomic<bool> busy{false};
+  const char* kernel = "?";
+  dim3 block_idx;
+};
+inline FiberSlot& fiber_slot(unsigned g) {
+  static FiberSlot* slots = new FiberSlot[kMaxConcurrentBlocks];  // never destroyed, as the pool
+  return slots[g];
+}
+inline bool use_fibers() {
+  static const bool on = [] {
+    const char* v = std::getenv("QCS_EMULATION_HOST_THREADS");
+    return !(v != nullptr && v[0] == '1');
+  }();
+  return on;
+}
+
+inline void fiber_main(Fiber* f) {
+  FiberSlot& s = *tl_fibers;
+  try {
+    (*s.body)();
+  } catch (const std::exception& e) {  // an exception cannot unwind past a fiber's first frame
+    std::fprintf(stderr, "qcs emulation: kernel %s, thread %u threw: %s\n", s.kernel, f->linear, e.what());
+    std::fflush(stderr);
+    std::abort();
+  }
+  // The thread has exited the block: it no longer takes part in any of its barriers.
+  tl_block->warp[f->linear / 32]->arrive_and_drop();
+  tl_block->block.arrive_and_drop();
+  f->done = true;
+  qcs_emu_fiber_switch(&f->sp, s.scheduler_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// A fresh fiber for thread `linear` of a block of shape `block`: its stack holds the frame
+// qcs_emu_fiber_switch pops, returning into qcs_emu_fiber_entry, which calls fiber_main(f).
+inline void fiber_prepare(Fiber& f, unsigned linear, dim3 block) {
+  if (f.stack == nullptr) {
+    void* p = mmap(nullptr, kFiberStack + kFiberGuard, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED || mprotect(p, kFiberGuard, PROT_NONE) != 0)
+      throw std::runtime_error("emulation: no fiber stack");
+    f.stack = static_cast<unsigned char*>(p) + kFiberGuard;
+  }
+  uint32_t mxcsr, fpcw = 0;
+  __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+  __asm__ volatile("fnstcw %0" : "=m"(fpcw));
+  auto* frame = reinterpret_cast<uint64_t*>(f.stack + kFiberStack) - 9;
+  frame[0] = mxcsr | (static_cast<uint64_t>(fpcw & 0xFFFF) << 32);
+  frame[1] = frame[2] = 0;                                      // r15, r14
+  frame[3] = reinterpret_cast<uint64_t>(&fiber_main);           // r13
+  frame[4] = reinterpret_cast<uint64_t>(&f);                    // r12
+  frame[5] = frame[6] = 0;                                      // rbx, rbp
+  frame[7] = reinterpret_cast<uint64_t>(&qcs_emu_fiber_entry);  // return address
+  frame[8] = 0;
+  f.sp = frame;
+  f.thread_idx = dim3(linear % block.x, (linear / block.x) % block.y, linear / (block.x * block.y));
+  f.linear = linear;
+  f.block_epoch = f.warp_epoch = 0;
+  f.waiting = nullptr;
+  f.done = false;
+}
+
+inline void fiber_wait(const WatchedBarrier* barrier, uint64_t phase) {
+  FiberSlot& s = *tl_fibers;
+  Fiber& f = *s.current;
+  f.waiting = barrier;
+  f.waiting_phase = phase;
+  qcs_emu_fiber_switch(&f.sp, s.scheduler_sp);
+}
+
+inline void fiber_resume(FiberSlot& s, Fiber& f) {
+  s.current = &f;
+  threadIdx = f.thread_idx;
+  tl_linear = f.linear;
+  tl_block_epoch = f.block_epoch;
+  tl_warp_epoch = f.warp_epoch;
+  qcs_emu_fiber_switch(&s.scheduler_sp, f.sp);
+  f.block_epoch = tl_block_epoch;
+  f.warp_epoch = tl_warp_epoch;
+  s.switches.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The report of a block none of whose threads can go on: `why`, and the first barrier
+// waited at. (Reads the fibers racily when called by the watchdog: it aborts right after.)
+[[noreturn]] inline void fiber_deadlock(const FiberSlot& s, unsigned nthreads, const char* why) {
+  const Fiber* w = nullptr;
+  for (unsigned t = 0; t < nthreads && w == nullptr; ++t)
+    if (!s.fibers[t].done && s.fibers[t].waiting != nullptr) w = &s.fibers[t];
+  std::fprintf(stderr, "qcs emulation watchdog: deadlock in kernel %s, block (%u, %u, %u): %s", s.kernel, s.block_idx.x,
+               s.block_idx.y, s.block_idx.z, why);
+  if (w != nullptr)
+    std::fprintf(stderr, "; thread %u waits at a %s with %td of %td threads arrived", w->linear, w->waiting->what(),
+                 w->waiting->arrived(), w->waiting->expected());
+  std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+  std::abort();
+}
+
+// Runs the block installed in tl_block / blockIdx to the end: every fiber that can go on
+// is resumed in turn (thread order) until all have returned.
+inline void fiber_run_block(FiberSlot& s, unsigned nthreads, dim3 block) {
+  if (s.fibers.capacity() < kMaxThreads) s.fibers.reserve(kMaxThreads);
+  if (s.fibers.size() < nthreads) s.fibers.resize(nthreads);
+  for (unsigned t = 0; t < nthreads; ++t) fiber_prepare(s.fibers[t], t, block);
+  unsigned live = nthreads;
+  while (live > 0) {
+    bool ran = false;
+    for (unsigned t = 0; t < nthreads; ++t) {
+      Fiber& f = s.fibers[t];
+      if (f.done) continue;
+      if (f.waiting != nullptr) {
+        if (f.waiting->phase() == f.waiting_phase) continue;
+        f.waiting = nullptr;
+      }
+      fiber_resume(s, f);
+      ran = true;
+      live -= f.done ? 1 : 0;
+    }
+    if (!ran) fiber_deadlock(s, nthreads, "every thread waits at a barrier");
+  }
+}
+
+// The watchdog of a fiber launch (runs on the launching thread about once a second): a
+// slot that switched no fiber for QCS_EMULATION_WATCHDOG_S seconds has a thread that runs
+// without reaching a barrier, e.g. a spin loop waiting for a thread parked at one.
+struct FiberWatchdog {
+  unsigned nslots, nthreads;
+  std::vector<uint64_t> seen = std::vector<uint64_t>(kMaxConcurrentBlocks, ~0ull);
+  std::vector<std::chrono::steady_clock::time_point> since =
+      std::vector<std::chrono::steady_clock::time_point>(kMaxConcurrentBlocks);
+  void operator()() {
+    const auto now = std::chrono::steady_clock::now();
+    for (unsigned g = 0; g < nslots; ++g) {
+      const FiberSlot& s = fiber_slot(g);
+      const uint64_t n = s.switches.load(std::memory_order_relaxed);
+      if (n != seen[g] || !s.busy.load()) {
+        seen[g] = n;
+        since[g] = now;
+      } else if (std::chrono::duration<double>(now - since[g]).count() > watchdog_seconds()) {
+        char why[160];
+        std::snprintf(why, sizeof(why), "thread %u ran %.0f s without reaching a barrier (a spin loop?)",
+                      s.current != nullptr ? s.current->linear : 0u, watchdog_seconds());
+        fiber_deadlock(s, nthreads, why);
+      }
+    }
+  }
+};
+
+// run_grid with each block's threads as fibers: a slot's host thread runs its blocks one
+// after the other.
+inline void run_grid_fibers(dim3 grid, dim3 block, const std::vector<unsigned>& order,
+                            std::vector<std::unique_ptr<BlockSlot>>& slots, const std::function<void()>& body,
+                            const char* kernel, const void* kernel_fn) {
+  const unsigned nslots = static_cast<unsigned>(slots.size()), nblocks = grid.x * grid.y * grid.z;
+  const unsigned nthreads = block.x * block.y * block.z;
+  for (unsigned g = 0; g < nslots; ++g) {
+    fiber_slot(g).switches = 0;
+    fiber_slot(g).kernel = kernel;
+  }
+  const std::function<void()> tick = FiberWatchdog{nslots, nthreads};
+  worker_pool().run(
+      nslots,
+      [&](unsigned g) {
+        BlockSlot& slot = *slots[g];
+        FiberSlot& s = fiber_slot(g);
+        tl_block_slot = g;
+        tl_kernel = kernel;
+        tl_kernel_fn = kernel_fn;
+        tl_dynamic_smem = slot.dynamic_bytes;
+        blockDim = block;
+        gridDim = grid;
+        s.body = &body;
+        tl_fibers = &s;
+        s.busy = true;
+        for (; slot.position < nblocks; slot.advance()) {
+          const unsigned blk = order[slot.position];
+          blockIdx = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
+          s.block_idx = blockIdx;
+          tl_block = slot.state.get();
+          fiber_run_block(s, nthreads, block);
+        }
+        s.busy = false;
+        tl_fibers = nullptr;
+        tl_block = nullptr;
+      },
+      &tick);
+}
+#endif  // QCS_EMULATION_FIBERS
+
 inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::function<void()>& body,
                      const char* kernel = "?", const void* kernel_fn = nullptr) {
   std::lock_guard<std::mutex> guard(launch_mutex());
@@ -432,6 +743,12 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
     between_blocks.push_back(std::make_unique<std::barrier<AdvanceSlot>>(static_cast<std::ptrdiff_t>(nthreads),
                                                                          AdvanceSlot{slots.back().get()}));
   }
+#if QCS_EMULATION_FIBERS
+  if (use_fibers()) {
+    run_grid_fibers(grid, block, order, slots, body, kernel, kernel_fn);
+    return;
+  }
+#endif
   worker_pool().run(nslots * nthreads, [&](unsigned id) {
     const unsigned g = id / nthreads, t = id % nthreads;
     BlockSlot& slot = *slots[g];

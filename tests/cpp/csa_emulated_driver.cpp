@@ -374,6 +374,14 @@ __global__ void planted_deadlock(int* flag) {
   }
 }
 
+// The same with barriers only: thread 0 waits at __syncthreads, the rest of its warp at
+// __syncwarp (which needs thread 0), the other warp at __syncthreads (which needs them):
+// no thread can go on. Fibers see it at once; host threads after the watchdog's time.
+__global__ void planted_barrier_deadlock() {
+  if (threadIdx.x == 0 || threadIdx.x >= 32) __syncthreads();
+  else __syncwarp();
+}
+
 // Negative controls of the race checker, the mask check and the block order. Each planted
 // kernel is run by its own mode (`csa_emulated_driver race`, ...): a report aborts.
 // Threads 0 and 40 (two warps) touch one shared cell with no barrier between.
@@ -447,7 +455,8 @@ static int planted(const std::string& what) {
   if (what == "dynamic-race") QCS_LAUNCH(1, 64, 64, nullptr, planted_dynamic)(&out, false);
   if (what == "dynamic-range") QCS_LAUNCH(1, 64, 64, nullptr, planted_dynamic)(&out, true);
   if (what == "static-smem") QCS_LAUNCH(1, 32, 0, nullptr, planted_static_49k)(&out);
-  if (what == "static-plus-dynamic") QCS_LAUNCH(1, 32, 10 * 1024, nullptr, planted_static_40k)(&out);
+  if (what == "static-plus-dynamic")
+    QCS_LAUNCH(1, 32, 10 * 1024, nullptr, planted_static_40k)(&out);
   if (what == "static-within-limits") {  // 40 KiB static + 8 KiB dynamic: exactly the limit
     QCS_LAUNCH(1, 32, 8 * 1024, nullptr, planted_static_40k)(&out);
     std::printf("static within limits: ran (out = %d)\n", out);
@@ -559,7 +568,8 @@ static int wmma_checks(const std::string& mode) {
     const float got = wmma::__float_to_tf32(bits_float(r.in));
     uint32_t u;
     std::memcpy(&u, &got, 4);
-    want(u == r.out, "__float_to_tf32 rounding", static_cast<double>(u), static_cast<double>(r.out));
+    want(u == r.out, "__float_to_tf32 rounding", static_cast<double>(u),
+         static_cast<double>(r.out));
   }
   auto buf = std::make_unique<WmmaBuffers>();
   std::mt19937_64 rng(7);
@@ -599,12 +609,13 @@ static int wmma_checks(const std::string& mode) {
       err_half = std::max(err_half, std::abs(buf->half[i * 16 + j] - half));
     }
   // Products of ~N(0,1) values summed 8 at a time: entries are O(3).
-  want(err_one_vs_trunc <= 1e-6, "one TF32 mma = the product of the truncated inputs", err_one_vs_trunc, 1e-6);
+  want(err_one_vs_trunc <= 1e-6, "one TF32 mma = the product of the truncated inputs",
+       err_one_vs_trunc, 1e-6);
   want(err_one > 1e-4, "one TF32 mma loses digits (the inputs are truncated)", err_one, 1e-4);
   want(err_three <= 4e-6, "3xTF32 keeps float32 accuracy", err_three, 4e-6);
   want(err_half <= 4e-6, "bfloat16 mma: exact products, float accumulation", err_half, 4e-6);
-  std::printf("wmma: one TF32 mma off by %.2e, 3xTF32 by %.2e, bfloat16 by %.2e\n", err_one, err_three,
-              err_half);
+  std::printf("wmma: one TF32 mma off by %.2e, 3xTF32 by %.2e, bfloat16 by %.2e\n", err_one,
+              err_three, err_half);
   return failures;
 }
 
@@ -618,6 +629,11 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "deadlock") {
     int flag = 0;
     QCS_LAUNCH(1, 64, 0, nullptr, planted_deadlock)(&flag);
+    std::printf("the planted deadlock was not reported\n");
+    return 1;
+  }
+  if (mode == "barrier-deadlock") {
+    QCS_LAUNCH(1, 64, 0, nullptr, planted_barrier_deadlock)();
     std::printf("the planted deadlock was not reported\n");
     return 1;
   }
@@ -654,7 +670,8 @@ int main(int argc, char** argv) {
   }
   // Every tile of the tensor-core kernels (N = 49: 4 x 4 tiles), after the checks above
   // so that their random draws stay as they were.
-  check("quad B=2 N=49 C=40 (all tiles)", make(4, 2, 49, 40, Mode::SD, Scope::Batch, rng), false, rng);
+  check("quad B=2 N=49 C=40 (all tiles)", make(4, 2, 49, 40, Mode::SD, Scope::Batch, rng), false,
+        rng);
   check("quad B=1 N=70 C=33 (2 x 2 tiles)", make(4, 1, 70, 33, Mode::SD, Scope::Sample, rng), false,
         rng);
   if (g_failures) {
