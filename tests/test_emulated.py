@@ -507,8 +507,8 @@ def test_kernel_image_present_by_default():
 @pytest.mark.parametrize("batch", [16384, 20000, 70000])
 def test_launch_geometry_of_large_batches(monkeypatch, batch):
     """Risk 4: every launch of forward and backward at B > 16383 (4B > gridDim.y's 65535)
-    passes the emulator's launch validator. Dry run: validated, not executed (executing
-    80,000 blocks of host threads takes hours here; test_cuda.py runs it on a GPU)."""
+    passes the emulator's launch validator, up to B = 70000. Dry run: validated, not
+    executed (test_batch_of_20000_executed runs B = 20000)."""
     monkeypatch.setenv("QCS_EMULATION_DRY_RUN", "1")
     qk = torch.zeros(4, batch, 2, 2)
     for scope in SCOPES:
@@ -520,6 +520,16 @@ def test_launch_geometry_of_large_batches(monkeypatch, batch):
         )
         maps, dist, ext = em.ops.pair_similarity_forward(qk[:2], scope)
         em.ops.pair_similarity_backward(maps, maps, qk[:2], dist, ext, scope)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair,scope", [(False, "batch"), (False, "sample"), (True, "batch")])
+def test_batch_of_20000_executed(pair, scope):
+    """Risk 4, executed: B = 20000 at small N (4B = 80,000 blocks per kernel, beyond
+    gridDim.y's 65535), every block run by the emulation; maps and gradients against the
+    reference, so blocks past sample 16383 index their samples right."""
+    qk = _features(2 if pair else 4, 20000, 3, 8, torch.float32, seed=97)
+    _check_close_to_reference(qk, _theta(torch.float32), "sd", scope, pair=pair)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

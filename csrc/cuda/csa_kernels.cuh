@@ -451,9 +451,15 @@ __global__ void __launch_bounds__(kTcThreads, 2)
       const int row = warp + r * (kTcThreads / 32), tok = row % kTcTokens;
       const bool is_x = row < kTcTokens;
       const int token = (is_x ? i0 : j0) + tok;
+      if (token >= n) {  // warp-uniform: a padding row, zeros from the first chunk on, no norm
+        if (k0 == 0) {
+          if (is_x) xs[tok * kLd + lane] = stage_from<S>(0.f);
+          else ys[tok * kLd + lane] = stage_from<S>(0.f);
+        }
+        continue;
+      }
       const T* src = is_x ? x : y;
-      const float v =
-          token < n && k0 + lane < c ? static_cast<float>(src[static_cast<int64_t>(token) * c + k0 + lane]) : 0.f;
+      const float v = k0 + lane < c ? static_cast<float>(src[static_cast<int64_t>(token) * c + k0 + lane]) : 0.f;
       const float part = warp_sum(v * v);
       if (lane == 0) sq[row] = sq[row] + part;
       if (is_x) xs[tok * kLd + lane] = stage_from<S>(v);
