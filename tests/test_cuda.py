@@ -279,3 +279,14 @@ def test_launch_counts_at_the_paper_shape(dtype):
     )
     assert len(fwd) <= 3 and len(bwd) <= 4, (fwd, bwd)
     assert not any("gemm" in k.lower() for k in fwd + bwd), (fwd, bwd)
+
+
+def test_float64_forward_launches_at_the_paper_shape():
+    """float64 at N = 49: the distance tiles on CUDA cores, at most 3 kernels forward and
+    no GEMM library call (its backward keeps the GEMM path)."""
+    qk = _features(4, 24, 49, 768, torch.float64, seed=18)
+    theta = torch.tensor(0.3, device="cuda", dtype=torch.float64)
+    ops = torch.ops.qcs_ext
+    ops.cross_similarity_forward(qk, theta, 1.0, "sd", "batch")  # warm-up
+    fwd = _cuda_kernels(lambda: ops.cross_similarity_forward(qk, theta, 1.0, "sd", "batch"))
+    assert len(fwd) <= 3 and not any("gemm" in k.lower() for k in fwd), fwd

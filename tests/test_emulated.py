@@ -389,17 +389,19 @@ def _kernel_names(log):
     return [k.split("::")[-1].split("<")[0] if "cuBLAS" not in k else "cuBLAS" for k in log]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scope", SCOPES)
 def test_forward_launches_at_small_n(dtype, scope):
-    """At the paper's N = 49 the forward is one tensor-core kernel (Gram tiles, distances,
-    sample extremes), the batch extremes (scope "batch" only) and the fused epilogue: at
-    most 3 launches and no cuBLAS call (the GEMM path takes 4 GEMMs and 5-6 kernels)."""
+    """At the paper's N = 49 the forward is one tile kernel (Gram tiles, distances, sample
+    extremes: on tensor cores, float64 on CUDA cores), the batch extremes (scope "batch"
+    only) and the fused epilogue: at most 3 launches and no cuBLAS call (the GEMM path
+    takes 4 GEMMs and 5-6 kernels)."""
     qk = _features(4, 2, 49, 16, dtype, seed=97)
     em.ops.launch_log()
     em.ops.cross_similarity_forward(qk, _theta(dtype), 1.0, "sd", scope)
     names = _kernel_names(em.ops.launch_log())
-    expected = ["tensor_core_distance_kernel"]
+    tile = "cuda_core" if dtype == torch.float64 else "tensor_core"
+    expected = [f"{tile}_distance_kernel"]
     expected += ["batch_extrema_kernel"] if scope == "batch" else []
     assert names == expected + ["fused_epilogue_kernel"]
 
@@ -441,6 +443,23 @@ def test_backward_launches_at_small_n(dtype):
         "softmax_backward_kernel", "backward_stats_kernel", "backward_reduce_kernel",
         "tensor_core_gradient_kernel",
     ]
+
+
+def test_float64_distance_tiles_at_n196():
+    """float64 above N = 64: the distance tiles on CUDA cores spread over the grid (a 2 x 2
+    tile edge at 196 = 3 x 64 + 4), the tiles' extremes reduced per sample, no cuBLAS in
+    the forward; distances equal float64 torch.cdist."""
+    qk = _features(4, 2, 196, 40, torch.float64, seed=101)
+    em.ops.launch_log()
+    _, dist, _ = em.ops.cross_similarity_forward(qk, _theta(torch.float64), 1.0, "sd", "sample")
+    assert _kernel_names(em.ops.launch_log()) == [
+        "cuda_core_distance_kernel", "sample_extrema_kernel", "stream_aggregate_kernel",
+        "fuse_softmax_kernel",
+    ]
+    rows, cols = (1, 3, 2, 3), (0, 2, 0, 1)
+    for m in range(4):
+        torch.testing.assert_close(dist[m], torch.cdist(qk[rows[m]], qk[cols[m]]),
+                                   rtol=1e-12, atol=1e-12)
 
 
 def test_tensor_cores_keep_float32_accuracy():

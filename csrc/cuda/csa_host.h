@@ -98,7 +98,8 @@ inline bool fused_fits(int64_t n, int64_t nbranch, size_t elem) {
 }
 
 // How a dtype enters the tensor cores (kern::tensor_core_distance_kernel): float32
-// through 3xTF32, float16/bfloat16 natively; float64 has no recipe (the GEMM path).
+// through 3xTF32, float16/bfloat16 natively; float64 has no recipe (its tiles run on
+// CUDA cores: cuda_core_distance_kernel, cuda_core_gradient_tiles_kernel).
 // QCS_HOST_HALF / QCS_HOST_BF16: the 16-bit types the wmma fragments take.
 template <typename T>
 struct TensorCoreRecipe {
@@ -129,26 +130,35 @@ void launch_sample_extrema(const at::Tensor& partial, at::Tensor& extrema, int t
   QCS_HOST_LAUNCH_CHECK();
 }
 
-// Distances [M,B,N,N] and sample extremes [M,B] on tensor cores: one launch for N <= 64
-// (one tile per matrix), two above (64 x 64 tiles, then the sample extremes of the tiles').
-template <typename T, typename Recipe>
-std::tuple<at::Tensor, at::Tensor> distances_on_tensor_cores(const at::Tensor& qk, Mode mode, int nmat) {
+// Distances [M,B,N,N] and sample extremes [M,B] in 64 x 64 tiles: on tensor cores
+// (tensor_core_distance_kernel), float64 on CUDA cores (cuda_core_distance_kernel). One
+// launch for N <= 64 (one tile per matrix), two above (then the sample extremes of the tiles').
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> distances_in_tiles(const at::Tensor& qk, Mode mode, int nmat) {
+  using A = at::opmath_type<T>;
   const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2)), c = static_cast<int>(qk.size(3));
-  const auto acc = qk.options().dtype(at::kFloat);
+  const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
   const int64_t tiles = ceil_div(n, kern::kTcTokens), per_matrix = tiles * tiles;
   at::Tensor dist = at::empty({nmat, batch, n, n}, acc);
   at::Tensor extrema = at::empty({nmat, batch}, acc);
   at::Tensor partial = per_matrix == 1 ? extrema : at::empty({nmat, batch, per_matrix}, acc);
-  QCS_LAUNCH(checked_grid("tensor_core_distance_kernel", per_matrix * nmat * batch, kern::kTcThreads, kern::kTcThreads),
-             kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, Recipe>)(
-      qk.data_ptr<T>(), dist.data_ptr<float>(), partial.data_ptr<float>(), batch, n, c, mode);
+  if constexpr (std::is_same_v<T, double>) {
+    QCS_LAUNCH(checked_grid("cuda_core_distance_kernel", per_matrix * nmat * batch, kern::kTcThreads, kern::kTcThreads),
+               kern::kTcThreads, 0, QCS_HOST_STREAM, kern::cuda_core_distance_kernel)(
+        qk.data_ptr<double>(), dist.data_ptr<double>(), partial.data_ptr<double>(), batch, n, c, mode);
+  } else {
+    QCS_LAUNCH(
+        checked_grid("tensor_core_distance_kernel", per_matrix * nmat * batch, kern::kTcThreads, kern::kTcThreads),
+        kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, typename TensorCoreRecipe<T>::type>)(
+        qk.data_ptr<T>(), dist.data_ptr<float>(), partial.data_ptr<float>(), batch, n, c, mode);
+  }
   QCS_HOST_LAUNCH_CHECK();
-  if (per_matrix > 1) launch_sample_extrema<float>(partial, extrema, static_cast<int>(per_matrix), mode);
+  if (per_matrix > 1) launch_sample_extrema<A>(partial, extrema, static_cast<int>(per_matrix), mode);
   return {dist, extrema};
 }
 
 // Distances [M,B,N,N] and sample extremes [M,B] from Gram GEMMs (ATen: cuBLAS) and
-// streaming kernels: any N, float64.
+// streaming kernels: any N and dtype (QCS_CSA_FORCE_STREAMING=1).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> distances_from_gemms(const at::Tensor& qk, Mode mode, int nmat) {
   using A = at::opmath_type<T>;
@@ -190,29 +200,22 @@ std::tuple<at::Tensor, at::Tensor> distances_from_gemms(const at::Tensor& qk, Mo
   return {dist, extrema};
 }
 
-// Launches, forward, for a 32- or 16-bit dtype: tensor_core_distance_kernel
-// (+ sample_extrema_kernel above N = 64), batch_extrema_kernel (scope "batch"), the
+// Launches, forward: tensor_core_distance_kernel (float64: cuda_core_distance_kernel;
+// + sample_extrema_kernel above N = 64), batch_extrema_kernel (scope "batch"), the
 // epilogue (fused_epilogue_kernel, or 2 streaming kernels above N ~ 100): 3 at N <= 64, 5
-// at N = 196 or 784. float64: the Gram GEMMs and 4-6 kernels.
+// at N = 196 or 784. QCS_CSA_FORCE_STREAMING=1: the Gram GEMMs and 4-6 kernels.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& qk, const T* theta, double gamma,
                                                              Mode mode, Scope scope, int nmat) {
   using A = at::opmath_type<T>;
-  using Recipe = typename TensorCoreRecipe<T>::type;
   const int nbranch = static_cast<int>(qk.size(0));
   const int batch = static_cast<int>(qk.size(1)), n = static_cast<int>(qk.size(2));
   const auto acc = qk.options().dtype(c10::CppTypeToScalarType<A>::value);
   auto stream = QCS_HOST_STREAM;
 
   at::Tensor dist, extrema;
-  bool on_tensor_cores = false;
-  if constexpr (!std::is_void_v<Recipe>) {
-    if (!force_streaming()) {
-      std::tie(dist, extrema) = distances_on_tensor_cores<T, Recipe>(qk, mode, nmat);
-      on_tensor_cores = true;
-    }
-  }
-  if (!on_tensor_cores) std::tie(dist, extrema) = distances_from_gemms<T>(qk, mode, nmat);
+  if (force_streaming()) std::tie(dist, extrema) = distances_from_gemms<T>(qk, mode, nmat);
+  else std::tie(dist, extrema) = distances_in_tiles<T>(qk, mode, nmat);
 
   // The batch's extremes from the samples': a fixed-order block reduction (no atomics).
   if (scope == Scope::Batch) {
@@ -249,8 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_typed(const at::Tensor& q
 // Launches, backward: softmax_backward_kernel, backward_stats_kernel,
 // backward_reduce_kernel, then for a 32- or 16-bit dtype tensor_core_gradient_kernel
 // (N <= 64: 4 in all) or backward_weights_kernel + tensor_core_gradient_tiles_kernel
-// (5). float64: backward_weights_kernel and the gradient GEMMs (8 cuBLAS calls and ~16
-// element-wise ATen ops in the quadruplet).
+// (5); float64: backward_weights_kernel + cuda_core_gradient_tiles_kernel (5).
+// QCS_CSA_FORCE_STREAMING=1: backward_weights_kernel and the gradient GEMMs (8 cuBLAS
+// calls and ~16 element-wise ATen ops in the quadruplet).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, const at::Tensor& maps,
                                                   const at::Tensor& qk, const at::Tensor& dist,
@@ -306,21 +310,28 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
       stats.data_ptr<A>(), route.data_ptr<A>(), wmat.data_ptr<A>(), wsum.data_ptr<A>());
   QCS_HOST_LAUNCH_CHECK();
 
-  if constexpr (!std::is_void_v<typename TensorCoreRecipe<T>::type>) {
-    if (!force_streaming()) {  // the gradient products on tensor cores, 64 x 32 output tiles
-      const int c = static_cast<int>(qk.size(3));
-      at::Tensor grad = at::empty(qk.sizes(), qk.options());
+  if (!force_streaming()) {  // the gradient products in 64-token output tiles
+    const int c = static_cast<int>(qk.size(3));
+    at::Tensor grad = at::empty(qk.sizes(), qk.options());
+    if constexpr (std::is_same_v<T, double>) {  // on CUDA cores, 16 channels per tile
+      const int64_t tiles = ceil_div(n, kern::kTcTokens) * ceil_div(c, kern::kF64TileChannels);
+      QCS_LAUNCH(
+          checked_grid("cuda_core_gradient_tiles_kernel", tiles * nbranch * batch, kern::kTcThreads, kern::kTcThreads),
+          kern::kTcThreads, 0, stream, kern::cuda_core_gradient_tiles_kernel)(
+          qk.data_ptr<double>(), wmat.data_ptr<double>(), wsum.data_ptr<double>(), mode, nmat, batch, n, c,
+          grad.data_ptr<double>());
+    } else {  // on tensor cores, 32 channels per tile
       const int64_t tiles = ceil_div(n, kern::kTcTokens) * ceil_div(c, kern::kTcTileChannels);
       QCS_LAUNCH(checked_grid("tensor_core_gradient_tiles_kernel", tiles * nbranch * batch, kern::kTcThreads,
                               kern::kTcThreads),
                  kern::kTcThreads, 0, stream, kern::tensor_core_gradient_tiles_kernel<T>)(
           qk.data_ptr<T>(), wmat.data_ptr<A>(), wsum.data_ptr<A>(), mode, nmat, batch, n, c, grad.data_ptr<T>());
-      QCS_HOST_LAUNCH_CHECK();
-      return {grad, grad_theta};
     }
+    QCS_HOST_LAUNCH_CHECK();
+    return {grad, grad_theta};
   }
 
-  // float64 (and QCS_CSA_FORCE_STREAMING): the gradient GEMMs through ATen.
+  // QCS_CSA_FORCE_STREAMING: the gradient GEMMs through ATen.
   // dL/dX = diag(W 1) X - W Y (rows), dL/dY = diag(W^T 1) Y - W^T X (columns); each
   // branch sits in two matrices: accumulate (fixed order, deterministic). Both terms are
   // unchanged when X and Y are shifted by one common vector o per sample, so they are

@@ -391,6 +391,73 @@ struct Native16 {
   }
 };
 
+// The 64 x 64 tile of the N x N matrix of one (m, b) that a block of a tile kernel
+// (tensor_core_distance_kernel, cuda_core_distance_kernel) computes: grid
+// (M * B * tiles^2), tiles = ceil(N / 64), block -> (mb, tile) in 32-bit arithmetic (n <=
+// 2^15: a 64-bit division is a slow subroutine call).
+struct DistanceTile {
+  int mb, m, b, i0, j0, rows, cols;
+  __device__ __forceinline__ DistanceTile(int batch, int n) {
+    const int tiles = (n + kTcTokens - 1) / kTcTokens;
+    const unsigned per_matrix = static_cast<unsigned>(tiles * tiles);
+    mb = static_cast<int>(blockIdx.x / per_matrix);
+    const int tile = static_cast<int>(blockIdx.x % per_matrix);
+    m = mb / batch;
+    b = mb % batch;
+    i0 = tile / tiles * kTcTokens;
+    j0 = tile % tiles * kTcTokens;
+    rows = n - i0 < kTcTokens ? n - i0 : kTcTokens;
+    cols = n - j0 < kTcTokens ? n - j0 : kTcTokens;
+  }
+  // This tile of dist [M,B,N,N] (row stride n).
+  template <typename A>
+  __device__ __forceinline__ A* in(A* dist, int n) const {
+    return dist + static_cast<int64_t>(mb) * n * n + static_cast<int64_t>(i0) * n + j0;
+  }
+  // An unused matrix: zero distances and extreme. Block-uniform.
+  template <typename A>
+  __device__ __forceinline__ void zero(A* d, A* partial, int n) const {
+    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) d[e / cols * n + e % cols] = 0;
+    if (threadIdx.x == 0) partial[blockIdx.x] = 0;
+  }
+};
+
+// The distances of a tile from its Gram products gram[i * ld + j] and squared norms (sq[i]
+// of the x rows, sq[kTcTokens + j] of the y rows), all in shared memory: the cancelling
+// entries recomputed from x and y by recompute_flagged, the rest clamped at 0, written to
+// d (row stride n); returns the tile's extreme (to every thread of warp 0).
+template <typename T, typename A, typename GramPtr, typename SqPtr, typename Scratch>
+__device__ __forceinline__ A tile_distances(GramPtr gram, int ld, SqPtr sq, Scratch&& scratch, const DistanceTile& t,
+                                            const T* __restrict__ x, const T* __restrict__ y, int c, int n, bool sim,
+                                            A* __restrict__ d) {
+  const A threshold = static_cast<A>(RefineThreshold<A>::value);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int entries = t.rows * t.cols;
+  for (int base = 32 * warp; base < entries; base += blockDim.x) {  // warp-uniform trip count
+    const int e = base + lane;
+    const int i = e < entries ? e / t.cols : 0, j = e < entries ? e % t.cols : 0;  // in the tile
+    A d2 = 0;
+    bool refine = false;
+    if (e < entries) {
+      const A norms = sq[i] + sq[kTcTokens + j];
+      d2 = norms - A(2) * gram[i * ld + j];
+      refine = d2 < threshold * norms;
+    }
+    d2 = recompute_flagged(d2, refine, t.i0 + i, t.j0 + j, x, y, c);
+    if (e < entries) gram[i * ld + j] = d2 < A(0) ? A(0) : d2;  // clamps rounding below 0, keeps NaN
+  }
+  // The square roots in a second sweep over the same (thread-private) entries: keeps the
+  // refinement loop's live registers away from sqrt's slow-path call (no spills).
+  A ext = sim ? -pos_inf<A>() : pos_inf<A>();
+  for (int e = threadIdx.x; e < entries; e += blockDim.x) {
+    const int i = e / t.cols, j = e % t.cols;
+    const A v = std::sqrt(static_cast<A>(gram[i * ld + j]));
+    d[i * n + j] = v;
+    ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
+  }
+  return block_extreme(ext, scratch, sim);
+}
+
 // One block per 64 x 64 tile of the N x N matrix of one (m, b): grid (M * B * tiles^2),
 // tiles = ceil(N / 64), kTcThreads threads (so N = 784 spreads 169 blocks per matrix over
 // the GPU). The tile's 64 x and 64 y tokens are staged kTcChunk channels at a time
@@ -418,22 +485,13 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   QCS_SHARED_ARRAY(float, gram, kTcTokens* kTcGramLd);
   QCS_SHARED_ARRAY(float, sq, 2 * kTcTokens);
   QCS_SHARED_ARRAY(float, scratch, kMaxWarps);
-  // 32-bit index arithmetic (n <= 2^15): a 64-bit division is a slow subroutine call.
-  const int tiles = (n + kTcTokens - 1) / kTcTokens;
-  const unsigned per_matrix = static_cast<unsigned>(tiles * tiles);
-  const int mb = static_cast<int>(blockIdx.x / per_matrix), tile = static_cast<int>(blockIdx.x % per_matrix);
-  const int m = mb / batch, b = mb % batch;
-  const int i0 = tile / tiles * kTcTokens, j0 = tile % tiles * kTcTokens;
-  const int rows = n - i0 < kTcTokens ? n - i0 : kTcTokens, cols = n - j0 < kTcTokens ? n - j0 : kTcTokens;
-  float* d = dist + static_cast<int64_t>(mb) * n * n + static_cast<int64_t>(i0) * n + j0;
-  if (!matrix_used(m, mode)) {  // block-uniform
-    for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) d[e / cols * n + e % cols] = 0;
-    if (threadIdx.x == 0) partial[blockIdx.x] = 0;
-    return;
-  }
-  const bool sim = is_similarity(m);
-  const T* x = qk + (static_cast<int64_t>(row_branch(m)) * batch + b) * n * c;
-  const T* y = qk + (static_cast<int64_t>(col_branch(m)) * batch + b) * n * c;
+  const DistanceTile tile(batch, n);
+  const int i0 = tile.i0, j0 = tile.j0, rows = tile.rows, cols = tile.cols;
+  float* d = tile.in(dist, n);
+  if (!matrix_used(tile.m, mode)) return tile.zero(d, partial, n);
+  const bool sim = is_similarity(tile.m);
+  const T* x = qk + (static_cast<int64_t>(row_branch(tile.m)) * batch + tile.b) * n * c;
+  const T* y = qk + (static_cast<int64_t>(col_branch(tile.m)) * batch + tile.b) * n * c;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub_rows = (rows + 15) / 16, sub_cols = (cols + 15) / 16;  // 16 x 16 sub-tiles in use
   FragC acc[2];
@@ -489,31 +547,75 @@ __global__ void __launch_bounds__(kTcThreads, 2)
   }
   __syncthreads();
 
-  const float threshold = static_cast<float>(RefineThreshold<float>::value);
-  const int entries = rows * cols;
-  float ext = sim ? -pos_inf<float>() : pos_inf<float>();
-  for (int base = 32 * warp; base < entries; base += blockDim.x) {  // warp-uniform trip count
-    const int e = base + lane;
-    const int i = e < entries ? e / cols : 0, j = e < entries ? e % cols : 0;  // in the tile
-    float d2 = 0;
-    bool refine = false;
-    if (e < entries) {
-      const float norms = sq[i] + sq[kTcTokens + j];
-      d2 = norms - 2.f * gram[i * kTcGramLd + j];
-      refine = d2 < threshold * norms;
+  const float ext = tile_distances(gram + 0, kTcGramLd, sq + 0, scratch, tile, x, y, c, n, sim, d);
+  if (threadIdx.x == 0) partial[blockIdx.x] = ext;
+}
+
+// float64 on CUDA cores, in the tiles of tensor_core_distance_kernel (same grid, same
+// outputs, one launch at N <= 64): kF64Chunk channels of the tile's 64 x and 64 y tokens
+// staged at a time (two threads per token row, four channels each, squared norms
+// alongside), every thread accumulating a 4 x 4 block of the Gram tile in registers (rows
+// ti + 16a, columns tj + 16b: a warp reads two x rows, broadcast, and 16 y rows), then
+// tile_distances. Shared memory: 43.6 KiB.
+constexpr int kF64Chunk = 8;
+__global__ void __launch_bounds__(kTcThreads)
+    cuda_core_distance_kernel(const double* __restrict__ qk, double* __restrict__ dist, double* __restrict__ partial,
+                              int batch, int n, int c, Mode mode) {
+  constexpr int kLd = kF64Chunk + 1, kGramLd = kTcTokens + 1;
+  QCS_SHARED_ARRAY(double, xs, kTcTokens* kLd);
+  QCS_SHARED_ARRAY(double, ys, kTcTokens* kLd);
+  QCS_SHARED_ARRAY(double, gram, kTcTokens* kGramLd);
+  QCS_SHARED_ARRAY(double, sq, 2 * kTcTokens);
+  QCS_SHARED_ARRAY(double, scratch, kMaxWarps);
+  const DistanceTile tile(batch, n);
+  double* d = tile.in(dist, n);
+  if (!matrix_used(tile.m, mode)) return tile.zero(d, partial, n);
+  const bool sim = is_similarity(tile.m);
+  const double* x = qk + (static_cast<int64_t>(row_branch(tile.m)) * batch + tile.b) * n * c;
+  const double* y = qk + (static_cast<int64_t>(col_branch(tile.m)) * batch + tile.b) * n * c;
+  // Staging: thread t holds row t / 2 (x tokens, then y tokens), channels 4 (t % 2) + q.
+  const int row = threadIdx.x / 2, half = threadIdx.x % 2, tok = row % kTcTokens;
+  const bool is_x = row < kTcTokens;
+  const int token = (is_x ? tile.i0 : tile.j0) + tok;
+  const double* src = (is_x ? x : y) + static_cast<int64_t>(token < n ? token : 0) * c;
+  if (half == 0) sq[row] = 0.0;  // its own row: read after the barriers below
+  const int ti = threadIdx.x / 16, tj = threadIdx.x % 16;
+  double acc[4][4] = {};
+  for (int k0 = 0; k0 < c; k0 += kF64Chunk) {
+    double part = 0;
+    QCS_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const int k = 4 * half + q;
+      const double v = token < n && k0 + k < c ? src[k0 + k] : 0.0;
+      part += v * v;
+      if (is_x) xs[tok * kLd + k] = v;
+      else ys[tok * kLd + k] = v;
     }
-    d2 = recompute_flagged(d2, refine, i0 + i, j0 + j, x, y, c);
-    if (e < entries) gram[i * kTcGramLd + j] = d2 < 0.f ? 0.f : d2;  // clamps rounding below 0, keeps NaN
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    if (half == 0) sq[row] = sq[row] + part;
+    __syncthreads();
+    for (int k = 0; k < kF64Chunk; ++k) {
+      double xv[4], yv[4];
+      QCS_UNROLL
+      for (int a = 0; a < 4; ++a) {
+        xv[a] = xs[(ti + 16 * a) * kLd + k];
+        yv[a] = ys[(tj + 16 * a) * kLd + k];
+      }
+      QCS_UNROLL
+      for (int a = 0; a < 4; ++a) {
+        QCS_UNROLL
+        for (int b = 0; b < 4; ++b) acc[a][b] = std::fma(xv[a], yv[b], acc[a][b]);
+      }
+    }
+    __syncthreads();  // the stage is overwritten next
   }
-  // The square roots in a second sweep over the same (thread-private) entries: keeps the
-  // refinement loop's live registers away from sqrt's slow-path call (no spills).
-  for (int e = threadIdx.x; e < entries; e += blockDim.x) {
-    const int i = e / cols, j = e % cols;
-    const float v = std::sqrt(static_cast<float>(gram[i * kTcGramLd + j]));
-    d[i * n + j] = v;
-    ext = sim ? (v > ext ? v : ext) : (v < ext ? v : ext);
+  QCS_UNROLL
+  for (int a = 0; a < 4; ++a) {
+    QCS_UNROLL
+    for (int b = 0; b < 4; ++b) gram[(ti + 16 * a) * kGramLd + tj + 16 * b] = acc[a][b];
   }
-  ext = block_extreme(ext, scratch, sim);
+  __syncthreads();
+  const double ext = tile_distances(gram + 0, kGramLd, sq + 0, scratch, tile, x, y, c, n, sim, d);
   if (threadIdx.x == 0) partial[blockIdx.x] = ext;
 }
 
@@ -1046,6 +1148,60 @@ constexpr int kTcTileChannels = 32;
 constexpr int kTcWLd = kTcTokens + 4;
 constexpr int kTcChanLd = kTcTileChannels + 4;
 
+// The gradient tiles' shared steps (tensor_core_gradient_tiles_kernel, and for float64
+// cuda_core_gradient_tiles_kernel), for a tile of kChannels channels from c0:
+// o_k of the tile's channels: centre[k * kChannels + col], the mean token of matrix k's
+// pair (the own branch and partner k), lanes along channels.
+template <int kChannels, typename A, typename T, typename P>
+__device__ __forceinline__ void tile_centres(P centre, const T* __restrict__ own_x, const T* const (&partner_x)[2],
+                                             int n, int c, int c0) {
+  for (int t = threadIdx.x; t < 2 * kChannels; t += blockDim.x) {
+    const int k = t / kChannels, ch = c0 + t % kChannels;
+    const T* px = k == 0 ? partner_x[0] : partner_x[1];
+    A so = 0, sp = 0;
+    if (ch < c)
+      for (int tok = 0; tok < n; ++tok) {
+        so += static_cast<A>(own_x[static_cast<int64_t>(tok) * c + ch]);
+        sp += static_cast<A>(px[static_cast<int64_t>(tok) * c + ch]);
+      }
+    centre[t] = (so + sp) / static_cast<A>(2 * n);
+  }
+}
+// The start of output (i, c0 + col): sum_k wsum_k[i] (x_i - o_k), 0 outside the branch.
+template <int kChannels, typename A, typename T, typename P>
+__device__ __forceinline__ A gradient_start(const BranchMatrices& held, const A* __restrict__ wsum, P centre,
+                                            const T* __restrict__ own_x, int64_t mbs, int batch, int b, int n, int c,
+                                            int i, int c0, int col) {
+  const int ch = c0 + col;
+  if (i >= n || ch >= c) return A(0);
+  const A x = static_cast<A>(own_x[static_cast<int64_t>(i) * c + ch]);
+  A start = 0;
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    if (!held.used[k]) continue;
+    const int64_t mb = static_cast<int64_t>(held.mats[k]) * batch + b;
+    start += wsum[((held.as_row[k] ? 0 : mbs) + mb) * n + i] * (x - centre[k * kChannels + col]);
+  }
+  return start;
+}
+// One step over partner tokens j0 .. j0 + 63: -W[w_row0.., w_col0..] staged in wt (rows
+// follow W's rows: coalesced reads; zeros outside), and partner k's tokens centred by o_k
+// (ck: centre + k * kChannels) in pt.
+template <int kChannels, typename WPtr, typename PPtr, typename CPtr, typename A, typename T>
+__device__ __forceinline__ void stage_gradient_step(WPtr wt, int wld, PPtr pt, int pld, const A* __restrict__ w,
+                                                    const T* __restrict__ px, CPtr ck, int w_row0, int w_col0, int j0,
+                                                    int c0, int n, int c) {
+  for (int e = threadIdx.x; e < kTcTokens * kTcTokens; e += blockDim.x) {
+    const int row = e / kTcTokens, col = e % kTcTokens;
+    const bool inside = w_row0 + row < n && w_col0 + col < n;
+    wt[row * wld + col] = inside ? -w[static_cast<int64_t>(w_row0 + row) * n + w_col0 + col] : A(0);
+  }
+  for (int e = threadIdx.x; e < kTcTokens * kChannels; e += blockDim.x) {
+    const int row = e / kChannels, col = e % kChannels, j = j0 + row, ch = c0 + col;
+    pt[row * pld + col] = j < n && ch < c ? static_cast<A>(px[static_cast<int64_t>(j) * c + ch]) - ck[col] : A(0);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     tensor_core_gradient_tiles_kernel(const T* __restrict__ qk, const float* __restrict__ wmat,
@@ -1070,31 +1226,12 @@ __global__ void __launch_bounds__(kTcThreads)
     partner_x[k] =
         qk + (static_cast<int64_t>(as_row[k] ? col_branch(mats[k]) : row_branch(mats[k])) * batch + b) * n * c;
 
-  for (int t = threadIdx.x; t < 2 * kTcTileChannels; t += blockDim.x) {  // o_k, lanes along channels
-    const int k = t / kTcTileChannels, ch = c0 + t % kTcTileChannels;
-    const T* px = k == 0 ? partner_x[0] : partner_x[1];
-    float so = 0, sp = 0;
-    if (ch < c)
-      for (int tok = 0; tok < n; ++tok) {
-        so += static_cast<float>(own_x[static_cast<int64_t>(tok) * c + ch]);
-        sp += static_cast<float>(px[static_cast<int64_t>(tok) * c + ch]);
-      }
-    centre[t] = (so + sp) / static_cast<float>(2 * n);
-  }
+  tile_centres<kTcTileChannels, float>(centre + 0, own_x, partner_x, n, c, c0);
   __syncthreads();
   for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
-    const int row = e / kTcTileChannels, col = e % kTcTileChannels, i = i0 + row, ch = c0 + col;
-    float start = 0;
-    if (i < n && ch < c) {
-      const float x = static_cast<float>(own_x[static_cast<int64_t>(i) * c + ch]);
-      QCS_UNROLL
-      for (int k = 0; k < 2; ++k) {
-        if (!used[k]) continue;
-        const int64_t mb = static_cast<int64_t>(mats[k]) * batch + b;
-        start += wsum[((as_row[k] ? 0 : mbs) + mb) * n + i] * (x - centre[k * kTcTileChannels + col]);
-      }
-    }
-    ot[row * kTcChanLd + col] = start;
+    const int row = e / kTcTileChannels, col = e % kTcTileChannels;
+    ot[row * kTcChanLd + col] =
+        gradient_start<kTcTileChannels, float>(held, wsum, centre + 0, own_x, mbs, batch, b, n, c, i0 + row, c0, col);
   }
   __syncthreads();
 
@@ -1110,18 +1247,8 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int j0 = 0; j0 < n; j0 += kTcTokens) {
       // -W[i0.., j0..] (row branch), or -W[j0.., i0..] read as its transpose (column
       // branch): either way rows of the stage follow W's rows (coalesced reads).
-      const int w_row0 = as_row[k] ? i0 : j0, w_col0 = as_row[k] ? j0 : i0;
-      for (int e = threadIdx.x; e < kTcTokens * kTcTokens; e += blockDim.x) {
-        const int row = e / kTcTokens, col = e % kTcTokens;
-        const bool inside = w_row0 + row < n && w_col0 + col < n;
-        wt[row * kTcWLd + col] = inside ? -w[static_cast<int64_t>(w_row0 + row) * n + w_col0 + col] : 0.f;
-      }
-      for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
-        const int row = e / kTcTileChannels, col = e % kTcTileChannels, j = j0 + row, ch = c0 + col;
-        pt[row * kTcChanLd + col] = j < n && ch < c ? static_cast<float>(px[static_cast<int64_t>(j) * c + ch]) -
-                                                          centre[k * kTcTileChannels + col]
-                                                    : 0.f;
-      }
+      stage_gradient_step<kTcTileChannels>(wt + 0, kTcWLd, pt + 0, kTcChanLd, w, px, centre + k * kTcTileChannels,
+                                           as_row[k] ? i0 : j0, as_row[k] ? j0 : i0, j0, c0, n, c);
       __syncthreads();
       const int kmax = n - j0 < kTcTokens ? n - j0 : kTcTokens;
       // (wt + 0: a pointer to the stage; the emulation's shared arrays become one through +)
@@ -1136,6 +1263,73 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int e = lane; e < 16 * 16; e += 32) {
     const int row = sub_r + e / 16, col = sub_c + e % 16, i = i0 + row, ch = c0 + col;
     if (i < n && ch < c) out[static_cast<int64_t>(i) * c + ch] = static_cast<T>(ot[row * kTcChanLd + col]);
+  }
+}
+
+// float64 on CUDA cores: the tiles of tensor_core_gradient_tiles_kernel (same math, same
+// centring, at every N after backward_weights_kernel), 64 tokens x kF64TileChannels
+// channels per block (W's stage in double leaves room for no more in 48 KiB), every
+// thread holding 4 outputs (rows t / 16 + 16 a, channel t % 16) in registers. Written
+// once. Deterministic. Static shared memory: 41.9 KiB.
+constexpr int kF64TileChannels = 16;
+__global__ void __launch_bounds__(kTcThreads)
+    cuda_core_gradient_tiles_kernel(const double* __restrict__ qk, const double* __restrict__ wmat,
+                                    const double* __restrict__ wsum, Mode mode, int nmat, int batch, int n, int c,
+                                    double* __restrict__ grad) {
+  constexpr int kWLd = kTcTokens + 1, kChanLd = kF64TileChannels + 1;
+  QCS_SHARED_ARRAY(double, wt, kTcTokens* kWLd);           // -W' tile (row branch) or -W tile (column)
+  QCS_SHARED_ARRAY(double, pt, kTcTokens* kChanLd);        // centred partner tile
+  QCS_SHARED_ARRAY(double, centre, 2 * kF64TileChannels);  // o_k of the tile's channels
+  const int row_tiles = (n + kTcTokens - 1) / kTcTokens, chan_tiles = (c + kF64TileChannels - 1) / kF64TileChannels;
+  const unsigned per_branch = static_cast<unsigned>(row_tiles * chan_tiles);
+  const int rb = static_cast<int>(blockIdx.x / per_branch), tile = static_cast<int>(blockIdx.x % per_branch);
+  const int r = rb / batch, b = rb % batch;
+  const int i0 = tile / chan_tiles * kTcTokens, c0 = tile % chan_tiles * kF64TileChannels;
+  const BranchMatrices held = branch_matrices(r, nmat, mode);
+  const auto& [mats, as_row, used] = held;
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
+  const double* own_x = qk + static_cast<int64_t>(rb) * n * c;
+  const double* partner_x[2];
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k)
+    partner_x[k] =
+        qk + (static_cast<int64_t>(as_row[k] ? col_branch(mats[k]) : row_branch(mats[k])) * batch + b) * n * c;
+
+  tile_centres<kF64TileChannels, double>(centre + 0, own_x, partner_x, n, c, c0);
+  __syncthreads();
+  const int row = threadIdx.x / kF64TileChannels, col = threadIdx.x % kF64TileChannels;
+  constexpr int kRowStep = kTcThreads / kF64TileChannels;  // 16
+  double acc[kTcTokens / kRowStep];
+  QCS_UNROLL
+  for (int a = 0; a < kTcTokens / kRowStep; ++a)
+    acc[a] = gradient_start<kF64TileChannels, double>(held, wsum, centre + 0, own_x, mbs, batch, b, n, c,
+                                                      i0 + row + kRowStep * a, c0, col);
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    if (!used[k]) continue;  // block-uniform
+    const double* w = wmat + (static_cast<int64_t>(mats[k]) * batch + b) * n * n;
+    const double* px = k == 0 ? partner_x[0] : partner_x[1];
+    for (int j0 = 0; j0 < n; j0 += kTcTokens) {
+      stage_gradient_step<kF64TileChannels>(wt + 0, kWLd, pt + 0, kChanLd, w, px, centre + k * kF64TileChannels,
+                                            as_row[k] ? i0 : j0, as_row[k] ? j0 : i0, j0, c0, n, c);
+      __syncthreads();
+      const int kmax = n - j0 < kTcTokens ? n - j0 : kTcTokens;
+      for (int j = 0; j < kmax; ++j) {
+        const double p = pt[j * kChanLd + col];
+        QCS_UNROLL
+        for (int a = 0; a < kTcTokens / kRowStep; ++a) {
+          const int i = row + kRowStep * a;  // -W'[i][j]: W's row i (row branch) or column i
+          acc[a] = std::fma(as_row[k] ? wt[i * kWLd + j] : wt[j * kWLd + i], p, acc[a]);
+        }
+      }
+      __syncthreads();  // the stages are overwritten next
+    }
+  }
+  double* out = grad + static_cast<int64_t>(rb) * n * c;
+  QCS_UNROLL
+  for (int a = 0; a < kTcTokens / kRowStep; ++a) {
+    const int i = i0 + row + kRowStep * a, ch = c0 + col;
+    if (i < n && ch < c) out[static_cast<int64_t>(i) * c + ch] = acc[a];
   }
 }
 

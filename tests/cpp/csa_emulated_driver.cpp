@@ -150,21 +150,24 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
   Result<A> res;
   res.dist.assign(M * B * NN, A(0));
   res.extrema.resize(M * B);
-  bool on_tensor_cores = false;
-  if constexpr (std::is_same_v<A, float>) {  // as csa_host.h: float on tensor cores
-    if (!streaming) {
-      const int tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens;
-      std::vector<float> partial(static_cast<size_t>(M) * B * tiles * tiles);
+  // As csa_host.h: distances in tiles, float on tensor cores, double on CUDA cores.
+  const bool on_tensor_cores = !streaming && std::is_same_v<A, float>;
+  if (!streaming) {
+    const int tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens;
+    std::vector<A> partial(static_cast<size_t>(M) * B * tiles * tiles);
+    if constexpr (std::is_same_v<A, float>)
       QCS_LAUNCH(M * B * tiles * tiles, kern::kTcThreads, 0, nullptr,
                  kern::tensor_core_distance_kernel<float, kern::Tf32x3>)(
           qk.data(), res.dist.data(), partial.data(), B, N, C, p.mode);
-      QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr,
-                 kern::sample_extrema_kernel<float>)(partial.data(), res.extrema.data(), M, B,
-                                                     tiles * tiles, p.mode);
-      on_tensor_cores = true;
-    }
+    else
+      QCS_LAUNCH(M * B * tiles * tiles, kern::kTcThreads, 0, nullptr,
+                 kern::cuda_core_distance_kernel)(qk.data(), res.dist.data(), partial.data(), B, N,
+                                                  C, p.mode);
+    QCS_LAUNCH((M * B + 3) / 4, kern::kSmallThreads, 0, nullptr, kern::sample_extrema_kernel<A>)(
+        partial.data(), res.extrema.data(), M, B, tiles * tiles, p.mode);
+  } else {
+    gemm_distances(p, qk, res);
   }
-  if (!on_tensor_cores) gemm_distances(p, qk, res);
   if (p.scope == Scope::Batch)
     QCS_LAUNCH(M, kern::kSmallThreads, 0, nullptr, kern::batch_extrema_kernel<A>)(
         res.extrema.data(), B, p.mode);
@@ -204,15 +207,20 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       res.dist.data(), res.extrema.data(), gscore.data(), th, p.gamma, p.mode, M, B, N,
       stats.data(), route.data(), wmat.data(), wsum.data());
   res.grad_qk.assign(qk.size(), A(0));
-  if constexpr (std::is_same_v<A, float>) {
-    if (on_tensor_cores) {  // as csa_host.h: the gradient products on tensor cores
-      const int tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens *
-                        ((C + kern::kTcTileChannels - 1) / kern::kTcTileChannels);
+  if (!streaming) {  // as csa_host.h: the gradient products in output tiles
+    const int row_tiles = (N + kern::kTcTokens - 1) / kern::kTcTokens;
+    if constexpr (std::is_same_v<A, float>) {  // on tensor cores
+      const int tiles = row_tiles * ((C + kern::kTcTileChannels - 1) / kern::kTcTileChannels);
       QCS_LAUNCH(R * B * tiles, kern::kTcThreads, 0, nullptr,
                  kern::tensor_core_gradient_tiles_kernel<float>)(
           qk.data(), wmat.data(), wsum.data(), p.mode, M, B, N, C, res.grad_qk.data());
-      return res;
+    } else {  // double on CUDA cores
+      const int tiles = row_tiles * ((C + kern::kF64TileChannels - 1) / kern::kF64TileChannels);
+      QCS_LAUNCH(R * B * tiles, kern::kTcThreads, 0, nullptr,
+                 kern::cuda_core_gradient_tiles_kernel)(qk.data(), wmat.data(), wsum.data(), p.mode,
+                                                        M, B, N, C, res.grad_qk.data());
     }
+    return res;
   }
   for (int m = 0; m < M; ++m) {  // dX = diag(W1) X - W Y, dY = diag(W^T 1) Y - W^T X
     if (!qcs::matrix_used(m, p.mode)) continue;
