@@ -147,9 +147,10 @@ std::tuple<at::Tensor, at::Tensor> distances_in_tiles(const at::Tensor& qk, Mode
                kern::kTcThreads, 0, QCS_HOST_STREAM, kern::cuda_core_distance_kernel)(
         qk.data_ptr<double>(), dist.data_ptr<double>(), partial.data_ptr<double>(), batch, n, c, mode);
   } else {
+    using Recipe = typename TensorCoreRecipe<T>::type;
     QCS_LAUNCH(
         checked_grid("tensor_core_distance_kernel", per_matrix * nmat * batch, kern::kTcThreads, kern::kTcThreads),
-        kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, typename TensorCoreRecipe<T>::type>)(
+        kern::kTcThreads, 0, QCS_HOST_STREAM, kern::tensor_core_distance_kernel<T, Recipe>)(
         qk.data_ptr<T>(), dist.data_ptr<float>(), partial.data_ptr<float>(), batch, n, c, mode);
   }
   QCS_HOST_LAUNCH_CHECK();
