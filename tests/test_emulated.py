@@ -462,6 +462,25 @@ def test_float64_distance_tiles_at_n196():
                                    rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tokens", [49, 70])
+def test_float64_backward_launches(tokens):
+    """float64 backward: W written by backward_weights_kernel, the gradient products in
+    tiles on CUDA cores: 5 launches and no cuBLAS (the GEMM path: 8 GEMMs and ~16 ATen
+    ops); the gradient matches the reference (70 = one full and one partial token tile,
+    40 channels = two full and one partial 16-channel tile)."""
+    qk = _features(4, 2, tokens, 40, torch.float64, seed=102)
+    maps, dist, ext = em.ops.cross_similarity_forward(qk, _theta(torch.float64), 1.0, "sd", "batch")
+    em.ops.launch_log()
+    em.ops.cross_similarity_backward(
+        torch.randn_like(maps), maps, qk, dist, ext, _theta(torch.float64), 1.0, "sd", "batch"
+    )
+    assert _kernel_names(em.ops.launch_log()) == [
+        "softmax_backward_kernel", "backward_stats_kernel", "backward_reduce_kernel",
+        "backward_weights_kernel", "cuda_core_gradient_tiles_kernel",
+    ]
+    _check_close_to_reference(qk, _theta(torch.float64), "sd", "batch")
+
+
 def test_tensor_cores_keep_float32_accuracy():
     """3xTF32: float32 distances at N = 49 and C = 256 within 1e-6 relative of float64
     (one TF32 mma alone is ~1e-3 off: see test_cuda_build's negative control), the cases

@@ -320,13 +320,14 @@ std::tuple<at::Tensor, at::Tensor> backward_typed(const at::Tensor& grad_maps, c
           checked_grid("cuda_core_gradient_tiles_kernel", tiles * nbranch * batch, kern::kTcThreads, kern::kTcThreads),
           kern::kTcThreads, 0, stream, kern::cuda_core_gradient_tiles_kernel)(
           qk.data_ptr<double>(), wmat.data_ptr<double>(), wsum.data_ptr<double>(), mode, nmat, batch, n, c,
-          grad.data_ptr<double>());
+          1.0 / (2.0 * n), grad.data_ptr<double>());
     } else {  // on tensor cores, 32 channels per tile
       const int64_t tiles = ceil_div(n, kern::kTcTokens) * ceil_div(c, kern::kTcTileChannels);
       QCS_LAUNCH(checked_grid("tensor_core_gradient_tiles_kernel", tiles * nbranch * batch, kern::kTcThreads,
                               kern::kTcThreads),
                  kern::kTcThreads, 0, stream, kern::tensor_core_gradient_tiles_kernel<T>)(
-          qk.data_ptr<T>(), wmat.data_ptr<A>(), wsum.data_ptr<A>(), mode, nmat, batch, n, c, grad.data_ptr<T>());
+          qk.data_ptr<T>(), wmat.data_ptr<A>(), wsum.data_ptr<A>(), mode, nmat, batch, n, c,
+          static_cast<float>(1.0 / (2.0 * n)), grad.data_ptr<T>());
     }
     QCS_HOST_LAUNCH_CHECK();
     return {grad, grad_theta};

@@ -1151,10 +1151,11 @@ constexpr int kTcChanLd = kTcTileChannels + 4;
 // The gradient tiles' shared steps (tensor_core_gradient_tiles_kernel, and for float64
 // cuda_core_gradient_tiles_kernel), for a tile of kChannels channels from c0:
 // o_k of the tile's channels: centre[k * kChannels + col], the mean token of matrix k's
-// pair (the own branch and partner k), lanes along channels.
+// pair (the own branch and partner k), lanes along channels. inv_tokens = 1 / (2 N) comes
+// from the host: a division's slow-path call here spilled registers on sm_90.
 template <int kChannels, typename A, typename T, typename P>
 __device__ __forceinline__ void tile_centres(P centre, const T* __restrict__ own_x, const T* const (&partner_x)[2],
-                                             int n, int c, int c0) {
+                                             int n, int c, int c0, A inv_tokens) {
   for (int t = threadIdx.x; t < 2 * kChannels; t += blockDim.x) {
     const int k = t / kChannels, ch = c0 + t % kChannels;
     const T* px = k == 0 ? partner_x[0] : partner_x[1];
@@ -1164,7 +1165,7 @@ __device__ __forceinline__ void tile_centres(P centre, const T* __restrict__ own
         so += static_cast<A>(own_x[static_cast<int64_t>(tok) * c + ch]);
         sp += static_cast<A>(px[static_cast<int64_t>(tok) * c + ch]);
       }
-    centre[t] = (so + sp) / static_cast<A>(2 * n);
+    centre[t] = (so + sp) * inv_tokens;
   }
 }
 // The start of output (i, c0 + col): sum_k wsum_k[i] (x_i - o_k), 0 outside the branch.
@@ -1202,31 +1203,53 @@ __device__ __forceinline__ void stage_gradient_step(WPtr wt, int wld, PPtr pt, i
   }
 }
 
+// The output tile of a gradient tiles kernel's block: branch r of sample b (rb = r B + b),
+// tokens i0 .. i0 + 63, channels c0 .. c0 + kChannels - 1 (grid R * B * ceil(N / 64) *
+// ceil(C / kChannels)); the branch's matrices, and its tokens with each matrix's partner's.
+template <int kChannels, typename T>
+struct GradientTile {
+  struct Tokens {
+    const T* own;
+    const T* partner[2];
+  };
+  int rb, b, i0, c0;
+  BranchMatrices held;
+  Tokens tokens;
+  __device__ __forceinline__ GradientTile(const T* __restrict__ qk, Mode mode, int nmat, int batch, int n, int c) {
+    const int row_tiles = (n + kTcTokens - 1) / kTcTokens, chan_tiles = (c + kChannels - 1) / kChannels;
+    const unsigned per_branch = static_cast<unsigned>(row_tiles * chan_tiles);
+    rb = static_cast<int>(blockIdx.x / per_branch);
+    const int tile = static_cast<int>(blockIdx.x % per_branch), r = rb / batch;
+    b = rb % batch;
+    i0 = tile / chan_tiles * kTcTokens;
+    c0 = tile % chan_tiles * kChannels;
+    held = branch_matrices(r, nmat, mode);
+    tokens.own = qk + static_cast<int64_t>(rb) * n * c;
+    QCS_UNROLL
+    for (int k = 0; k < 2; ++k) {
+      const int partner = held.as_row[k] ? col_branch(held.mats[k]) : row_branch(held.mats[k]);
+      tokens.partner[k] = qk + (static_cast<int64_t>(partner) * batch + b) * n * c;
+    }
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     tensor_core_gradient_tiles_kernel(const T* __restrict__ qk, const float* __restrict__ wmat,
                                       const float* __restrict__ wsum, Mode mode, int nmat, int batch, int n, int c,
-                                      T* __restrict__ grad) {
+                                      float inv_tokens, T* __restrict__ grad) {
   QCS_SHARED_ARRAY(float, wt, kTcTokens* kTcWLd);        // -W' tile (row branch) or -W tile (column)
   QCS_SHARED_ARRAY(float, pt, kTcTokens* kTcChanLd);     // centred partner tile
   QCS_SHARED_ARRAY(float, ot, kTcTokens* kTcChanLd);     // the output tile
   QCS_SHARED_ARRAY(float, centre, 2 * kTcTileChannels);  // o_k of the tile's channels
-  const int row_tiles = (n + kTcTokens - 1) / kTcTokens, chan_tiles = (c + kTcTileChannels - 1) / kTcTileChannels;
-  const unsigned per_branch = static_cast<unsigned>(row_tiles * chan_tiles);
-  const int rb = static_cast<int>(blockIdx.x / per_branch), tile = static_cast<int>(blockIdx.x % per_branch);
-  const int r = rb / batch, b = rb % batch;
-  const int i0 = tile / chan_tiles * kTcTokens, c0 = tile % chan_tiles * kTcTileChannels;
-  const BranchMatrices held = branch_matrices(r, nmat, mode);
+  const GradientTile<kTcTileChannels, T> tile(qk, mode, nmat, batch, n, c);
+  const int rb = tile.rb, b = tile.b, i0 = tile.i0, c0 = tile.c0;
+  const BranchMatrices& held = tile.held;
   const auto& [mats, as_row, used] = held;
+  const auto& [own_x, partner_x] = tile.tokens;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
-  const T* own_x = qk + static_cast<int64_t>(rb) * n * c;
-  const T* partner_x[2];
-  QCS_UNROLL
-  for (int k = 0; k < 2; ++k)
-    partner_x[k] =
-        qk + (static_cast<int64_t>(as_row[k] ? col_branch(mats[k]) : row_branch(mats[k])) * batch + b) * n * c;
 
-  tile_centres<kTcTileChannels, float>(centre + 0, own_x, partner_x, n, c, c0);
+  tile_centres<kTcTileChannels>(centre + 0, own_x, partner_x, n, c, c0, inv_tokens);
   __syncthreads();
   for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
     const int row = e / kTcTileChannels, col = e % kTcTileChannels;
@@ -1275,27 +1298,19 @@ constexpr int kF64TileChannels = 16;
 __global__ void __launch_bounds__(kTcThreads)
     cuda_core_gradient_tiles_kernel(const double* __restrict__ qk, const double* __restrict__ wmat,
                                     const double* __restrict__ wsum, Mode mode, int nmat, int batch, int n, int c,
-                                    double* __restrict__ grad) {
+                                    double inv_tokens, double* __restrict__ grad) {
   constexpr int kWLd = kTcTokens + 1, kChanLd = kF64TileChannels + 1;
   QCS_SHARED_ARRAY(double, wt, kTcTokens* kWLd);           // -W' tile (row branch) or -W tile (column)
   QCS_SHARED_ARRAY(double, pt, kTcTokens* kChanLd);        // centred partner tile
   QCS_SHARED_ARRAY(double, centre, 2 * kF64TileChannels);  // o_k of the tile's channels
-  const int row_tiles = (n + kTcTokens - 1) / kTcTokens, chan_tiles = (c + kF64TileChannels - 1) / kF64TileChannels;
-  const unsigned per_branch = static_cast<unsigned>(row_tiles * chan_tiles);
-  const int rb = static_cast<int>(blockIdx.x / per_branch), tile = static_cast<int>(blockIdx.x % per_branch);
-  const int r = rb / batch, b = rb % batch;
-  const int i0 = tile / chan_tiles * kTcTokens, c0 = tile % chan_tiles * kF64TileChannels;
-  const BranchMatrices held = branch_matrices(r, nmat, mode);
+  const GradientTile<kF64TileChannels, double> tile(qk, mode, nmat, batch, n, c);
+  const int rb = tile.rb, b = tile.b, i0 = tile.i0, c0 = tile.c0;
+  const BranchMatrices& held = tile.held;
   const auto& [mats, as_row, used] = held;
+  const auto& [own_x, partner_x] = tile.tokens;
   const int64_t mbs = static_cast<int64_t>(nmat) * batch;
-  const double* own_x = qk + static_cast<int64_t>(rb) * n * c;
-  const double* partner_x[2];
-  QCS_UNROLL
-  for (int k = 0; k < 2; ++k)
-    partner_x[k] =
-        qk + (static_cast<int64_t>(as_row[k] ? col_branch(mats[k]) : row_branch(mats[k])) * batch + b) * n * c;
 
-  tile_centres<kF64TileChannels, double>(centre + 0, own_x, partner_x, n, c, c0);
+  tile_centres<kF64TileChannels>(centre + 0, own_x, partner_x, n, c, c0, inv_tokens);
   __syncthreads();
   const int row = threadIdx.x / kF64TileChannels, col = threadIdx.x % kF64TileChannels;
   constexpr int kRowStep = kTcThreads / kF64TileChannels;  // 16
@@ -1314,13 +1329,13 @@ __global__ void __launch_bounds__(kTcThreads)
                                             as_row[k] ? i0 : j0, as_row[k] ? j0 : i0, j0, c0, n, c);
       __syncthreads();
       const int kmax = n - j0 < kTcTokens ? n - j0 : kTcTokens;
+      // -W'[i][j]: element (i, j) of the stage for a row branch, (j, i) for a column branch.
+      const int wi = as_row[k] ? kWLd : 1, wj = as_row[k] ? 1 : kWLd;
       for (int j = 0; j < kmax; ++j) {
         const double p = pt[j * kChanLd + col];
         QCS_UNROLL
-        for (int a = 0; a < kTcTokens / kRowStep; ++a) {
-          const int i = row + kRowStep * a;  // -W'[i][j]: W's row i (row branch) or column i
-          acc[a] = std::fma(as_row[k] ? wt[i * kWLd + j] : wt[j * kWLd + i], p, acc[a]);
-        }
+        for (int a = 0; a < kTcTokens / kRowStep; ++a)
+          acc[a] = std::fma(wt[(row + kRowStep * a) * wi + j * wj], p, acc[a]);
       }
       __syncthreads();  // the stages are overwritten next
     }

@@ -213,12 +213,14 @@ static Result<A> run_kernels(const Problem& p, const std::vector<double>& grad_m
       const int tiles = row_tiles * ((C + kern::kTcTileChannels - 1) / kern::kTcTileChannels);
       QCS_LAUNCH(R * B * tiles, kern::kTcThreads, 0, nullptr,
                  kern::tensor_core_gradient_tiles_kernel<float>)(
-          qk.data(), wmat.data(), wsum.data(), p.mode, M, B, N, C, res.grad_qk.data());
+          qk.data(), wmat.data(), wsum.data(), p.mode, M, B, N, C,
+          static_cast<float>(1.0 / (2.0 * N)), res.grad_qk.data());
     } else {  // double on CUDA cores
       const int tiles = row_tiles * ((C + kern::kF64TileChannels - 1) / kern::kF64TileChannels);
       QCS_LAUNCH(R * B * tiles, kern::kTcThreads, 0, nullptr,
                  kern::cuda_core_gradient_tiles_kernel)(qk.data(), wmat.data(), wsum.data(), p.mode,
-                                                        M, B, N, C, res.grad_qk.data());
+                                                        M, B, N, C, 1.0 / (2.0 * N),
+                                                        res.grad_qk.data());
     }
     return res;
   }
