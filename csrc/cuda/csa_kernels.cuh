@@ -1148,61 +1148,6 @@ constexpr int kTcTileChannels = 32;
 constexpr int kTcWLd = kTcTokens + 4;
 constexpr int kTcChanLd = kTcTileChannels + 4;
 
-// The gradient tiles' shared steps (tensor_core_gradient_tiles_kernel, and for float64
-// cuda_core_gradient_tiles_kernel), for a tile of kChannels channels from c0:
-// o_k of the tile's channels: centre[k * kChannels + col], the mean token of matrix k's
-// pair (the own branch and partner k), lanes along channels. inv_tokens = 1 / (2 N) comes
-// from the host: a division's slow-path call here spilled registers on sm_90.
-template <int kChannels, typename A, typename T, typename P>
-__device__ __forceinline__ void tile_centres(P centre, const T* __restrict__ own_x, const T* const (&partner_x)[2],
-                                             int n, int c, int c0, A inv_tokens) {
-  for (int t = threadIdx.x; t < 2 * kChannels; t += blockDim.x) {
-    const int k = t / kChannels, ch = c0 + t % kChannels;
-    const T* px = k == 0 ? partner_x[0] : partner_x[1];
-    A so = 0, sp = 0;
-    if (ch < c)
-      for (int tok = 0; tok < n; ++tok) {
-        so += static_cast<A>(own_x[static_cast<int64_t>(tok) * c + ch]);
-        sp += static_cast<A>(px[static_cast<int64_t>(tok) * c + ch]);
-      }
-    centre[t] = (so + sp) * inv_tokens;
-  }
-}
-// The start of output (i, c0 + col): sum_k wsum_k[i] (x_i - o_k), 0 outside the branch.
-template <int kChannels, typename A, typename T, typename P>
-__device__ __forceinline__ A gradient_start(const BranchMatrices& held, const A* __restrict__ wsum, P centre,
-                                            const T* __restrict__ own_x, int64_t mbs, int batch, int b, int n, int c,
-                                            int i, int c0, int col) {
-  const int ch = c0 + col;
-  if (i >= n || ch >= c) return A(0);
-  const A x = static_cast<A>(own_x[static_cast<int64_t>(i) * c + ch]);
-  A start = 0;
-  QCS_UNROLL
-  for (int k = 0; k < 2; ++k) {
-    if (!held.used[k]) continue;
-    const int64_t mb = static_cast<int64_t>(held.mats[k]) * batch + b;
-    start += wsum[((held.as_row[k] ? 0 : mbs) + mb) * n + i] * (x - centre[k * kChannels + col]);
-  }
-  return start;
-}
-// One step over partner tokens j0 .. j0 + 63: -W[w_row0.., w_col0..] staged in wt (rows
-// follow W's rows: coalesced reads; zeros outside), and partner k's tokens centred by o_k
-// (ck: centre + k * kChannels) in pt.
-template <int kChannels, typename WPtr, typename PPtr, typename CPtr, typename A, typename T>
-__device__ __forceinline__ void stage_gradient_step(WPtr wt, int wld, PPtr pt, int pld, const A* __restrict__ w,
-                                                    const T* __restrict__ px, CPtr ck, int w_row0, int w_col0, int j0,
-                                                    int c0, int n, int c) {
-  for (int e = threadIdx.x; e < kTcTokens * kTcTokens; e += blockDim.x) {
-    const int row = e / kTcTokens, col = e % kTcTokens;
-    const bool inside = w_row0 + row < n && w_col0 + col < n;
-    wt[row * wld + col] = inside ? -w[static_cast<int64_t>(w_row0 + row) * n + w_col0 + col] : A(0);
-  }
-  for (int e = threadIdx.x; e < kTcTokens * kChannels; e += blockDim.x) {
-    const int row = e / kChannels, col = e % kChannels, j = j0 + row, ch = c0 + col;
-    pt[row * pld + col] = j < n && ch < c ? static_cast<A>(px[static_cast<int64_t>(j) * c + ch]) - ck[col] : A(0);
-  }
-}
-
 // The output tile of a gradient tiles kernel's block: branch r of sample b (rb = r B + b),
 // tokens i0 .. i0 + 63, channels c0 .. c0 + kChannels - 1 (grid R * B * ceil(N / 64) *
 // ceil(C / kChannels)); the branch's matrices, and its tokens with each matrix's partner's.
@@ -1233,6 +1178,62 @@ struct GradientTile {
   }
 };
 
+// The gradient tiles' shared steps (tensor_core_gradient_tiles_kernel, and for float64
+// cuda_core_gradient_tiles_kernel), for a tile of kChannels channels from c0:
+// o_k of the tile's channels: centre[k * kChannels + col], the mean token of matrix k's
+// pair (the own branch and partner k), lanes along channels. inv_tokens = 1 / (2 N) comes
+// from the host: a division's slow-path call here spilled registers on sm_90.
+template <int kChannels, typename A, typename T, typename P>
+__device__ __forceinline__ void tile_centres(P centre, const T* __restrict__ own_x, const T* const (&partner_x)[2],
+                                             int n, int c, int c0, A inv_tokens) {
+  for (int t = threadIdx.x; t < 2 * kChannels; t += blockDim.x) {
+    const int k = t / kChannels, ch = c0 + t % kChannels;
+    const T* px = k == 0 ? partner_x[0] : partner_x[1];
+    A so = 0, sp = 0;
+    if (ch < c)
+      for (int tok = 0; tok < n; ++tok) {
+        so += static_cast<A>(own_x[static_cast<int64_t>(tok) * c + ch]);
+        sp += static_cast<A>(px[static_cast<int64_t>(tok) * c + ch]);
+      }
+    centre[t] = (so + sp) * inv_tokens;
+  }
+}
+// The start of output (i0 + row, c0 + col) of the tile: sum_k wsum_k[i] (x_i - o_k), 0
+// outside the branch.
+template <int kChannels, typename A, typename T, typename P>
+__device__ __forceinline__ A gradient_start(const GradientTile<kChannels, T>& tile, const A* __restrict__ wsum,
+                                            P centre, int nmat, int batch, int n, int c, int row, int col) {
+  const int i = tile.i0 + row, ch = tile.c0 + col;
+  if (i >= n || ch >= c) return A(0);
+  const A x = static_cast<A>(tile.tokens.own[static_cast<int64_t>(i) * c + ch]);
+  const int64_t mbs = static_cast<int64_t>(nmat) * batch;  // wsum [2, M, B, N]: column sums after row sums
+  A start = 0;
+  QCS_UNROLL
+  for (int k = 0; k < 2; ++k) {
+    if (!tile.held.used[k]) continue;
+    const int64_t mb = static_cast<int64_t>(tile.held.mats[k]) * batch + tile.b;
+    start += wsum[((tile.held.as_row[k] ? 0 : mbs) + mb) * n + i] * (x - centre[k * kChannels + col]);
+  }
+  return start;
+}
+// One step over partner tokens j0 .. j0 + 63: -W[w_row0.., w_col0..] staged in wt (rows
+// follow W's rows: coalesced reads; zeros outside), and partner k's tokens centred by o_k
+// (ck: centre + k * kChannels) in pt.
+template <int kChannels, typename WPtr, typename PPtr, typename CPtr, typename A, typename T>
+__device__ __forceinline__ void stage_gradient_step(WPtr wt, int wld, PPtr pt, int pld, const A* __restrict__ w,
+                                                    const T* __restrict__ px, CPtr ck, int w_row0, int w_col0, int j0,
+                                                    int c0, int n, int c) {
+  for (int e = threadIdx.x; e < kTcTokens * kTcTokens; e += blockDim.x) {
+    const int row = e / kTcTokens, col = e % kTcTokens;
+    const bool inside = w_row0 + row < n && w_col0 + col < n;
+    wt[row * wld + col] = inside ? -w[static_cast<int64_t>(w_row0 + row) * n + w_col0 + col] : A(0);
+  }
+  for (int e = threadIdx.x; e < kTcTokens * kChannels; e += blockDim.x) {
+    const int row = e / kChannels, col = e % kChannels, j = j0 + row, ch = c0 + col;
+    pt[row * pld + col] = j < n && ch < c ? static_cast<A>(px[static_cast<int64_t>(j) * c + ch]) - ck[col] : A(0);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kTcThreads)
     tensor_core_gradient_tiles_kernel(const T* __restrict__ qk, const float* __restrict__ wmat,
@@ -1244,17 +1245,14 @@ __global__ void __launch_bounds__(kTcThreads)
   QCS_SHARED_ARRAY(float, centre, 2 * kTcTileChannels);  // o_k of the tile's channels
   const GradientTile<kTcTileChannels, T> tile(qk, mode, nmat, batch, n, c);
   const int rb = tile.rb, b = tile.b, i0 = tile.i0, c0 = tile.c0;
-  const BranchMatrices& held = tile.held;
-  const auto& [mats, as_row, used] = held;
+  const auto& [mats, as_row, used] = tile.held;
   const auto& [own_x, partner_x] = tile.tokens;
-  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
 
   tile_centres<kTcTileChannels>(centre + 0, own_x, partner_x, n, c, c0, inv_tokens);
   __syncthreads();
   for (int e = threadIdx.x; e < kTcTokens * kTcTileChannels; e += blockDim.x) {
     const int row = e / kTcTileChannels, col = e % kTcTileChannels;
-    ot[row * kTcChanLd + col] =
-        gradient_start<kTcTileChannels, float>(held, wsum, centre + 0, own_x, mbs, batch, b, n, c, i0 + row, c0, col);
+    ot[row * kTcChanLd + col] = gradient_start(tile, wsum, centre + 0, nmat, batch, n, c, row, col);
   }
   __syncthreads();
 
@@ -1305,10 +1303,8 @@ __global__ void __launch_bounds__(kTcThreads)
   QCS_SHARED_ARRAY(double, centre, 2 * kF64TileChannels);  // o_k of the tile's channels
   const GradientTile<kF64TileChannels, double> tile(qk, mode, nmat, batch, n, c);
   const int rb = tile.rb, b = tile.b, i0 = tile.i0, c0 = tile.c0;
-  const BranchMatrices& held = tile.held;
-  const auto& [mats, as_row, used] = held;
+  const auto& [mats, as_row, used] = tile.held;
   const auto& [own_x, partner_x] = tile.tokens;
-  const int64_t mbs = static_cast<int64_t>(nmat) * batch;
 
   tile_centres<kF64TileChannels>(centre + 0, own_x, partner_x, n, c, c0, inv_tokens);
   __syncthreads();
@@ -1317,8 +1313,7 @@ __global__ void __launch_bounds__(kTcThreads)
   double acc[kTcTokens / kRowStep];
   QCS_UNROLL
   for (int a = 0; a < kTcTokens / kRowStep; ++a)
-    acc[a] = gradient_start<kF64TileChannels, double>(held, wsum, centre + 0, own_x, mbs, batch, b, n, c,
-                                                      i0 + row + kRowStep * a, c0, col);
+    acc[a] = gradient_start(tile, wsum, centre + 0, nmat, batch, n, c, row + kRowStep * a, col);
   QCS_UNROLL
   for (int k = 0; k < 2; ++k) {
     if (!used[k]) continue;  // block-uniform

@@ -734,14 +734,11 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
   const std::size_t words = (smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t);
   const unsigned nslots = std::min(concurrent_blocks(), nblocks);
   std::vector<std::unique_ptr<BlockSlot>> slots;
-  std::vector<std::unique_ptr<std::barrier<AdvanceSlot>>> between_blocks;
   for (unsigned g = 0; g < nslots; ++g) {
     slots.push_back(std::make_unique<BlockSlot>(
         BlockSlot{nthreads, g, nslots, nblocks, words, smem_bytes,
                   std::unique_ptr<std::max_align_t[]>(new std::max_align_t[words ? words : 1]), nullptr}));
     slots.back()->fresh();
-    between_blocks.push_back(std::make_unique<std::barrier<AdvanceSlot>>(static_cast<std::ptrdiff_t>(nthreads),
-                                                                         AdvanceSlot{slots.back().get()}));
   }
 #if QCS_EMULATION_FIBERS
   if (use_fibers()) {
@@ -749,6 +746,11 @@ inline void run_grid(dim3 grid, dim3 block, std::size_t smem_bytes, const std::f
     return;
   }
 #endif
+  // Host threads: a slot's threads meet between two blocks (the barrier installs the next).
+  std::vector<std::unique_ptr<std::barrier<AdvanceSlot>>> between_blocks;
+  for (const auto& slot : slots)
+    between_blocks.push_back(
+        std::make_unique<std::barrier<AdvanceSlot>>(static_cast<std::ptrdiff_t>(nthreads), AdvanceSlot{slot.get()}));
   worker_pool().run(nslots * nthreads, [&](unsigned id) {
     const unsigned g = id / nthreads, t = id % nthreads;
     BlockSlot& slot = *slots[g];
